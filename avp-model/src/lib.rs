@@ -1,0 +1,1 @@
+//! avp-model: the burn-backed decoder that produces and consumes the state avp moves (not built yet).

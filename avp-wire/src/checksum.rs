@@ -1,0 +1,229 @@
+//! CRC32 over sections: fused copy-and-checksum, and checksums of many sections at once.
+//!
+//! Large jobs are split into pieces and spread over the available cores
+//! (`std::thread::scope`); the per-piece CRCs are joined with
+//! [`crc32fast::Hasher::combine`], so the result is the same as one serial pass.
+
+use std::num::NonZeroUsize;
+
+/// Jobs smaller than this run on the calling thread: spawning costs more than it saves.
+pub const PARALLEL_MIN_BYTES: usize = 8 << 20;
+
+/// Chunk of a fused copy: small enough that the CRC pass reads it back from L2.
+const FUSED_CHUNK: usize = 128 << 10;
+
+/// Copy `src` into `dst` (same length) and return the CRC32 of the bytes, in one pass
+/// over memory: each chunk is checksummed while it is still in cache.
+pub fn copy_with_crc(dst: &mut [u8], src: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    copy_with_hasher(dst, src, &mut h);
+    h.finalize()
+}
+
+fn copy_with_hasher(dst: &mut [u8], src: &[u8], h: &mut crc32fast::Hasher) {
+    assert_eq!(dst.len(), src.len(), "copy_with_crc: length mismatch");
+    for (d, s) in dst.chunks_mut(FUSED_CHUNK).zip(src.chunks(FUSED_CHUNK)) {
+        d.copy_from_slice(s);
+        h.update(d);
+    }
+}
+
+/// Number of worker threads for `bytes` of checksum work.
+fn workers(bytes: usize) -> usize {
+    if bytes < PARALLEL_MIN_BYTES {
+        return 1;
+    }
+    std::thread::available_parallelism()
+        .map(NonZeroUsize::get)
+        .unwrap_or(1)
+        .min(8)
+}
+
+/// A piece of one section: which section, and the byte range within it.
+struct Piece {
+    section: usize,
+    start: usize,
+    end: usize,
+}
+
+/// Split sections of the given lengths into pieces and deal them into `n` groups of
+/// about equal bytes, keeping pieces in order.
+fn split(lens: &[usize], n: usize) -> Vec<Vec<Piece>> {
+    let total: usize = lens.iter().sum();
+    let target = total.div_ceil(n).max(1);
+    let mut groups: Vec<Vec<Piece>> = (0..n).map(|_| Vec::new()).collect();
+    let (mut g, mut filled) = (0usize, 0usize);
+    for (section, &len) in lens.iter().enumerate() {
+        let mut start = 0;
+        while start < len {
+            let room = if g + 1 == n {
+                usize::MAX
+            } else {
+                target - filled
+            };
+            let end = len.min(start.saturating_add(room));
+            groups[g].push(Piece {
+                section,
+                start,
+                end,
+            });
+            filled += end - start;
+            start = end;
+            if filled >= target && g + 1 < n {
+                g += 1;
+                filled = 0;
+            }
+        }
+    }
+    groups
+}
+
+/// Join per-piece hashers back into one CRC per section.
+fn join(count: usize, results: Vec<Vec<(usize, crc32fast::Hasher)>>) -> Vec<u32> {
+    let mut out: Vec<Option<crc32fast::Hasher>> = (0..count).map(|_| None).collect();
+    for (section, h) in results.into_iter().flatten() {
+        match &mut out[section] {
+            Some(acc) => acc.combine(&h),
+            slot @ None => *slot = Some(h),
+        }
+    }
+    out.into_iter()
+        .map(|h| h.map_or(0, crc32fast::Hasher::finalize))
+        .collect()
+}
+
+/// CRC32 of each slice, using several threads when the total is large.
+pub fn crc_many(slices: &[&[u8]]) -> Vec<u32> {
+    let lens: Vec<usize> = slices.iter().map(|s| s.len()).collect();
+    let n = workers(lens.iter().sum());
+    if n == 1 {
+        return slices.iter().map(|s| crc32fast::hash(s)).collect();
+    }
+    let groups = split(&lens, n);
+    let results = std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|group| {
+                scope.spawn(move || {
+                    group
+                        .into_iter()
+                        .map(|p| {
+                            let mut h = crc32fast::Hasher::new();
+                            h.update(&slices[p.section][p.start..p.end]);
+                            (p.section, h)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("crc worker panicked"))
+            .collect::<Vec<_>>()
+    });
+    join(slices.len(), results)
+}
+
+/// Copy each `srcs[i]` into `dsts[i]` and return each CRC32, using several threads
+/// when the total is large. Lengths must match pairwise.
+pub fn copy_many_with_crc(dsts: Vec<&mut [u8]>, srcs: &[&[u8]]) -> Vec<u32> {
+    assert_eq!(dsts.len(), srcs.len(), "copy_many_with_crc: count mismatch");
+    let lens: Vec<usize> = srcs.iter().map(|s| s.len()).collect();
+    let n = workers(lens.iter().sum());
+    if n == 1 {
+        return dsts
+            .into_iter()
+            .zip(srcs)
+            .map(|(d, s)| copy_with_crc(d, s))
+            .collect();
+    }
+    // Cut every destination into the pieces `split` chose, so each thread owns its pieces.
+    let groups = split(&lens, n);
+    let mut remaining: Vec<&mut [u8]> = dsts;
+    let mut cut_groups: Vec<Vec<(usize, &mut [u8], &[u8])>> = Vec::with_capacity(n);
+    for group in &groups {
+        let mut cut = Vec::with_capacity(group.len());
+        for p in group {
+            let rest = std::mem::take(&mut remaining[p.section]);
+            let (head, tail) = rest.split_at_mut(p.end - p.start);
+            remaining[p.section] = tail;
+            cut.push((p.section, head, &srcs[p.section][p.start..p.end]));
+        }
+        cut_groups.push(cut);
+    }
+    let results = std::thread::scope(|scope| {
+        let handles: Vec<_> = cut_groups
+            .into_iter()
+            .map(|group| {
+                scope.spawn(move || {
+                    group
+                        .into_iter()
+                        .map(|(section, d, s)| {
+                            let mut h = crc32fast::Hasher::new();
+                            copy_with_hasher(d, s, &mut h);
+                            (section, h)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("copy worker panicked"))
+            .collect::<Vec<_>>()
+    });
+    join(srcs.len(), results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn parallel_crc_equals_serial() {
+        let a = data(PARALLEL_MIN_BYTES + 12345, 1);
+        let b = data(777, 2);
+        let c = data(0, 3);
+        let d = data(3 << 20, 4);
+        let slices = [&a[..], &b[..], &c[..], &d[..]];
+        let got = crc_many(&slices);
+        let want: Vec<u32> = slices.iter().map(|s| crc32fast::hash(s)).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn parallel_copy_equals_serial() {
+        let srcs_owned = [data(5 << 20, 9), data(1, 8), data(6 << 20, 7), data(0, 1)];
+        let srcs: Vec<&[u8]> = srcs_owned.iter().map(|v| &v[..]).collect();
+        let mut dst_owned: Vec<Vec<u8>> = srcs.iter().map(|s| vec![0u8; s.len()]).collect();
+        let dsts: Vec<&mut [u8]> = dst_owned.iter_mut().map(|v| &mut v[..]).collect();
+        let crcs = copy_many_with_crc(dsts, &srcs);
+        for i in 0..srcs.len() {
+            assert_eq!(dst_owned[i], srcs_owned[i]);
+            assert_eq!(crcs[i], crc32fast::hash(srcs[i]));
+        }
+    }
+
+    #[test]
+    fn split_covers_everything_in_order() {
+        let lens = [10, 0, 7, 33, 1];
+        for n in 1..5 {
+            let groups = split(&lens, n);
+            assert_eq!(groups.len(), n);
+            let mut next = vec![0usize; lens.len()];
+            for p in groups.iter().flatten() {
+                assert_eq!(p.start, next[p.section]);
+                assert!(p.end > p.start);
+                next[p.section] = p.end;
+            }
+            let want: Vec<usize> = lens.to_vec();
+            assert_eq!(next, want);
+        }
+    }
+}

@@ -1,0 +1,539 @@
+//! A parsed, validated v2 message that borrows the bytes it was parsed from.
+
+use crate::checksum;
+use crate::dtype::{DType, Element, KvLayout};
+use crate::envelope::EnvelopeRef;
+use crate::error::{Result, WireError};
+use crate::header::{
+    self, ArchivedRawHeader, ArchivedRawPayload, ArchivedRawSection, PREAMBLE_LEN, Preamble,
+};
+use crate::layout::{align_up, check_alignment};
+use crate::payload::{
+    HiddenStateDesc, KvCacheDesc, LayerRange, Payload, SectionRole, TextDesc, TextFormat,
+};
+
+/// A validated v2 message borrowing its bytes (a shared-memory slot, a receive
+/// buffer, a file mapping).
+///
+/// [`Message::parse`] checks the preamble, the header checksum, the archived header
+/// (bytecheck) and that every section lies where the payload description says, in
+/// time independent of the tensor bytes. The tensor bytes themselves are checked
+/// only on demand: [`verify_section`](Self::verify_section) or [`verify`](Self::verify).
+#[derive(Clone)]
+pub struct Message<'a> {
+    bytes: &'a [u8],
+    header: &'a ArchivedRawHeader,
+    preamble: Preamble,
+    /// The payload shape (`map_id` left empty; read it from the archive).
+    shape: Payload,
+}
+
+/// One section of a parsed message.
+#[derive(Clone, Copy, Debug)]
+pub struct Section<'a> {
+    /// What the section holds.
+    pub role: SectionRole,
+    /// Model layer (0 for non-layer sections).
+    pub layer: u32,
+    /// Offset from the start of the message.
+    pub offset: u64,
+    /// The bytes, in place.
+    pub bytes: &'a [u8],
+    /// The CRC32 recorded in the header.
+    pub crc32: u32,
+}
+
+impl<'a> Message<'a> {
+    /// Parse a buffer that holds exactly one message.
+    pub fn parse(bytes: &'a [u8]) -> Result<Message<'a>> {
+        let (msg, rest) = Self::parse_prefix(bytes)?;
+        if !rest.is_empty() {
+            return Err(WireError::TrailingBytes {
+                declared: msg.bytes.len() as u64,
+                extra: rest.len() as u64,
+            });
+        }
+        Ok(msg)
+    }
+
+    /// Parse the message at the start of `bytes`; return it and the bytes after it.
+    pub fn parse_prefix(bytes: &'a [u8]) -> Result<(Message<'a>, &'a [u8])> {
+        let preamble = Preamble::read(bytes)?;
+        if preamble.total_len > bytes.len() as u64 {
+            return Err(WireError::Truncated {
+                what: "v2 message",
+                needed: preamble.total_len,
+                available: bytes.len() as u64,
+            });
+        }
+        let (bytes, rest) = bytes.split_at(preamble.total_len as usize);
+        let header_end = PREAMBLE_LEN + preamble.header_len as usize;
+        let header_bytes = &bytes[PREAMBLE_LEN..header_end];
+        let actual = crc32fast::hash(header_bytes);
+        if actual != preamble.header_crc {
+            return Err(WireError::ChecksumMismatch {
+                what: "header".into(),
+                expected: preamble.header_crc,
+                actual,
+            });
+        }
+        let header = header::access(header_bytes)?;
+        let shape = shape_of(&header.payload)?;
+        let alignment = header.alignment.to_native();
+        check_alignment(alignment)?;
+        let count = shape.section_count();
+        if header.sections.len() != count {
+            return Err(WireError::BadSection {
+                index: header.sections.len().min(count),
+                reason: format!(
+                    "the {} payload implies {count} sections, the header lists {}",
+                    shape.kind_name(),
+                    header.sections.len()
+                ),
+            });
+        }
+        let mut cursor = header_end as u64;
+        for (index, s) in header.sections.iter().enumerate() {
+            let (role, layer, len) = shape.section_spec(index)?;
+            let (offset, found_len) = (s.offset.to_native(), s.len.to_native());
+            if s.role != role as u8 || s.layer.to_native() != layer {
+                return Err(WireError::BadSection {
+                    index,
+                    reason: format!(
+                        "expected {}, found role {} layer {}",
+                        role.describe(layer),
+                        s.role,
+                        s.layer.to_native()
+                    ),
+                });
+            }
+            if found_len != len {
+                return Err(WireError::BadSection {
+                    index,
+                    reason: format!(
+                        "{} must be {len} bytes, header says {found_len}",
+                        role.describe(layer)
+                    ),
+                });
+            }
+            let expected_offset =
+                align_up(cursor, alignment).ok_or(WireError::SizeOverflow("section offset"))?;
+            if offset != expected_offset {
+                return Err(WireError::BadSection {
+                    index,
+                    reason: format!("expected offset {expected_offset}, header says {offset}"),
+                });
+            }
+            cursor = offset
+                .checked_add(len)
+                .filter(|&end| end <= preamble.total_len)
+                .ok_or_else(|| WireError::BadSection {
+                    index,
+                    reason: format!(
+                        "bytes {offset}..{offset}+{len} run past the message end {}",
+                        preamble.total_len
+                    ),
+                })?;
+        }
+        if cursor != preamble.total_len {
+            return Err(WireError::InvalidField {
+                field: "total_len",
+                reason: format!(
+                    "sections end at {cursor}, preamble says {}",
+                    preamble.total_len
+                ),
+            });
+        }
+        Ok((
+            Message {
+                bytes,
+                header,
+                preamble,
+                shape,
+            },
+            rest,
+        ))
+    }
+
+    /// The whole message.
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// Total length in bytes.
+    pub fn total_len(&self) -> u64 {
+        self.preamble.total_len
+    }
+
+    /// Length of the archived header.
+    pub fn header_len(&self) -> u32 {
+        self.preamble.header_len
+    }
+
+    /// The declared section alignment.
+    pub fn alignment(&self) -> u32 {
+        self.header.alignment.to_native()
+    }
+
+    /// Who sent the message and from which model.
+    pub fn envelope(&self) -> EnvelopeRef<'a> {
+        EnvelopeRef {
+            raw: &self.header.envelope,
+        }
+    }
+
+    /// An owned description of the payload.
+    pub fn payload(&self) -> Payload {
+        match (&self.shape, &self.header.payload) {
+            (Payload::HiddenState(h), ArchivedRawPayload::HiddenState { map_id, .. }) => {
+                Payload::HiddenState(HiddenStateDesc {
+                    map_id: map_id.as_str().to_owned(),
+                    ..h.clone()
+                })
+            }
+            (shape, _) => shape.clone(),
+        }
+    }
+
+    /// Number of sections.
+    pub fn section_count(&self) -> usize {
+        self.header.sections.len()
+    }
+
+    fn raw_section(&self, index: usize) -> Result<&'a ArchivedRawSection> {
+        let sections: &'a [ArchivedRawSection] = self.header.sections.as_slice();
+        sections.get(index).ok_or(WireError::BadSection {
+            index,
+            reason: format!("no such section; the message has {}", sections.len()),
+        })
+    }
+
+    /// Section `index`.
+    pub fn section(&self, index: usize) -> Result<Section<'a>> {
+        let s = self.raw_section(index)?;
+        let offset = s.offset.to_native();
+        let len = s.len.to_native();
+        Ok(Section {
+            role: SectionRole::from_code(s.role).expect("validated by parse"),
+            layer: s.layer.to_native(),
+            offset,
+            bytes: &self.bytes[offset as usize..(offset + len) as usize],
+            crc32: s.crc32.to_native(),
+        })
+    }
+
+    /// All sections, in order.
+    pub fn sections(&self) -> impl ExactSizeIterator<Item = Section<'a>> + '_ {
+        (0..self.section_count()).map(|i| self.section(i).expect("index in range"))
+    }
+
+    /// Check section `index` against its recorded CRC32.
+    pub fn verify_section(&self, index: usize) -> Result<()> {
+        let s = self.section(index)?;
+        check_crc(index, &s, crc32fast::hash(s.bytes))
+    }
+
+    /// Check every section against its CRC32 (several threads for large messages)
+    /// and that all padding bytes are zero.
+    pub fn verify(&self) -> Result<()> {
+        let sections: Vec<Section<'a>> = self.sections().collect();
+        let slices: Vec<&[u8]> = sections.iter().map(|s| s.bytes).collect();
+        for (index, (s, crc)) in sections.iter().zip(checksum::crc_many(&slices)).enumerate() {
+            check_crc(index, s, crc)?;
+        }
+        let mut cursor = PREAMBLE_LEN + self.header_len() as usize;
+        for s in &sections {
+            let gap = &self.bytes[cursor..s.offset as usize];
+            if let Some(p) = gap.iter().position(|&b| b != 0) {
+                return Err(WireError::InvalidField {
+                    field: "padding",
+                    reason: format!(
+                        "byte {} before {} is 0x{:02x}, expected 0",
+                        cursor + p,
+                        s.role.describe(s.layer),
+                        gap[p]
+                    ),
+                });
+            }
+            cursor = s.offset as usize + s.bytes.len();
+        }
+        Ok(())
+    }
+
+    /// The KV cache this message carries.
+    pub fn kv(&self) -> Result<KvView<'a>> {
+        match &self.shape {
+            Payload::KvCache(desc) => Ok(KvView {
+                desc: *desc,
+                msg: self.clone(),
+            }),
+            other => Err(WireError::WrongPayload {
+                expected: "kv_cache",
+                found: other.kind_name(),
+            }),
+        }
+    }
+
+    /// The hidden states this message carries.
+    pub fn hidden(&self) -> Result<HiddenView<'a>> {
+        match (&self.shape, &self.header.payload) {
+            (Payload::HiddenState(h), ArchivedRawPayload::HiddenState { map_id, .. }) => {
+                Ok(HiddenView {
+                    rows: h.rows,
+                    dim: h.dim,
+                    dtype: h.dtype,
+                    map_id: map_id.as_str(),
+                    msg: self.clone(),
+                })
+            }
+            (other, _) => Err(WireError::WrongPayload {
+                expected: "hidden_state",
+                found: other.kind_name(),
+            }),
+        }
+    }
+
+    /// The text this message carries.
+    pub fn text(&self) -> Result<TextView<'a>> {
+        match &self.shape {
+            Payload::Text(t) => Ok(TextView {
+                format: t.format,
+                bytes: self.section(0)?.bytes,
+            }),
+            other => Err(WireError::WrongPayload {
+                expected: "text",
+                found: other.kind_name(),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for Message<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("total_len", &self.total_len())
+            .field("alignment", &self.alignment())
+            .field("envelope", &self.envelope())
+            .field("payload", &self.payload())
+            .finish()
+    }
+}
+
+fn check_crc(index: usize, s: &Section<'_>, actual: u32) -> Result<()> {
+    if actual != s.crc32 {
+        return Err(WireError::ChecksumMismatch {
+            what: format!("section {index} ({})", s.role.describe(s.layer)),
+            expected: s.crc32,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+fn dtype_of(code: u8) -> Result<DType> {
+    DType::from_code(code).ok_or_else(|| WireError::InvalidField {
+        field: "dtype",
+        reason: format!("expected 0 (f32), 1 (f16), 2 (bf16) or 3 (i8), found {code}"),
+    })
+}
+
+/// The typed payload shape of an archived header, checked.
+fn shape_of(raw: &ArchivedRawPayload) -> Result<Payload> {
+    let shape = match raw {
+        ArchivedRawPayload::KvCache {
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            seq_len,
+            dtype,
+            layout,
+            layer_start,
+            layer_end,
+        } => Payload::KvCache(KvCacheDesc {
+            num_layers: num_layers.to_native(),
+            num_kv_heads: num_kv_heads.to_native(),
+            head_dim: head_dim.to_native(),
+            seq_len: seq_len.to_native(),
+            dtype: dtype_of(*dtype)?,
+            layout: KvLayout::from_code(*layout).ok_or_else(|| WireError::InvalidField {
+                field: "kv layout",
+                reason: format!("expected 0 (HND) or 1 (NHD), found {layout}"),
+            })?,
+            layers: LayerRange::new(layer_start.to_native(), layer_end.to_native()),
+        }),
+        ArchivedRawPayload::HiddenState {
+            rows, dim, dtype, ..
+        } => Payload::HiddenState(HiddenStateDesc {
+            rows: rows.to_native(),
+            dim: dim.to_native(),
+            dtype: dtype_of(*dtype)?,
+            map_id: String::new(),
+        }),
+        ArchivedRawPayload::Text { format, len } => Payload::Text(TextDesc {
+            format: TextFormat::from_code(*format).ok_or_else(|| WireError::InvalidField {
+                field: "text format",
+                reason: format!("expected 0 (json) or 1 (plain), found {format}"),
+            })?,
+            len: len.to_native(),
+        }),
+    };
+    shape.validate()?;
+    Ok(shape)
+}
+
+fn typed<T: Element>(dtype: DType, bytes: &[u8]) -> Result<&[T]> {
+    if T::DTYPE != dtype {
+        return Err(WireError::DTypeMismatch {
+            expected: T::DTYPE,
+            found: dtype,
+        });
+    }
+    bytemuck::try_cast_slice(bytes).map_err(|_| WireError::Misaligned {
+        address: bytes.as_ptr() as usize,
+        align: std::mem::align_of::<T>(),
+    })
+}
+
+fn scales(bytes: &[u8]) -> Result<&[f32]> {
+    typed::<f32>(DType::F32, bytes)
+}
+
+/// A KV cache inside a parsed message; every accessor returns bytes in place.
+#[derive(Clone, Debug)]
+pub struct KvView<'a> {
+    desc: KvCacheDesc,
+    msg: Message<'a>,
+}
+
+impl<'a> KvView<'a> {
+    /// The cache's shape.
+    pub fn desc(&self) -> &KvCacheDesc {
+        &self.desc
+    }
+
+    fn index(&self, layer: u32, scale: bool) -> Result<usize> {
+        let r = self.desc.layers;
+        if !r.contains(layer) {
+            return Err(WireError::LayerOutOfRange {
+                layer,
+                start: r.start,
+                end: r.end,
+            });
+        }
+        let base = (layer - r.start) as usize * 2;
+        if scale {
+            if self.desc.dtype != DType::I8 {
+                return Err(WireError::DTypeMismatch {
+                    expected: DType::I8,
+                    found: self.desc.dtype,
+                });
+            }
+            Ok(r.len() as usize * 2 + base)
+        } else {
+            Ok(base)
+        }
+    }
+
+    /// Index of the K section of `layer` in the message's section table (V is the next one).
+    pub fn k_section_index(&self, layer: u32) -> Result<usize> {
+        self.index(layer, false)
+    }
+
+    /// Raw bytes of `layer`'s K tensor (in the desc's layout).
+    pub fn k(&self, layer: u32) -> Result<&'a [u8]> {
+        Ok(self.msg.section(self.index(layer, false)?)?.bytes)
+    }
+
+    /// Raw bytes of `layer`'s V tensor.
+    pub fn v(&self, layer: u32) -> Result<&'a [u8]> {
+        Ok(self.msg.section(self.index(layer, false)? + 1)?.bytes)
+    }
+
+    /// `layer`'s K as typed elements (`f32`, `half::f16`, `half::bf16`, `i8`).
+    pub fn k_as<T: Element>(&self, layer: u32) -> Result<&'a [T]> {
+        typed(self.desc.dtype, self.k(layer)?)
+    }
+
+    /// `layer`'s V as typed elements.
+    pub fn v_as<T: Element>(&self, layer: u32) -> Result<&'a [T]> {
+        typed(self.desc.dtype, self.v(layer)?)
+    }
+
+    /// Per-channel scales of an i8 K tensor (`num_kv_heads * head_dim` values).
+    pub fn k_scales(&self, layer: u32) -> Result<&'a [f32]> {
+        scales(self.msg.section(self.index(layer, true)?)?.bytes)
+    }
+
+    /// Per-channel scales of an i8 V tensor.
+    pub fn v_scales(&self, layer: u32) -> Result<&'a [f32]> {
+        scales(self.msg.section(self.index(layer, true)? + 1)?.bytes)
+    }
+
+    /// Verify the K and V sections (and scales) of one layer only.
+    pub fn verify_layer(&self, layer: u32) -> Result<()> {
+        let i = self.index(layer, false)?;
+        self.msg.verify_section(i)?;
+        self.msg.verify_section(i + 1)?;
+        if self.desc.dtype == DType::I8 {
+            let j = self.index(layer, true)?;
+            self.msg.verify_section(j)?;
+            self.msg.verify_section(j + 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// Hidden states inside a parsed message.
+#[derive(Clone, Debug)]
+pub struct HiddenView<'a> {
+    /// Rows (positions).
+    pub rows: u64,
+    /// Elements per row.
+    pub dim: u64,
+    /// Element type.
+    pub dtype: DType,
+    /// Cross-model map id ("" for same-model).
+    pub map_id: &'a str,
+    msg: Message<'a>,
+}
+
+impl<'a> HiddenView<'a> {
+    /// The raw bytes, row-major `[rows, dim]`.
+    pub fn data(&self) -> &'a [u8] {
+        self.msg.section(0).expect("hidden section").bytes
+    }
+
+    /// Typed elements.
+    pub fn data_as<T: Element>(&self) -> Result<&'a [T]> {
+        typed(self.dtype, self.data())
+    }
+
+    /// Per-column scales of i8 hidden states.
+    pub fn scales(&self) -> Result<&'a [f32]> {
+        if self.dtype != DType::I8 {
+            return Err(WireError::DTypeMismatch {
+                expected: DType::I8,
+                found: self.dtype,
+            });
+        }
+        scales(self.msg.section(1)?.bytes)
+    }
+}
+
+/// Text inside a parsed message.
+#[derive(Clone, Copy, Debug)]
+pub struct TextView<'a> {
+    /// How to read it.
+    pub format: TextFormat,
+    /// The raw bytes.
+    pub bytes: &'a [u8],
+}
+
+impl<'a> TextView<'a> {
+    /// The text, checked to be UTF-8.
+    pub fn as_str(&self) -> Result<&'a str> {
+        std::str::from_utf8(self.bytes).map_err(|e| WireError::InvalidUtf8 {
+            valid_up_to: e.valid_up_to(),
+        })
+    }
+}
