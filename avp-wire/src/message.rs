@@ -537,3 +537,149 @@ impl<'a> TextView<'a> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Envelope, MessageLayout, encode_to_vec};
+
+    fn kv_message(dtype: DType) -> (Vec<u8>, KvCacheDesc) {
+        let desc = KvCacheDesc::new(4, 2, 8, 3, dtype, KvLayout::Nhd).with_layers(LayerRange::new(1, 3));
+        let layout = MessageLayout::new(&Envelope::default(), &Payload::KvCache(desc)).unwrap();
+        let mut buf = vec![0xAAu8; layout.total_len()];
+        let mut w = layout.writer(&mut buf).unwrap();
+        for (i, s) in w.sections_mut().into_iter().enumerate() {
+            s.fill(i as u8);
+        }
+        w.finish().unwrap();
+        (buf, desc)
+    }
+
+    #[test]
+    fn views_point_into_the_buffer() {
+        let (buf, desc) = kv_message(DType::F32);
+        let m = Message::parse(&buf).unwrap();
+        let range = buf.as_ptr_range();
+        let kv = m.kv().unwrap();
+        assert_eq!(kv.desc(), &desc);
+        for l in 1..3 {
+            for s in [kv.k(l).unwrap(), kv.v(l).unwrap()] {
+                assert!(range.contains(&s.as_ptr()) && s.as_ptr_range().end <= range.end);
+            }
+        }
+        assert_eq!(kv.k(1).unwrap()[0], 0);
+        assert_eq!(kv.v(2).unwrap()[0], 3);
+        assert_eq!(kv.k_as::<f32>(2).unwrap().len(), 2 * 3 * 8);
+        assert!(matches!(kv.k(0), Err(WireError::LayerOutOfRange { layer: 0, start: 1, end: 3 })));
+        assert!(matches!(kv.k(3), Err(WireError::LayerOutOfRange { .. })));
+        assert!(matches!(kv.k_as::<half::f16>(1), Err(WireError::DTypeMismatch { .. })));
+        assert!(matches!(kv.k_scales(1), Err(WireError::DTypeMismatch { .. })));
+        assert!(matches!(m.hidden(), Err(WireError::WrongPayload { .. })));
+        assert!(matches!(m.text(), Err(WireError::WrongPayload { .. })));
+        m.verify().unwrap();
+    }
+
+    #[test]
+    fn i8_caches_carry_scales() {
+        let (buf, _) = kv_message(DType::I8);
+        let m = Message::parse(&buf).unwrap();
+        assert_eq!(m.section_count(), 8);
+        let kv = m.kv().unwrap();
+        assert_eq!(kv.k_scales(1).unwrap().len(), 2 * 8);
+        assert_eq!(kv.v_scales(2).unwrap().len(), 2 * 8);
+        assert_eq!(kv.k_as::<i8>(2).unwrap()[0], 2);
+        kv.verify_layer(2).unwrap();
+    }
+
+    #[test]
+    fn unwritten_sections_and_bad_buffers_are_refused() {
+        let desc = KvCacheDesc::new(2, 1, 4, 2, DType::F16, KvLayout::Hnd);
+        let layout = MessageLayout::new(&Envelope::default(), &Payload::KvCache(desc)).unwrap();
+        let mut small = vec![0u8; layout.total_len() - 1];
+        assert!(matches!(layout.writer(&mut small), Err(WireError::BufferSize { .. })));
+        let mut buf = vec![0u8; layout.total_len()];
+        let mut w = layout.writer(&mut buf).unwrap();
+        w.section_mut(0).unwrap().fill(1);
+        w.write_section(1, &[2u8; 16]).unwrap();
+        assert!(w.write_section(2, &[0u8; 3]).is_err());
+        match w.finish() {
+            Err(WireError::SectionNotWritten { index: 2, name }) => assert_eq!(name, "K layer 1"),
+            other => panic!("expected SectionNotWritten, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn hidden_and_text_payloads() {
+        let h = HiddenStateDesc {
+            rows: 2,
+            dim: 3,
+            dtype: DType::F32,
+            map_id: "vocab:0123".into(),
+        };
+        let data: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let bytes = encode_to_vec(&Envelope::default(), &Payload::HiddenState(h.clone()), &[&data]).unwrap();
+        let m = Message::parse(&bytes).unwrap();
+        let v = m.hidden().unwrap();
+        assert_eq!((v.rows, v.dim, v.map_id), (2, 3, "vocab:0123"));
+        assert_eq!(v.data_as::<f32>().unwrap()[5], 5.0);
+        assert_eq!(m.payload(), Payload::HiddenState(h));
+
+        let text = r#"{"answer": 42}"#;
+        let t = TextDesc {
+            format: TextFormat::Json,
+            len: text.len() as u64,
+        };
+        let bytes = encode_to_vec(&Envelope::default(), &Payload::Text(t), &[text.as_bytes()]).unwrap();
+        let m = Message::parse(&bytes).unwrap();
+        assert_eq!(m.text().unwrap().as_str().unwrap(), text);
+        let bad = encode_to_vec(
+            &Envelope::default(),
+            &Payload::Text(TextDesc {
+                format: TextFormat::Plain,
+                len: 2,
+            }),
+            &[&[0xff, 0xfe]],
+        )
+        .unwrap();
+        assert!(matches!(
+            Message::parse(&bad).unwrap().text().unwrap().as_str(),
+            Err(WireError::InvalidUtf8 { valid_up_to: 0 })
+        ));
+    }
+
+    #[test]
+    fn large_payloads_get_page_alignment() {
+        let desc = KvCacheDesc::new(2, 2, 64, 4096, DType::F16, KvLayout::Hnd);
+        let layout = MessageLayout::new(&Envelope::default(), &Payload::KvCache(desc)).unwrap();
+        assert_eq!(layout.alignment(), crate::PAGE_ALIGNMENT);
+        assert!(layout.sections().all(|s| s.offset % 4096 == 0));
+        let small = KvCacheDesc::new(2, 2, 64, 4, DType::F16, KvLayout::Hnd);
+        let layout = MessageLayout::new(&Envelope::default(), &Payload::KvCache(small)).unwrap();
+        assert_eq!(layout.alignment(), crate::SMALL_ALIGNMENT);
+    }
+
+    #[test]
+    fn prefix_parsing_and_trailing_bytes() {
+        let (mut buf, _) = kv_message(DType::F16);
+        let n = buf.len();
+        buf.extend_from_slice(b"next");
+        assert!(matches!(Message::parse(&buf), Err(WireError::TrailingBytes { extra: 4, .. })));
+        let (m, rest) = Message::parse_prefix(&buf).unwrap();
+        assert_eq!((m.total_len() as usize, rest), (n, &b"next"[..]));
+    }
+
+    #[test]
+    fn invalid_shapes_are_refused_at_layout() {
+        let zero = KvCacheDesc::new(0, 1, 1, 1, DType::F16, KvLayout::Hnd);
+        assert!(MessageLayout::new(&Envelope::default(), &Payload::KvCache(zero)).is_err());
+        let huge = KvCacheDesc::new(1, u32::MAX, u32::MAX, u64::MAX, DType::F32, KvLayout::Hnd);
+        assert!(matches!(
+            MessageLayout::new(&Envelope::default(), &Payload::KvCache(huge)),
+            Err(WireError::SizeOverflow(_))
+        ));
+        let range = KvCacheDesc::new(2, 1, 1, 1, DType::F16, KvLayout::Hnd).with_layers(LayerRange::new(1, 3));
+        assert!(MessageLayout::new(&Envelope::default(), &Payload::KvCache(range)).is_err());
+        let ok = KvCacheDesc::new(2, 1, 1, 1, DType::F16, KvLayout::Hnd);
+        assert!(MessageLayout::with_alignment(&Envelope::default(), &Payload::KvCache(ok), 48).is_err());
+    }
+}
