@@ -5,6 +5,7 @@
 //! [`crc32fast::Hasher::combine`], so the result is the same as one serial pass.
 
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Jobs smaller than this run on the calling thread: spawning costs more than it saves.
 pub const PARALLEL_MIN_BYTES: usize = 8 << 20;
@@ -28,15 +29,28 @@ fn copy_with_hasher(dst: &mut [u8], src: &[u8], h: &mut crc32fast::Hasher) {
     }
 }
 
+/// 0 = use every available core (up to 8).
+static MAX_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Cap the threads used for checksums and fused copies (process-wide). `0` (the
+/// default) uses every available core, up to 8; `1` keeps all work on the caller's thread.
+pub fn set_max_threads(n: usize) {
+    MAX_THREADS.store(n, Ordering::Relaxed);
+}
+
 /// Number of worker threads for `bytes` of checksum work.
 fn workers(bytes: usize) -> usize {
     if bytes < PARALLEL_MIN_BYTES {
         return 1;
     }
-    std::thread::available_parallelism()
+    let cores = std::thread::available_parallelism()
         .map(NonZeroUsize::get)
         .unwrap_or(1)
-        .min(8)
+        .min(8);
+    match MAX_THREADS.load(Ordering::Relaxed) {
+        0 => cores,
+        n => n.min(cores),
+    }
 }
 
 /// A piece of one section: which section, and the byte range within it.

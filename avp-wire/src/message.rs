@@ -7,7 +7,7 @@ use crate::error::{Result, WireError};
 use crate::header::{
     self, ArchivedRawHeader, ArchivedRawPayload, ArchivedRawSection, PREAMBLE_LEN, Preamble,
 };
-use crate::layout::{align_up, check_alignment};
+use crate::layout::check_alignment;
 use crate::payload::{
     HiddenStateDesc, KvCacheDesc, LayerRange, Payload, SectionRole, TextDesc, TextFormat,
 };
@@ -92,48 +92,32 @@ impl<'a> Message<'a> {
                 ),
             });
         }
+        let plan = shape.plan()?;
+        let mask = alignment as u64 - 1;
+        let total = preamble.total_len;
+        // `cursor <= total <= bytes.len()`, so the arithmetic below cannot overflow
+        // except `offset + len`, which is checked.
         let mut cursor = header_end as u64;
         for (index, s) in header.sections.iter().enumerate() {
-            let (role, layer, len) = shape.section_spec(index)?;
-            let (offset, found_len) = (s.offset.to_native(), s.len.to_native());
-            if s.role != role as u8 || s.layer.to_native() != layer {
-                return Err(WireError::BadSection {
+            let (role, layer, len) = plan.at(index);
+            let offset = s.offset.to_native();
+            let expected_offset = (cursor + mask) & !mask;
+            let end = offset.checked_add(len).unwrap_or(u64::MAX);
+            if s.role != role as u8
+                || s.layer.to_native() != layer
+                || s.len.to_native() != len
+                || offset != expected_offset
+                || end > total
+            {
+                return Err(section_error(
                     index,
-                    reason: format!(
-                        "expected {}, found role {} layer {}",
-                        role.describe(layer),
-                        s.role,
-                        s.layer.to_native()
-                    ),
-                });
+                    s,
+                    (role, layer, len),
+                    expected_offset,
+                    total,
+                ));
             }
-            if found_len != len {
-                return Err(WireError::BadSection {
-                    index,
-                    reason: format!(
-                        "{} must be {len} bytes, header says {found_len}",
-                        role.describe(layer)
-                    ),
-                });
-            }
-            let expected_offset =
-                align_up(cursor, alignment).ok_or(WireError::SizeOverflow("section offset"))?;
-            if offset != expected_offset {
-                return Err(WireError::BadSection {
-                    index,
-                    reason: format!("expected offset {expected_offset}, header says {offset}"),
-                });
-            }
-            cursor = offset
-                .checked_add(len)
-                .filter(|&end| end <= preamble.total_len)
-                .ok_or_else(|| WireError::BadSection {
-                    index,
-                    reason: format!(
-                        "bytes {offset}..{offset}+{len} run past the message end {}",
-                        preamble.total_len
-                    ),
-                })?;
+            cursor = end;
         }
         if cursor != preamble.total_len {
             return Err(WireError::InvalidField {
@@ -317,6 +301,36 @@ impl std::fmt::Debug for Message<'_> {
             .field("payload", &self.payload())
             .finish()
     }
+}
+
+/// Explain why section `index` does not match the plan (kept out of the hot loop).
+#[cold]
+fn section_error(
+    index: usize,
+    s: &ArchivedRawSection,
+    (role, layer, len): (SectionRole, u32, u64),
+    expected_offset: u64,
+    total: u64,
+) -> WireError {
+    let (offset, found_len) = (s.offset.to_native(), s.len.to_native());
+    let reason = if s.role != role as u8 || s.layer.to_native() != layer {
+        format!(
+            "expected {}, found role {} layer {}",
+            role.describe(layer),
+            s.role,
+            s.layer.to_native()
+        )
+    } else if found_len != len {
+        format!(
+            "{} must be {len} bytes, header says {found_len}",
+            role.describe(layer)
+        )
+    } else if offset != expected_offset {
+        format!("expected offset {expected_offset}, header says {offset}")
+    } else {
+        format!("bytes {offset}..{offset}+{len} run past the message end {total}")
+    };
+    WireError::BadSection { index, reason }
 }
 
 fn check_crc(index: usize, s: &Section<'_>, actual: u32) -> Result<()> {
@@ -544,7 +558,8 @@ mod tests {
     use crate::{Envelope, MessageLayout, encode_to_vec};
 
     fn kv_message(dtype: DType) -> (Vec<u8>, KvCacheDesc) {
-        let desc = KvCacheDesc::new(4, 2, 8, 3, dtype, KvLayout::Nhd).with_layers(LayerRange::new(1, 3));
+        let desc =
+            KvCacheDesc::new(4, 2, 8, 3, dtype, KvLayout::Nhd).with_layers(LayerRange::new(1, 3));
         let layout = MessageLayout::new(&Envelope::default(), &Payload::KvCache(desc)).unwrap();
         let mut buf = vec![0xAAu8; layout.total_len()];
         let mut w = layout.writer(&mut buf).unwrap();
@@ -570,10 +585,23 @@ mod tests {
         assert_eq!(kv.k(1).unwrap()[0], 0);
         assert_eq!(kv.v(2).unwrap()[0], 3);
         assert_eq!(kv.k_as::<f32>(2).unwrap().len(), 2 * 3 * 8);
-        assert!(matches!(kv.k(0), Err(WireError::LayerOutOfRange { layer: 0, start: 1, end: 3 })));
+        assert!(matches!(
+            kv.k(0),
+            Err(WireError::LayerOutOfRange {
+                layer: 0,
+                start: 1,
+                end: 3
+            })
+        ));
         assert!(matches!(kv.k(3), Err(WireError::LayerOutOfRange { .. })));
-        assert!(matches!(kv.k_as::<half::f16>(1), Err(WireError::DTypeMismatch { .. })));
-        assert!(matches!(kv.k_scales(1), Err(WireError::DTypeMismatch { .. })));
+        assert!(matches!(
+            kv.k_as::<half::f16>(1),
+            Err(WireError::DTypeMismatch { .. })
+        ));
+        assert!(matches!(
+            kv.k_scales(1),
+            Err(WireError::DTypeMismatch { .. })
+        ));
         assert!(matches!(m.hidden(), Err(WireError::WrongPayload { .. })));
         assert!(matches!(m.text(), Err(WireError::WrongPayload { .. })));
         m.verify().unwrap();
@@ -596,7 +624,10 @@ mod tests {
         let desc = KvCacheDesc::new(2, 1, 4, 2, DType::F16, KvLayout::Hnd);
         let layout = MessageLayout::new(&Envelope::default(), &Payload::KvCache(desc)).unwrap();
         let mut small = vec![0u8; layout.total_len() - 1];
-        assert!(matches!(layout.writer(&mut small), Err(WireError::BufferSize { .. })));
+        assert!(matches!(
+            layout.writer(&mut small),
+            Err(WireError::BufferSize { .. })
+        ));
         let mut buf = vec![0u8; layout.total_len()];
         let mut w = layout.writer(&mut buf).unwrap();
         w.section_mut(0).unwrap().fill(1);
@@ -617,7 +648,12 @@ mod tests {
             map_id: "vocab:0123".into(),
         };
         let data: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
-        let bytes = encode_to_vec(&Envelope::default(), &Payload::HiddenState(h.clone()), &[&data]).unwrap();
+        let bytes = encode_to_vec(
+            &Envelope::default(),
+            &Payload::HiddenState(h.clone()),
+            &[&data],
+        )
+        .unwrap();
         let m = Message::parse(&bytes).unwrap();
         let v = m.hidden().unwrap();
         assert_eq!((v.rows, v.dim, v.map_id), (2, 3, "vocab:0123"));
@@ -629,7 +665,8 @@ mod tests {
             format: TextFormat::Json,
             len: text.len() as u64,
         };
-        let bytes = encode_to_vec(&Envelope::default(), &Payload::Text(t), &[text.as_bytes()]).unwrap();
+        let bytes =
+            encode_to_vec(&Envelope::default(), &Payload::Text(t), &[text.as_bytes()]).unwrap();
         let m = Message::parse(&bytes).unwrap();
         assert_eq!(m.text().unwrap().as_str().unwrap(), text);
         let bad = encode_to_vec(
@@ -663,7 +700,10 @@ mod tests {
         let (mut buf, _) = kv_message(DType::F16);
         let n = buf.len();
         buf.extend_from_slice(b"next");
-        assert!(matches!(Message::parse(&buf), Err(WireError::TrailingBytes { extra: 4, .. })));
+        assert!(matches!(
+            Message::parse(&buf),
+            Err(WireError::TrailingBytes { extra: 4, .. })
+        ));
         let (m, rest) = Message::parse_prefix(&buf).unwrap();
         assert_eq!((m.total_len() as usize, rest), (n, &b"next"[..]));
     }
@@ -677,9 +717,12 @@ mod tests {
             MessageLayout::new(&Envelope::default(), &Payload::KvCache(huge)),
             Err(WireError::SizeOverflow(_))
         ));
-        let range = KvCacheDesc::new(2, 1, 1, 1, DType::F16, KvLayout::Hnd).with_layers(LayerRange::new(1, 3));
+        let range = KvCacheDesc::new(2, 1, 1, 1, DType::F16, KvLayout::Hnd)
+            .with_layers(LayerRange::new(1, 3));
         assert!(MessageLayout::new(&Envelope::default(), &Payload::KvCache(range)).is_err());
         let ok = KvCacheDesc::new(2, 1, 1, 1, DType::F16, KvLayout::Hnd);
-        assert!(MessageLayout::with_alignment(&Envelope::default(), &Payload::KvCache(ok), 48).is_err());
+        assert!(
+            MessageLayout::with_alignment(&Envelope::default(), &Payload::KvCache(ok), 48).is_err()
+        );
     }
 }

@@ -255,34 +255,82 @@ impl Payload {
     /// `Kscale(l), Vscale(l)` for every layer. Hidden states have one data section,
     /// then an i8 scale section. Text has one section.
     pub fn section_spec(&self, index: usize) -> Result<(SectionRole, u32, u64)> {
+        Ok(self.plan()?.at(index))
+    }
+
+    /// The section plan: everything needed to list sections without re-checking sizes.
+    pub(crate) fn plan(&self) -> Result<SectionPlan> {
         Ok(match self {
-            Payload::KvCache(kv) => {
-                let n = kv.layers.len() as usize * 2;
-                let (i, scale) = if index < n {
-                    (index, false)
+            Payload::KvCache(kv) => SectionPlan {
+                kind: PlanKind::Kv,
+                data_len: kv.tensor_bytes()?,
+                scale_len: kv.scale_bytes(),
+                first_layer: kv.layers.start,
+                data_count: kv.layers.len() as usize * 2,
+            },
+            Payload::HiddenState(h) => SectionPlan {
+                kind: PlanKind::Hidden,
+                data_len: h.data_bytes()?,
+                scale_len: h
+                    .dim
+                    .checked_mul(4)
+                    .ok_or(WireError::SizeOverflow("hidden-state scales"))?,
+                first_layer: 0,
+                data_count: 1,
+            },
+            Payload::Text(t) => SectionPlan {
+                kind: PlanKind::Text,
+                data_len: t.len,
+                scale_len: 0,
+                first_layer: 0,
+                data_count: 1,
+            },
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PlanKind {
+    Kv,
+    Hidden,
+    Text,
+}
+
+/// Sizes of a payload's sections, computed (and overflow-checked) once.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SectionPlan {
+    kind: PlanKind,
+    data_len: u64,
+    scale_len: u64,
+    first_layer: u32,
+    data_count: usize,
+}
+
+impl SectionPlan {
+    /// Role, layer and length of section `index`.
+    #[inline]
+    pub(crate) fn at(&self, index: usize) -> (SectionRole, u32, u64) {
+        let scale = index >= self.data_count;
+        match self.kind {
+            PlanKind::Kv => {
+                let i = if scale {
+                    index - self.data_count
                 } else {
-                    (index - n, true)
+                    index
                 };
-                let layer = kv.layers.start + (i / 2) as u32;
-                let role = match (scale, i % 2) {
-                    (false, 0) => SectionRole::Key,
-                    (false, _) => SectionRole::Value,
-                    (true, 0) => SectionRole::KeyScale,
-                    (true, _) => SectionRole::ValueScale,
-                };
-                let len = if scale {
-                    kv.scale_bytes()
-                } else {
-                    kv.tensor_bytes()?
+                let layer = self.first_layer + (i / 2) as u32;
+                let (role, len) = match (scale, i % 2) {
+                    (false, 0) => (SectionRole::Key, self.data_len),
+                    (false, _) => (SectionRole::Value, self.data_len),
+                    (true, 0) => (SectionRole::KeyScale, self.scale_len),
+                    (true, _) => (SectionRole::ValueScale, self.scale_len),
                 };
                 (role, layer, len)
             }
-            Payload::HiddenState(h) => match index {
-                0 => (SectionRole::Hidden, 0, h.data_bytes()?),
-                _ => (SectionRole::HiddenScale, 0, h.dim * 4),
-            },
-            Payload::Text(t) => (SectionRole::Text, 0, t.len),
-        })
+            PlanKind::Hidden if scale => (SectionRole::HiddenScale, 0, self.scale_len),
+            PlanKind::Hidden => (SectionRole::Hidden, 0, self.data_len),
+            PlanKind::Text => (SectionRole::Text, 0, self.data_len),
+        }
     }
 }
 

@@ -2,8 +2,8 @@
 //! (and no undetected corruption) on arbitrary or mutated bytes.
 
 use avp_wire::{
-    DType, Envelope, HiddenStateDesc, KvCacheDesc, KvLayout, LayerRange, Message, MessageLayout, Payload,
-    TextDesc, TextFormat, v1,
+    DType, Envelope, HiddenStateDesc, KvCacheDesc, KvLayout, LayerRange, Message, MessageLayout,
+    Payload, TextDesc, TextFormat, v1,
 };
 use proptest::prelude::*;
 
@@ -12,21 +12,40 @@ fn dtype() -> impl Strategy<Value = DType> {
 }
 
 fn payload() -> impl Strategy<Value = Payload> {
-    let kv = (1u32..5, 1u32..4, 1u32..9, 0u64..7, dtype(), any::<bool>(), any::<(u8, u8)>()).prop_map(
-        |(layers, heads, hd, seq, dtype, nhd, (a, b))| {
+    let kv = (
+        1u32..5,
+        1u32..4,
+        1u32..9,
+        0u64..7,
+        dtype(),
+        any::<bool>(),
+        any::<(u8, u8)>(),
+    )
+        .prop_map(|(layers, heads, hd, seq, dtype, nhd, (a, b))| {
             let start = a as u32 % layers;
             let end = start + 1 + (b as u32 % (layers - start));
             let layout = if nhd { KvLayout::Nhd } else { KvLayout::Hnd };
             Payload::KvCache(
-                KvCacheDesc::new(layers, heads, hd, seq, dtype, layout).with_layers(LayerRange::new(start, end)),
+                KvCacheDesc::new(layers, heads, hd, seq, dtype, layout)
+                    .with_layers(LayerRange::new(start, end)),
             )
-        },
-    );
-    let hidden = (0u64..4, 1u64..20, dtype(), "[a-z0-9:_]{0,12}")
-        .prop_map(|(rows, dim, dtype, map_id)| Payload::HiddenState(HiddenStateDesc { rows, dim, dtype, map_id }));
+        });
+    let hidden =
+        (0u64..4, 1u64..20, dtype(), "[a-z0-9:_]{0,12}").prop_map(|(rows, dim, dtype, map_id)| {
+            Payload::HiddenState(HiddenStateDesc {
+                rows,
+                dim,
+                dtype,
+                map_id,
+            })
+        });
     let text = (any::<bool>(), 0u64..300).prop_map(|(json, len)| {
         Payload::Text(TextDesc {
-            format: if json { TextFormat::Json } else { TextFormat::Plain },
+            format: if json {
+                TextFormat::Json
+            } else {
+                TextFormat::Plain
+            },
             len,
         })
     });
@@ -52,19 +71,27 @@ fn envelope() -> impl Strategy<Value = Envelope> {
 
 /// A valid message and its section contents.
 fn message() -> impl Strategy<Value = (Vec<u8>, Vec<Vec<u8>>, Payload, Envelope)> {
-    (payload(), envelope(), prop::sample::select(vec![8u32, 64, 4096]), any::<u64>()).prop_map(
-        |(payload, env, align, seed)| {
+    (
+        payload(),
+        envelope(),
+        prop::sample::select(vec![8u32, 64, 4096]),
+        any::<u64>(),
+    )
+        .prop_map(|(payload, env, align, seed)| {
             let layout = MessageLayout::with_alignment(&env, &payload, align).unwrap();
             let sections: Vec<Vec<u8>> = layout
                 .sections()
                 .enumerate()
-                .map(|(i, s)| (0..s.len).map(|j| (seed as u8) ^ (i as u8).wrapping_mul(17) ^ (j as u8)).collect())
+                .map(|(i, s)| {
+                    (0..s.len)
+                        .map(|j| (seed as u8) ^ (i as u8).wrapping_mul(17) ^ (j as u8))
+                        .collect()
+                })
                 .collect();
             let refs: Vec<&[u8]> = sections.iter().map(|v| &v[..]).collect();
             let bytes = layout.encode_to_vec(&refs).unwrap();
             (bytes, sections, payload, env)
-        },
-    )
+        })
 }
 
 /// Exercise every accessor; must never panic, whatever the bytes.
@@ -72,7 +99,9 @@ fn poke(bytes: &[u8]) {
     let _ = avp_wire::sniff_version(bytes);
     let _ = avp_wire::Preamble::read(bytes);
     if let Ok(m) = v1::decode(bytes) {
-        let _ = m.kv().map(|kv| (kv.k(0).map(<[u8]>::len), kv.tensors().len()));
+        let _ = m
+            .kv()
+            .map(|kv| (kv.k(0).map(<[u8]>::len), kv.tensors().len()));
         let _ = v1::to_v2(&m);
     }
     if let Ok((m, _)) = Message::parse_prefix(bytes) {
@@ -84,7 +113,13 @@ fn poke(bytes: &[u8]) {
         }
         if let Ok(kv) = m.kv() {
             for l in 0..kv.desc().num_layers + 1 {
-                let _ = (kv.k(l), kv.v(l), kv.k_scales(l), kv.k_as::<f32>(l), kv.verify_layer(l));
+                let _ = (
+                    kv.k(l),
+                    kv.v(l),
+                    kv.k_scales(l),
+                    kv.k_as::<f32>(l),
+                    kv.verify_layer(l),
+                );
             }
         }
         if let Ok(h) = m.hidden() {

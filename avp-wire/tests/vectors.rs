@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use avp_wire::{
-    DType, Envelope, HiddenStateDesc, KvCacheDesc, KvLayout, LayerRange, Message, MessageLayout, Payload,
-    TextDesc, TextFormat,
+    DType, Envelope, HiddenStateDesc, KvCacheDesc, KvLayout, LayerRange, Message, MessageLayout,
+    Payload, TextDesc, TextFormat,
 };
 
 fn dir() -> PathBuf {
@@ -19,7 +19,11 @@ fn fill(layout: &MessageLayout) -> Vec<u8> {
     let sections: Vec<Vec<u8>> = layout
         .sections()
         .enumerate()
-        .map(|(i, s)| (0..s.len).map(|j| ((i as u64 * 16 + j) % 251) as u8).collect())
+        .map(|(i, s)| {
+            (0..s.len)
+                .map(|j| ((i as u64 * 16 + j) % 251) as u8)
+                .collect()
+        })
         .collect();
     let refs: Vec<&[u8]> = sections.iter().map(|v| &v[..]).collect();
     layout.encode_to_vec(&refs).unwrap()
@@ -37,7 +41,8 @@ fn vectors() -> Vec<(&'static str, Vec<u8>)> {
         extra: [("num_steps".to_string(), "4".to_string())].into(),
     };
     let kv = KvCacheDesc::new(2, 3, 4, 5, DType::F16, KvLayout::Hnd);
-    let kv_i8 = KvCacheDesc::new(4, 1, 8, 2, DType::I8, KvLayout::Nhd).with_layers(LayerRange::new(1, 3));
+    let kv_i8 =
+        KvCacheDesc::new(4, 1, 8, 2, DType::I8, KvLayout::Nhd).with_layers(LayerRange::new(1, 3));
     let hidden = HiddenStateDesc {
         rows: 1,
         dim: 8,
@@ -46,10 +51,20 @@ fn vectors() -> Vec<(&'static str, Vec<u8>)> {
     };
     let text = r#"{"role":"researcher","content":"x = 6 * 7"}"#;
     let mut out = vec![
-        ("kv_f16_hnd.avp", fill(&MessageLayout::new(&env, &Payload::KvCache(kv)).unwrap())),
+        (
+            "kv_f16_hnd.avp",
+            fill(&MessageLayout::new(&env, &Payload::KvCache(kv)).unwrap()),
+        ),
         (
             "kv_i8_nhd_layers_1_3_page_aligned.avp",
-            fill(&MessageLayout::with_alignment(&Envelope::default(), &Payload::KvCache(kv_i8), 4096).unwrap()),
+            fill(
+                &MessageLayout::with_alignment(
+                    &Envelope::default(),
+                    &Payload::KvCache(kv_i8),
+                    4096,
+                )
+                .unwrap(),
+            ),
         ),
         (
             "hidden_bf16_map.avp",
@@ -77,7 +92,10 @@ fn committed_vectors_match() {
             continue;
         }
         let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(committed, bytes, "{name} differs from what this encoder writes");
+        assert_eq!(
+            committed, bytes,
+            "{name} differs from what this encoder writes"
+        );
         let m = Message::parse(&committed).unwrap();
         m.verify().unwrap();
     }

@@ -1,0 +1,33 @@
+//! Subcommands of the `avp` binary.
+
+mod bench;
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Agent Vector Protocol: move KV caches and hidden states between agents.
+#[derive(Parser, Debug)]
+#[command(name = "avp", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Summarize a v1 or v2 message file and verify its checksums (exit 1 if malformed).
+    Inspect(inspect::Args),
+    /// Run benchmarks.
+    #[command(subcommand)]
+    Bench(bench::Bench),
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Bench(b) => bench::run(b),
+    }
+}
