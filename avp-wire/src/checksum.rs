@@ -138,6 +138,9 @@ pub fn crc_many(slices: &[&[u8]]) -> Vec<u32> {
     join(slices.len(), results)
 }
 
+/// A piece of a fused copy: section index, destination, source.
+type CopyPiece<'d, 's> = (usize, &'d mut [u8], &'s [u8]);
+
 /// Copy each `srcs[i]` into `dsts[i]` and return each CRC32, using several threads
 /// when the total is large. Lengths must match pairwise.
 pub fn copy_many_with_crc(dsts: Vec<&mut [u8]>, srcs: &[&[u8]]) -> Vec<u32> {
@@ -154,7 +157,7 @@ pub fn copy_many_with_crc(dsts: Vec<&mut [u8]>, srcs: &[&[u8]]) -> Vec<u32> {
     // Cut every destination into the pieces `split` chose, so each thread owns its pieces.
     let groups = split(&lens, n);
     let mut remaining: Vec<&mut [u8]> = dsts;
-    let mut cut_groups: Vec<Vec<(usize, &mut [u8], &[u8])>> = Vec::with_capacity(n);
+    let mut cut_groups: Vec<Vec<CopyPiece<'_, '_>>> = Vec::with_capacity(n);
     for group in &groups {
         let mut cut = Vec::with_capacity(group.len());
         for p in group {

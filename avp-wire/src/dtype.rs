@@ -65,6 +65,7 @@ impl fmt::Display for DType {
 
 /// Order of the three axes of one layer's K or V tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
 #[repr(u8)]
 pub enum KvLayout {
     /// `[heads, seq, head_dim]`, row-major: the Hugging Face layout (batch squeezed).

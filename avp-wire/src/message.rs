@@ -102,7 +102,7 @@ impl<'a> Message<'a> {
             let (role, layer, len) = plan.at(index);
             let offset = s.offset.to_native();
             let expected_offset = (cursor + mask) & !mask;
-            let end = offset.checked_add(len).unwrap_or(u64::MAX);
+            let end = offset.saturating_add(len);
             if s.role != role as u8
                 || s.layer.to_native() != layer
                 || s.len.to_native() != len

@@ -220,18 +220,14 @@ impl<'m> Resolver<'m> {
                 "different models sharing one tokenizer: vocabulary-mediated projection".into(),
             );
         }
-        if !local.model_hash.is_empty() && !remote.model_hash.is_empty() {
-            if let Some(id) = self
-                .maps
-                .and_then(|m| m.find_map(&local.model_hash, &remote.model_hash))
-            {
-                return res(
-                    Mode::CrossModel,
-                    id.clone(),
-                    ResolutionPath::AvpMapFile,
-                    format!("calibrated map {id} found"),
-                );
-            }
+        let both_hashed = !local.model_hash.is_empty() && !remote.model_hash.is_empty();
+        let map = self
+            .maps
+            .filter(|_| both_hashed)
+            .and_then(|m| m.find_map(&local.model_hash, &remote.model_hash));
+        if let Some(id) = map {
+            let reason = format!("calibrated map {id} found");
+            return res(Mode::CrossModel, id, ResolutionPath::AvpMapFile, reason);
         }
         if let Some(n) = overlap.filter(|&n| n >= MIN_VOCAB_OVERLAP) {
             return res(

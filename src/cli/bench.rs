@@ -123,7 +123,7 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
 /// A Llama-3-8B-shaped f16 KV cache (32 layers, 8 KV heads, head_dim 128: 128 KiB per position).
 fn kv_desc(size: usize) -> anyhow::Result<KvCacheDesc> {
     let per_pos = 32 * 2 * 8 * 128 * 2;
-    if size < per_pos || size % per_pos != 0 {
+    if size < per_pos || !size.is_multiple_of(per_pos) {
         bail!("size must be a multiple of {per_pos} bytes (one position of the benchmark cache)");
     }
     Ok(KvCacheDesc::new(
@@ -201,10 +201,13 @@ fn wire(a: WireArgs) -> anyhow::Result<()> {
                 "section {i} differs after encode"
             );
         }
-        let n = 100_000;
-        let t = Instant::now();
-        for _ in 0..n {
-            black_box(Message::parse(black_box(bytes))?);
+        // Batches of 1000 parses until 200 ms have passed.
+        let (mut n, t) = (0u64, Instant::now());
+        while t.elapsed().as_millis() < 200 {
+            for _ in 0..1000 {
+                black_box(Message::parse(black_box(bytes))?);
+            }
+            n += 1000;
         }
         let parse_ns = t.elapsed().as_secs_f64() * 1e9 / n as f64;
         let verify = time(reps, || msg.verify().expect("verified above"));

@@ -368,7 +368,7 @@ pub fn decode_with_limits<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Decode
         });
     }
     let map_flag = header.flags & FLAG_HAS_MAP != 0;
-    if map_flag != !metadata.avp_map_id.is_empty() {
+    if map_flag == metadata.avp_map_id.is_empty() {
         return Err(WireError::InvalidField {
             field: "flags",
             reason: format!(
@@ -504,7 +504,8 @@ pub fn to_v2(decoded: &Decoded<'_>) -> Result<Vec<u8>> {
                 _ if m.hidden_dim > 0 => m.hidden_dim as u64,
                 _ => elems as u64,
             };
-            if dim == 0 || decoded.payload.len() as u64 % (dim * dtype.size() as u64) != 0 {
+            if dim == 0 || !(decoded.payload.len() as u64).is_multiple_of(dim * dtype.size() as u64)
+            {
                 return Err(WireError::InvalidField {
                     field: "v1 hidden state",
                     reason: format!(

@@ -1,0 +1,142 @@
+//! The `avp` command line as a user runs it: exit codes, text and JSON output.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn avp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_avp"))
+        .args(args)
+        .output()
+        .expect("run avp")
+}
+
+fn vector(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("spec/vectors")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn inspect_v2_text_and_json() {
+    let out = avp(&["inspect", &vector("kv_f16_hnd.avp")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("avp v2 message"), "{text}");
+    assert!(
+        text.contains("kv_cache") && text.contains("researcher"),
+        "{text}"
+    );
+    assert!(text.contains("checksum:  ok (4 sections)"), "{text}");
+
+    let out = avp(&[
+        "inspect",
+        "--json",
+        &vector("kv_i8_nhd_layers_1_3_page_aligned.avp"),
+    ]);
+    assert!(out.status.success());
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["version"], 2);
+    assert_eq!(j["kind"], "kv_cache");
+    assert_eq!(j["payload"]["dtype"], "i8");
+    assert_eq!(j["payload"]["layout"], "NHD");
+    assert_eq!(j["payload"]["layers"]["start"], 1);
+    assert_eq!(j["sections"], 8);
+    assert_eq!(j["alignment"], 4096);
+}
+
+#[test]
+fn inspect_v1_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let header = avp_wire::v1::KvHeader {
+        num_layers: 2,
+        num_kv_heads: 1,
+        head_dim: 4,
+        seq_len: 3,
+        dtype: avp_wire::DType::F16,
+    };
+    let t = vec![7u8; 24];
+    let meta = avp_wire::v1::Metadata {
+        model_id: "m".into(),
+        ..Default::default()
+    };
+    let bytes = avp_wire::v1::encode_kv(
+        &header,
+        &[&t, &t, &t, &t],
+        &meta,
+        avp_wire::v1::Compression::Fast,
+    )
+    .unwrap();
+    let path = dir.path().join("m.avp");
+    std::fs::write(&path, bytes).unwrap();
+    let out = avp(&["inspect", "--json", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["version"], 1);
+    assert_eq!(j["compressed"], true);
+    assert_eq!(j["payload"]["num_layers"], 2);
+    assert!(j["checksum"].as_str().unwrap().starts_with("ok"));
+}
+
+#[test]
+fn inspect_refuses_malformed_files_with_exit_code_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(vector("kv_f16_hnd.avp")).unwrap();
+    let mut corrupt_section = good.clone();
+    *corrupt_section.last_mut().unwrap() ^= 0x10;
+    let mut corrupt_header = good.clone();
+    corrupt_header[40] ^= 0x01;
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "section.avp",
+            corrupt_section,
+            "checksum mismatch in section 3",
+        ),
+        ("header.avp", corrupt_header, "checksum mismatch in header"),
+        ("truncated.avp", good[..100].to_vec(), "truncated"),
+        ("garbage.avp", b"garbage bytes".to_vec(), "invalid magic"),
+        (
+            "v9.avp",
+            vec![0x41, 0x56, 9, 0, 0, 0],
+            "unsupported wire version 9",
+        ),
+    ];
+    for (name, bytes, needle) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let out = avp(&["inspect", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+    }
+    let out = avp(&["inspect", "/nonexistent/file.avp"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn bench_wire_prints_json_lines() {
+    let out = avp(&["bench", "wire", "--json", "--sizes", "1MiB", "--reps", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["bench"], "wire");
+    assert_eq!(j["size_bytes"], 1 << 20);
+    for k in ["parse_ns", "verify_gbps", "encode_gbps", "memcpy_gbps"] {
+        assert!(j[k].as_f64().unwrap() > 0.0, "{k}");
+    }
+    let bad = avp(&["bench", "wire", "--sizes", "1000"]);
+    assert_eq!(bad.status.code(), Some(1));
+}
