@@ -88,7 +88,9 @@ def encode_cases(out: Path) -> None:
                 model_id="Qwen/Qwen2.5-0.5B", hidden_dim=dim, num_layers=24,
                 payload_type=PayloadType.HIDDEN_STATE, dtype=dt, tensor_shape=(rows, dim),
                 avp_map_id=("vocab:0123456789abcdef" if dt == DataType.BFLOAT16 else ""),
-                extra={"model_hash": "ab" * 32, "note": "héllo ✓"},
+                # Level 0 keeps one extra key so the bytes are deterministic (protobuf
+                # leaves the order of map entries undefined) and comparable exactly.
+                extra=({"model_hash": "ab" * 32, "note": "héllo ✓"} if level else {"note": "héllo ✓"}),
             )
             add(f"hidden_{dt.name.lower()}_z{level}", tensor_bytes(rng, rows * dim, dt), meta, level)
 
@@ -107,7 +109,8 @@ def encode_cases(out: Path) -> None:
                 session_id="kv", source_agent_id="researcher", target_agent_id="solver",
                 model_id="HuggingFaceTB/SmolLM2-135M-Instruct", hidden_dim=576, num_layers=layers,
                 dtype=dt, mode=CommunicationMode.LATENT,
-                extra={"model_hash": "cd" * 32, "model_family": "llama", "num_steps": "4"},
+                extra=({"model_hash": "cd" * 32, "model_family": "llama", "num_steps": "4"} if level
+                       else {"model_hash": "cd" * 32}),
             )
             add(f"kv_{dname}_z{level}", payload, meta, level,
                 kv={"num_layers": layers, "num_kv_heads": heads, "head_dim": hd, "seq_len": seq, "dtype": int(dt)})
