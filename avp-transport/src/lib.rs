@@ -1,1 +1,47 @@
-//! avp-transport: moves avp messages between agents over shared memory, TCP, CUDA IPC and RDMA (not built yet).
+//! Moving avp messages between agents: zero-copy shared memory on one host, TCP
+//! across hosts, one API.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use avp_transport::{Endpoint, Options};
+//! use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let id = ModelIdentity::default();
+//! // Agent B (receiver)
+//! let listener = Endpoint::bind("shm://demo", &id, Options::default())?;
+//! # std::thread::spawn(move || -> Result<(), avp_transport::TransportError> {
+//! // Agent A (sender), in another process
+//! let mut tx = Endpoint::connect("shm://demo", &id, Options::default())?;
+//! let layout = MessageLayout::new(&Envelope::default(),
+//!     &Payload::KvCache(KvCacheDesc::new(30, 3, 64, 128, DType::F16, KvLayout::Hnd)))?;
+//! let mut loan = tx.loan(&layout)?;                 // a shared-memory slot
+//! for s in loan.writer().sections_mut() { s.fill(0) } // write K/V in place
+//! loan.finish()?.send()?;                           // CRCs, header, publish
+//! # Ok(()) });
+//! let rx = listener.accept(Duration::from_secs(10))?;
+//! println!("{}", rx.session().explain());
+//! let guard = rx.recv(Duration::from_secs(10))?;    // points into the sender's slot
+//! let kv = guard.message().kv()?;
+//! kv.verify_layer(0)?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod address;
+mod buf;
+mod endpoint;
+mod error;
+pub mod frame;
+mod handshake;
+mod options;
+mod session;
+pub mod shm;
+mod tcp;
+
+pub use address::Address;
+pub use endpoint::{Endpoint, Listener, Loan, Ready, Receiver, RecvGuard, Sender};
+pub use error::{Result, TransportError};
+pub use handshake::boot_id;
+pub use options::Options;
+pub use session::{Session, TransportKind};

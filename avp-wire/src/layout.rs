@@ -205,6 +205,38 @@ impl MessageLayout {
         })
     }
 
+    /// The bytes before section 0 — preamble, header and zero padding — for
+    /// sections whose CRC32s are `crcs`. Lets a sender write the sections from its
+    /// own buffers (vectored I/O) without assembling the message.
+    pub fn prefix(&self, crcs: &[u32]) -> Result<Vec<u8>> {
+        if crcs.len() != self.section_count() {
+            return Err(WireError::BadSection {
+                index: crcs.len().min(self.section_count()),
+                reason: format!(
+                    "{} CRCs given for {} sections",
+                    crcs.len(),
+                    self.section_count()
+                ),
+            });
+        }
+        let mut raw = self.raw.clone();
+        for (s, &c) in raw.sections.iter_mut().zip(crcs) {
+            s.crc32 = c;
+        }
+        let header = header::serialize(&raw)?;
+        let end = raw.sections.first().map_or(self.total_len, |s| s.offset) as usize;
+        let mut out = vec![0u8; end];
+        out[PREAMBLE_LEN..PREAMBLE_LEN + header.len()].copy_from_slice(&header);
+        Preamble {
+            flags: 0,
+            header_len: self.header_len,
+            total_len: self.total_len,
+            header_crc: crc32fast::hash(&header),
+        }
+        .write(&mut out);
+        Ok(out)
+    }
+
     /// Encode a whole message into a new `Vec`, copying `sections[i]` into section `i`.
     pub fn encode_to_vec(&self, sections: &[&[u8]]) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; self.total_len()];

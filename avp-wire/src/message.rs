@@ -696,6 +696,19 @@ mod tests {
     }
 
     #[test]
+    fn layout_prefix_matches_the_encoded_message() {
+        let desc = KvCacheDesc::new(2, 1, 8, 3, DType::F16, KvLayout::Hnd);
+        let layout = MessageLayout::new(&Envelope::default(), &Payload::KvCache(desc)).unwrap();
+        let data: Vec<Vec<u8>> = (0..4).map(|i| vec![i as u8 + 1; 48]).collect();
+        let refs: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
+        let full = layout.encode_to_vec(&refs).unwrap();
+        let crcs: Vec<u32> = refs.iter().map(|d| crc32fast::hash(d)).collect();
+        let prefix = layout.prefix(&crcs).unwrap();
+        assert_eq!(&full[..prefix.len()], &prefix[..]);
+        assert!(layout.prefix(&crcs[..1]).is_err());
+    }
+
+    #[test]
     fn prefix_parsing_and_trailing_bytes() {
         let (mut buf, _) = kv_message(DType::F16);
         let n = buf.len();

@@ -1,0 +1,85 @@
+//! The one error type of this crate.
+
+use std::time::Duration;
+
+/// Everything that can go wrong while connecting, sending or receiving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The address is not `shm://NAME` or `tcp://HOST:PORT`.
+    #[error("invalid address {address:?}: {reason}")]
+    InvalidAddress {
+        /// What was given.
+        address: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// An operating-system call failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Nothing arrived (or no slot freed up) within the timeout.
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+    /// The peer closed the connection or died.
+    #[error("peer disconnected ({0})")]
+    PeerGone(String),
+    /// The peer broke the protocol (bad frame, unexpected message).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The peer's token did not authenticate (or ours was refused).
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// A message is larger than the limit agreed for this session.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The session's time to live has passed.
+    #[error("session {id} expired {ago:?} ago (ttl {ttl:?}); open a new session")]
+    SessionExpired {
+        /// Session id.
+        id: String,
+        /// Its ttl.
+        ttl: Duration,
+        /// How long ago it expired.
+        ago: Duration,
+    },
+    /// A received message belongs to another session.
+    #[error("message for session {found:?} arrived on session {expected:?}")]
+    WrongSession {
+        /// This session.
+        expected: String,
+        /// The message's session.
+        found: String,
+    },
+    /// The message bytes are not a valid avp v2 message.
+    #[error("invalid message: {0}")]
+    Wire(#[from] avp_wire::WireError),
+    /// The shared-memory segment offered by the peer is unsafe to map.
+    #[error("unsafe segment from peer: {0}")]
+    Segment(String),
+}
+
+impl TransportError {
+    pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
+        move |source| TransportError::Io { op, source }
+    }
+    pub(crate) fn errno(op: &'static str) -> impl FnOnce(nix::errno::Errno) -> TransportError {
+        move |e| TransportError::Io {
+            op,
+            source: std::io::Error::from(e),
+        }
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = TransportError> = std::result::Result<T, E>;

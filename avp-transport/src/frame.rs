@@ -1,0 +1,304 @@
+//! Control frames and how they travel: one JSON document per frame, as a
+//! `SOCK_SEQPACKET` packet on Unix sockets (with file descriptors attached when a
+//! segment is handed over) or with a u32 length prefix on TCP.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use avp_wire::{Mode, ModelIdentity, ResolutionPath};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TransportError};
+
+/// Largest control frame.
+pub const MAX_FRAME: usize = 64 << 10;
+/// Protocol version spoken in `Hello`.
+pub const PROTOCOL: u32 = 2;
+
+/// First frame each side sends.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Hello {
+    /// Transport protocol version ([`PROTOCOL`]).
+    pub protocol: u32,
+    /// The agent's id.
+    pub agent_id: String,
+    /// The model the agent runs.
+    pub identity: ModelIdentity,
+    /// Largest message the agent accepts.
+    pub max_message: u64,
+    /// Transports the agent can use ("shm", "tcp").
+    pub transports: Vec<String>,
+    /// `/proc/sys/kernel/random/boot_id`: equal boot ids mean the same host.
+    pub boot_id: String,
+    /// A listener's shared-memory control socket, offered to TCP peers on the same host.
+    pub shm_socket: Option<String>,
+    /// 32 random bytes, hex: the challenge for the peer's authentication.
+    pub nonce: String,
+    /// Whether the agent requires a token.
+    pub auth_required: bool,
+    /// The transport the connecting side chose and why (client only).
+    pub transport_reason: Option<String>,
+}
+
+/// The listener's answer when it accepts a session.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Accept {
+    /// Session id (32 hex characters).
+    pub session_id: String,
+    /// Negotiated mode.
+    pub mode: Mode,
+    /// Cross-model map id ("" unless cross-model).
+    pub map_id: String,
+    /// Rule that decided the mode.
+    pub path: ResolutionPath,
+    /// Why, in words.
+    pub reason: String,
+    /// Session time to live in milliseconds.
+    pub ttl_ms: u64,
+    /// The smaller of the two sides' message limits.
+    pub max_message: u64,
+    /// The listener's proof of the token (when one is configured).
+    pub mac: Option<String>,
+}
+
+/// Every control frame.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Frame {
+    /// Opening frame.
+    Hello(Hello),
+    /// The connecting side's proof of the token.
+    Auth {
+        /// HMAC-SHA256, hex.
+        mac: Option<String>,
+        /// Why the connecting side chose this transport.
+        reason: Option<String>,
+    },
+    /// Session accepted.
+    Accept(Accept),
+    /// Session refused; the connection closes.
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+    /// The connecting side leaves this TCP connection for the listener's shared memory.
+    Switch {
+        /// Where it goes ("shm").
+        to: String,
+    },
+    /// The sender's slot pool: attached are the memfd, the "published" eventfd and the "released" eventfd.
+    Pool {
+        /// Slots.
+        slots: u32,
+        /// Bytes per slot.
+        slot_size: u64,
+        /// Entries in each ring.
+        ring: u32,
+    },
+    /// A dedicated segment for one large message: attached is its memfd.
+    Dedicated {
+        /// Message length.
+        len: u64,
+    },
+}
+
+/// A stream or packet connection that carries frames.
+pub trait FrameIo {
+    /// Send one frame, with descriptors attached where the socket supports it.
+    fn send_frame(&mut self, frame: &Frame, fds: &[RawFd]) -> Result<()>;
+    /// Receive one frame (and its descriptors) within `timeout`.
+    fn recv_frame(&mut self, timeout: Duration) -> Result<(Frame, Vec<OwnedFd>)>;
+}
+
+/// Wait until `fd` is readable; `Err(Timeout)` after `timeout`.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration, what: &'static str) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+            .unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(0) if left.is_zero() => return Err(TransportError::Timeout(timeout, what)),
+            Ok(0) => continue,
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(TransportError::errno("poll")(e)),
+        }
+    }
+}
+
+fn encode(frame: &Frame) -> Result<Vec<u8>> {
+    let body = serde_json::to_vec(frame)
+        .map_err(|e| TransportError::Protocol(format!("encode frame: {e}")))?;
+    if body.len() > MAX_FRAME {
+        return Err(TransportError::Protocol(format!(
+            "frame of {} bytes exceeds {MAX_FRAME}",
+            body.len()
+        )));
+    }
+    Ok(body)
+}
+
+fn decode(body: &[u8]) -> Result<Frame> {
+    serde_json::from_slice(body)
+        .map_err(|e| TransportError::Protocol(format!("bad control frame: {e}")))
+}
+
+/// Frames on a `SOCK_SEQPACKET` Unix socket: one packet per frame, descriptors attached.
+pub struct PacketIo {
+    fd: OwnedFd,
+}
+
+impl PacketIo {
+    /// Wrap a connected seqpacket socket.
+    pub fn new(fd: OwnedFd) -> Self {
+        PacketIo { fd }
+    }
+
+    /// The socket.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Whether the peer has closed its end (non-blocking check).
+    pub fn peer_closed(&self) -> bool {
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(0) => false,
+            Ok(_) => {
+                let ev = fds[0].revents().unwrap_or(PollFlags::empty());
+                if ev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+                    return true;
+                }
+                let mut b = [0u8; 1];
+                matches!(
+                    nix::sys::socket::recv(
+                        self.fd.as_raw_fd(),
+                        &mut b,
+                        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+                    ),
+                    Ok(0) | Err(nix::errno::Errno::ECONNRESET)
+                )
+            }
+            Err(_) => true,
+        }
+    }
+}
+
+impl FrameIo for PacketIo {
+    fn send_frame(&mut self, frame: &Frame, fds: &[RawFd]) -> Result<()> {
+        let body = encode(frame)?;
+        let iov = [std::io::IoSlice::new(&body)];
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
+        match sendmsg::<()>(
+            self.fd.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(_) => Ok(()),
+            Err(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET) => {
+                Err(TransportError::PeerGone("control socket closed".into()))
+            }
+            Err(e) => Err(TransportError::errno("sendmsg")(e)),
+        }
+    }
+
+    fn recv_frame(&mut self, timeout: Duration) -> Result<(Frame, Vec<OwnedFd>)> {
+        wait_readable(self.fd.as_fd(), timeout, "a control frame")?;
+        let mut buf = vec![0u8; MAX_FRAME];
+        let mut space = nix::cmsg_space!([RawFd; 4]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = match recvmsg::<()>(
+            self.fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(nix::errno::Errno::ECONNRESET) => {
+                return Err(TransportError::PeerGone("control socket reset".into()));
+            }
+            Err(e) => return Err(TransportError::errno("recvmsg")(e)),
+        };
+        let mut fds = Vec::new();
+        for c in msg
+            .cmsgs()
+            .map_err(TransportError::errno("recvmsg cmsgs"))?
+        {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: the kernel just installed these descriptors in our table for us.
+                fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+            }
+        }
+        let n = msg.bytes;
+        let truncated =
+            msg.flags.contains(MsgFlags::MSG_TRUNC) || msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        if n == 0 {
+            return Err(TransportError::PeerGone("control socket closed".into()));
+        }
+        if truncated {
+            return Err(TransportError::Protocol("oversized control frame".into()));
+        }
+        Ok((decode(&buf[..n])?, fds))
+    }
+}
+
+/// Frames on a byte stream (TCP): u32 little-endian length, then JSON. No descriptors.
+pub struct StreamIo<S> {
+    /// The stream.
+    pub stream: S,
+}
+
+impl<S: Read + Write + AsFd> FrameIo for StreamIo<S> {
+    fn send_frame(&mut self, frame: &Frame, fds: &[RawFd]) -> Result<()> {
+        if !fds.is_empty() {
+            return Err(TransportError::Protocol(
+                "descriptors cannot cross TCP".into(),
+            ));
+        }
+        let body = encode(frame)?;
+        let mut out = (body.len() as u32).to_le_bytes().to_vec();
+        out.extend_from_slice(&body);
+        self.stream
+            .write_all(&out)
+            .map_err(peer_or_io("send frame"))
+    }
+
+    fn recv_frame(&mut self, timeout: Duration) -> Result<(Frame, Vec<OwnedFd>)> {
+        wait_readable(self.stream.as_fd(), timeout, "a control frame")?;
+        let mut len = [0u8; 4];
+        self.stream
+            .read_exact(&mut len)
+            .map_err(peer_or_io("read frame length"))?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(TransportError::Protocol(format!(
+                "control frame of {len} bytes exceeds {MAX_FRAME} (is the peer speaking avp?)"
+            )));
+        }
+        let mut body = vec![0u8; len];
+        wait_readable(self.stream.as_fd(), timeout, "a control frame")?;
+        self.stream
+            .read_exact(&mut body)
+            .map_err(peer_or_io("read frame"))?;
+        Ok((decode(&body)?, Vec::new()))
+    }
+}
+
+/// Map EOF and resets to `PeerGone`, other errors to `Io`.
+pub fn peer_or_io(op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
+    move |e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof
+        | std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::BrokenPipe
+        | std::io::ErrorKind::ConnectionAborted => TransportError::PeerGone(format!("{op}: {e}")),
+        _ => TransportError::Io { op, source: e },
+    }
+}

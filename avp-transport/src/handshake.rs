@@ -1,0 +1,302 @@
+//! The handshake: identities and capabilities both ways, mutual authentication by
+//! HMAC-SHA256 challenge–response over a pre-shared token, then the listener's
+//! decision (mode from the avp-wire resolver, session id and ttl).
+//!
+//! ```text
+//! connecting side                         listener
+//!   Hello{identity, nonce_c, ...}  ──────▶
+//!                                  ◀──────  Hello{identity, nonce_s, auth_required, shm_socket?}
+//!   Auth{mac_c} | Switch{to:"shm"} ──────▶  verify mac_c (constant time)
+//!                                  ◀──────  Accept{session, mode, mac_s} | Refuse{reason}
+//!   verify mac_s
+//! ```
+//! `mac_c = HMAC(token, "avp-auth-v1 client" ‖ nonce_c ‖ nonce_s)`, `mac_s` the same
+//! with "server". Nothing else is accepted before `Accept`.
+
+use std::time::{Duration, Instant};
+
+use avp_wire::{ModelIdentity, Resolver};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::error::{Result, TransportError};
+use crate::frame::{Accept, Frame, FrameIo, Hello, PROTOCOL};
+use crate::options::Options;
+use crate::session::{Session, TransportKind};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// This host's boot id ("" if unknown).
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// `n` random bytes as lower-case hex.
+pub fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).expect("the OS random source works");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn mac(token: &str, role: &str, nonce_c: &str, nonce_s: &str) -> HmacSha256 {
+    let mut m = HmacSha256::new_from_slice(token.as_bytes()).expect("HMAC takes any key length");
+    m.update(b"avp-auth-v1 ");
+    m.update(role.as_bytes());
+    m.update(nonce_c.as_bytes());
+    m.update(nonce_s.as_bytes());
+    m
+}
+
+fn mac_hex(token: &str, role: &str, nonce_c: &str, nonce_s: &str) -> String {
+    mac(token, role, nonce_c, nonce_s)
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+fn verify_mac(token: &str, role: &str, nonce_c: &str, nonce_s: &str, given: Option<&str>) -> bool {
+    let Some(given) = given else { return false };
+    let Some(bytes) = unhex(given) else {
+        return false;
+    };
+    // `verify_slice` compares in constant time.
+    mac(token, role, nonce_c, nonce_s)
+        .verify_slice(&bytes)
+        .is_ok()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Build our `Hello`.
+pub fn hello(
+    identity: &ModelIdentity,
+    opts: &Options,
+    shm_socket: Option<String>,
+    reason: Option<String>,
+) -> Hello {
+    Hello {
+        protocol: PROTOCOL,
+        agent_id: opts.agent_id.clone(),
+        identity: identity.clone(),
+        max_message: opts.max_message,
+        transports: vec!["shm".into(), "tcp".into()],
+        boot_id: boot_id(),
+        shm_socket,
+        nonce: random_hex(32),
+        auth_required: opts.token.is_some(),
+        transport_reason: reason,
+    }
+}
+
+fn expect_hello(frame: Frame) -> Result<Hello> {
+    match frame {
+        Frame::Hello(h) if h.protocol == PROTOCOL => Ok(h),
+        Frame::Hello(h) => Err(TransportError::Protocol(format!(
+            "peer speaks transport protocol {}, we speak {PROTOCOL}",
+            h.protocol
+        ))),
+        Frame::Refuse { reason } => Err(TransportError::Auth(format!("refused by peer: {reason}"))),
+        other => Err(TransportError::Protocol(format!(
+            "expected Hello, got {other:?}"
+        ))),
+    }
+}
+
+/// What the connecting side does after reading the listener's `Hello`.
+pub enum ClientStep {
+    /// Finish here; the string says why this transport (for the listener's logs).
+    Stay(String),
+    /// Leave for the listener's shared-memory socket.
+    Switch,
+}
+
+/// Connecting side, part 1: exchange hellos. Returns ours and theirs.
+pub fn client_hello(
+    io: &mut dyn FrameIo,
+    ours: Hello,
+    timeout: Duration,
+) -> Result<(Hello, Hello)> {
+    io.send_frame(&Frame::Hello(ours.clone()), &[])?;
+    let (f, _) = io.recv_frame(timeout)?;
+    Ok((ours, expect_hello(f)?))
+}
+
+/// Connecting side, part 2: authenticate (or announce a switch) and read the decision.
+pub fn client_finish(
+    io: &mut dyn FrameIo,
+    ours: &Hello,
+    theirs: &Hello,
+    opts: &Options,
+    step: ClientStep,
+    transport: TransportKind,
+    timeout: Duration,
+) -> Result<Option<Session>> {
+    let why = match step {
+        ClientStep::Switch => {
+            io.send_frame(&Frame::Switch { to: "shm".into() }, &[])?;
+            return Ok(None);
+        }
+        ClientStep::Stay(why) => why,
+    };
+    if theirs.auth_required && opts.token.is_none() {
+        return Err(TransportError::Auth(
+            "the listener requires a token and none is configured".into(),
+        ));
+    }
+    let mac = opts
+        .token
+        .as_deref()
+        .map(|t| mac_hex(t, "client", &ours.nonce, &theirs.nonce));
+    io.send_frame(
+        &Frame::Auth {
+            mac,
+            reason: Some(why.clone()),
+        },
+        &[],
+    )?;
+    let (f, _) = io.recv_frame(timeout)?;
+    let accept = match f {
+        Frame::Accept(a) => a,
+        Frame::Refuse { reason } => {
+            return Err(TransportError::Auth(format!(
+                "refused by listener: {reason}"
+            )));
+        }
+        other => {
+            return Err(TransportError::Protocol(format!(
+                "expected Accept, got {other:?}"
+            )));
+        }
+    };
+    if let Some(token) = &opts.token
+        && !verify_mac(
+            token,
+            "server",
+            &ours.nonce,
+            &theirs.nonce,
+            accept.mac.as_deref(),
+        )
+    {
+        return Err(TransportError::Auth(
+            "the listener could not prove it knows the token".into(),
+        ));
+    }
+    Ok(Some(session_from(accept, theirs, transport, why)))
+}
+
+fn session_from(
+    a: Accept,
+    peer: &Hello,
+    transport: TransportKind,
+    transport_reason: String,
+) -> Session {
+    Session {
+        id: a.session_id,
+        mode: a.mode,
+        map_id: a.map_id,
+        path: a.path,
+        mode_reason: a.reason,
+        transport,
+        transport_reason,
+        peer_agent: peer.agent_id.clone(),
+        peer_identity: peer.identity.clone(),
+        max_message: a.max_message,
+        ttl: Duration::from_millis(a.ttl_ms),
+        started: Instant::now(),
+    }
+}
+
+/// Listener side: the whole handshake. `Ok(None)` when the peer switched to shared memory.
+pub fn server(
+    io: &mut dyn FrameIo,
+    identity: &ModelIdentity,
+    opts: &Options,
+    shm_socket: Option<String>,
+    transport: TransportKind,
+    timeout: Duration,
+) -> Result<Option<Session>> {
+    let (f, _) = io.recv_frame(timeout)?;
+    let theirs = expect_hello(f)?;
+    let ours = hello(identity, opts, shm_socket, None);
+    io.send_frame(&Frame::Hello(ours.clone()), &[])?;
+    let (f, _) = io.recv_frame(timeout)?;
+    let (client_mac, why) = match f {
+        Frame::Auth { mac, reason } => (mac, reason),
+        Frame::Switch { .. } => return Ok(None),
+        other => {
+            return Err(TransportError::Protocol(format!(
+                "expected Auth, got {other:?}"
+            )));
+        }
+    };
+    if let Some(token) = &opts.token
+        && !verify_mac(
+            token,
+            "client",
+            &theirs.nonce,
+            &ours.nonce,
+            client_mac.as_deref(),
+        )
+    {
+        let refuse = Frame::Refuse {
+            reason: "authentication failed".into(),
+        };
+        let _ = io.send_frame(&refuse, &[]);
+        return Err(TransportError::Auth(format!(
+            "peer {:?} did not prove it knows the token; refused",
+            theirs.agent_id
+        )));
+    }
+    // The connecting side sends (source), the listener receives (target).
+    let r = Resolver::new().resolve(&theirs.identity, identity, None);
+    let accept = Accept {
+        session_id: random_hex(16),
+        mode: r.mode,
+        map_id: r.map_id,
+        path: r.path,
+        reason: r.reason,
+        ttl_ms: opts.session_ttl.as_millis().min(u64::MAX as u128) as u64,
+        max_message: opts.max_message.min(theirs.max_message),
+        mac: opts
+            .token
+            .as_deref()
+            .map(|t| mac_hex(t, "server", &theirs.nonce, &ours.nonce)),
+    };
+    io.send_frame(&Frame::Accept(accept.clone()), &[])?;
+    let reason = why
+        .or_else(|| theirs.transport_reason.clone())
+        .unwrap_or_else(|| format!("peer connected over {}", transport.name()));
+    let s = session_from(accept, &theirs, transport, reason);
+    tracing::info!("{}", s.explain());
+    Ok(Some(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_verify_only_with_the_same_token_and_nonces() {
+        let m = mac_hex("secret", "client", "aa", "bb");
+        assert!(verify_mac("secret", "client", "aa", "bb", Some(&m)));
+        assert!(!verify_mac("secret", "server", "aa", "bb", Some(&m)));
+        assert!(!verify_mac("other", "client", "aa", "bb", Some(&m)));
+        assert!(!verify_mac("secret", "client", "ab", "bb", Some(&m)));
+        assert!(!verify_mac("secret", "client", "aa", "bb", None));
+        assert!(!verify_mac("secret", "client", "aa", "bb", Some("zz")));
+        assert_eq!(random_hex(16).len(), 32);
+        assert_ne!(random_hex(16), random_hex(16));
+    }
+}

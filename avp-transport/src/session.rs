@@ -1,0 +1,84 @@
+//! A negotiated session: who the peer is, which mode and transport, and for how long.
+
+use std::time::{Duration, Instant};
+
+use avp_wire::{Mode, ModelIdentity, ResolutionPath};
+
+use crate::error::{Result, TransportError};
+
+/// Which transport carries the session's messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// Shared memory on one host.
+    Shm,
+    /// TCP.
+    Tcp,
+}
+
+impl TransportKind {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Shm => "shm",
+            TransportKind::Tcp => "tcp",
+        }
+    }
+}
+
+/// The outcome of a handshake, held by both ends.
+#[derive(Clone, Debug)]
+pub struct Session {
+    /// Session id, 32 hex characters.
+    pub id: String,
+    /// Exchange mode decided from both identities.
+    pub mode: Mode,
+    /// Cross-model map id ("" unless cross-model).
+    pub map_id: String,
+    /// The rule that decided the mode.
+    pub path: ResolutionPath,
+    /// Why that mode, in words.
+    pub mode_reason: String,
+    /// The transport in use.
+    pub transport: TransportKind,
+    /// Why that transport, in words.
+    pub transport_reason: String,
+    /// The peer's agent id.
+    pub peer_agent: String,
+    /// The peer's model.
+    pub peer_identity: ModelIdentity,
+    /// Largest message either side accepts.
+    pub max_message: u64,
+    /// Time to live.
+    pub ttl: Duration,
+    /// When the session was established (local clock).
+    pub started: Instant,
+}
+
+impl Session {
+    /// One line saying what was negotiated and why.
+    pub fn explain(&self) -> String {
+        format!(
+            "session {}: mode {} ({}: {}); transport {} ({})",
+            &self.id[..self.id.len().min(8)],
+            self.mode,
+            self.path,
+            self.mode_reason,
+            self.transport.name(),
+            self.transport_reason
+        )
+    }
+
+    /// `Err(SessionExpired)` once the ttl has passed.
+    pub fn check_alive(&self) -> Result<()> {
+        let age = self.started.elapsed();
+        if age > self.ttl {
+            return Err(TransportError::SessionExpired {
+                id: self.id.clone(),
+                ttl: self.ttl,
+                ago: age - self.ttl,
+            });
+        }
+        Ok(())
+    }
+}

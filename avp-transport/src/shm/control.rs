@@ -1,0 +1,175 @@
+//! The control block at the start of a slot pool: two single-producer rings in
+//! shared memory (published messages, released slots) and "I am about to sleep"
+//! flags, so that the common path needs no system call.
+//!
+//! ```text
+//! offset  field (each hot word on its own cache line)
+//! 0       magic u64 | version u32 | slots u32 | slot_size u64 | ring u32
+//! 64      head       u64  messages published   (sender writes)
+//! 128     tail       u64  messages consumed    (receiver writes)
+//! 192     rx_waiting u32  receiver blocks on the "published" eventfd
+//! 256     rel_head   u64  slots released       (receiver writes)
+//! 320     rel_tail   u64  releases collected   (sender writes)
+//! 384     tx_waiting u32  sender blocks on the "released" eventfd
+//! 512     ring[64]     { slot u32, flags u32, len u64 }
+//! 2048    rel_ring[64] { slot u32 }
+//! 4096    slot 0, slot 1, ... (slot_size bytes each, page-aligned)
+//! ```
+//!
+//! Everything read from the block is untrusted: indices and lengths are checked
+//! against the pool's geometry before use.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// Bytes of the control block (one page).
+pub const CONTROL_LEN: usize = 4096;
+/// Entries per ring (and the most slots a pool may have).
+pub const RING: u32 = 64;
+/// `flags` of an entry whose message is in a dedicated segment sent on the socket.
+pub const DEDICATED: u32 = 1;
+const MAGIC: u64 = 0x4156_5053_484d_0002; // "AVPSHM" v2
+const HEAD: usize = 64;
+const TAIL: usize = 128;
+const RX_WAITING: usize = 192;
+const REL_HEAD: usize = 256;
+const REL_TAIL: usize = 320;
+const TX_WAITING: usize = 384;
+const RING_AT: usize = 512;
+const REL_RING_AT: usize = 2048;
+
+/// A view of a control block.
+#[derive(Clone, Copy)]
+pub struct Control {
+    base: *mut u8,
+}
+
+/// One published message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Slot index (ignored for dedicated messages).
+    pub slot: u32,
+    /// [`DEDICATED`] or 0.
+    pub flags: u32,
+    /// Message length.
+    pub len: u64,
+}
+
+impl Control {
+    /// View the control block at `base`.
+    ///
+    /// # Safety
+    /// `base` must point to at least [`CONTROL_LEN`] bytes of page-aligned shared
+    /// memory that stays mapped as long as the view is used.
+    pub unsafe fn new(base: *mut u8) -> Control {
+        Control { base }
+    }
+
+    fn u64_at(&self, off: usize) -> &AtomicU64 {
+        // SAFETY: off + 8 <= CONTROL_LEN, 8-aligned within a page-aligned block; atomics
+        // make concurrent access from both processes well-defined.
+        unsafe { &*(self.base.add(off) as *const AtomicU64) }
+    }
+
+    fn u32_at(&self, off: usize) -> &AtomicU32 {
+        // SAFETY: as above, 4-aligned.
+        unsafe { &*(self.base.add(off) as *const AtomicU32) }
+    }
+
+    /// Write the geometry (sender, before handing the pool over).
+    pub fn init(&self, slots: u32, slot_size: u64) {
+        self.u64_at(0).store(MAGIC, Ordering::Relaxed);
+        self.u32_at(8).store(2, Ordering::Relaxed);
+        self.u32_at(12).store(slots, Ordering::Relaxed);
+        self.u64_at(16).store(slot_size, Ordering::Relaxed);
+        self.u32_at(24).store(RING, Ordering::Relaxed);
+    }
+
+    /// Check the geometry written by the sender.
+    pub fn check(&self, slots: u32, slot_size: u64) -> bool {
+        self.u64_at(0).load(Ordering::Relaxed) == MAGIC
+            && self.u32_at(12).load(Ordering::Relaxed) == slots
+            && self.u64_at(16).load(Ordering::Relaxed) == slot_size
+            && self.u32_at(24).load(Ordering::Relaxed) == RING
+    }
+
+    fn entry_at(&self, i: u64) -> usize {
+        RING_AT + (i % RING as u64) as usize * 16
+    }
+
+    /// Sender: messages the receiver has consumed from the ring.
+    pub fn tail(&self) -> u64 {
+        self.tail_atomic().load(Ordering::Acquire)
+    }
+
+    fn tail_atomic(&self) -> &AtomicU64 {
+        self.u64_at(TAIL)
+    }
+
+    /// Sender: publish entry number `head` (then `head + 1` is the new head).
+    /// Returns whether the receiver is asleep and needs its doorbell rung.
+    pub fn publish(&self, head: u64, e: Entry) -> bool {
+        let at = self.entry_at(head);
+        self.u32_at(at).store(e.slot, Ordering::Relaxed);
+        self.u32_at(at + 4).store(e.flags, Ordering::Relaxed);
+        self.u64_at(at + 8).store(e.len, Ordering::Relaxed);
+        self.u64_at(HEAD).store(head + 1, Ordering::SeqCst);
+        self.u32_at(RX_WAITING).load(Ordering::SeqCst) != 0
+    }
+
+    /// Receiver: the entry at `tail` if one is published. `Err` if the head is
+    /// impossible (more than a ring ahead, or behind).
+    pub fn peek(&self, tail: u64) -> Result<Option<Entry>, String> {
+        let head = self.u64_at(HEAD).load(Ordering::Acquire);
+        if head == tail {
+            return Ok(None);
+        }
+        if head < tail || head - tail > RING as u64 {
+            return Err(format!("ring head {head} is inconsistent with tail {tail}"));
+        }
+        let at = self.entry_at(tail);
+        Ok(Some(Entry {
+            slot: self.u32_at(at).load(Ordering::Relaxed),
+            flags: self.u32_at(at + 4).load(Ordering::Relaxed),
+            len: self.u64_at(at + 8).load(Ordering::Relaxed),
+        }))
+    }
+
+    /// Receiver: mark entries up to `tail` consumed.
+    pub fn consume(&self, tail: u64) {
+        self.tail_atomic().store(tail, Ordering::Release);
+    }
+
+    /// Receiver: announce sleeping (`true`) or awake. Re-check the ring after setting it.
+    pub fn set_rx_waiting(&self, waiting: bool) {
+        self.u32_at(RX_WAITING)
+            .store(waiting as u32, Ordering::SeqCst);
+    }
+
+    /// Receiver: release a slot back to the sender. Returns whether the sender sleeps.
+    pub fn release(&self, slot: u32) -> bool {
+        let head = self.u64_at(REL_HEAD).load(Ordering::Relaxed);
+        let at = REL_RING_AT + (head % RING as u64) as usize * 4;
+        self.u32_at(at).store(slot, Ordering::Relaxed);
+        self.u64_at(REL_HEAD).store(head + 1, Ordering::SeqCst);
+        self.u32_at(TX_WAITING).load(Ordering::SeqCst) != 0
+    }
+
+    /// Sender: collect released slots into `out` (untrusted values are filtered by the caller).
+    pub fn collect_releases(&self, out: &mut Vec<u32>) {
+        let head = self.u64_at(REL_HEAD).load(Ordering::Acquire);
+        let mut tail = self.u64_at(REL_TAIL).load(Ordering::Relaxed);
+        let head = head.min(tail + RING as u64);
+        while tail < head {
+            let at = REL_RING_AT + (tail % RING as u64) as usize * 4;
+            out.push(self.u32_at(at).load(Ordering::Relaxed));
+            tail += 1;
+        }
+        self.u64_at(REL_TAIL).store(tail, Ordering::Release);
+    }
+
+    /// Sender: announce sleeping (`true`) or awake.
+    pub fn set_tx_waiting(&self, waiting: bool) {
+        self.u32_at(TX_WAITING)
+            .store(waiting as u32, Ordering::SeqCst);
+    }
+}

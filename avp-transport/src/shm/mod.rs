@@ -1,0 +1,471 @@
+//! The shared-memory transport: a pool of pre-faulted slots in one sealed memfd,
+//! handed to the receiver over a Unix socket (SCM_RIGHTS), two rings in the pool's
+//! control page, and eventfd doorbells rung only when the other side sleeps.
+//!
+//! Slot life cycle: free (sender) → loaned (sender writes in place) → published
+//! (ring entry) → held (receiver's guard) → released (release ring) → free.
+//! Messages larger than a slot travel in a dedicated sealed memfd sent with the
+//! notification. A peer that dies is seen as EOF/HUP on the Unix socket; all its
+//! mappings and descriptors are dropped with the endpoint.
+
+pub mod control;
+pub mod segment;
+
+use std::cell::Cell;
+use std::cell::RefCell;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::error::{Result, TransportError};
+use crate::frame::{Frame, FrameIo, PacketIo};
+use control::{CONTROL_LEN, Control, DEDICATED, Entry, RING};
+use segment::{Event, Mapping};
+
+/// Round up to a page.
+fn page_up(n: usize) -> usize {
+    n.div_ceil(4096) * 4096
+}
+
+/// Wait until one of `fds` is readable or `timeout` passes. Returns whether one was.
+fn wait_any(fds: &[BorrowedFd<'_>], timeout: Duration) -> Result<bool> {
+    let mut p: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|f| PollFd::new(*f, PollFlags::POLLIN))
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    let ms = if ms == 0 && !timeout.is_zero() { 1 } else { ms };
+    match poll(
+        &mut p,
+        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+    ) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(TransportError::errno("poll")(e)),
+    }
+}
+
+/// Memory a sender writes one message into.
+pub enum Region {
+    /// A pool slot.
+    Slot {
+        /// Slot index.
+        index: u32,
+        /// Start of the slot.
+        ptr: *mut u8,
+    },
+    /// A dedicated segment for one large message.
+    Dedicated {
+        /// Its memfd.
+        fd: OwnedFd,
+        /// Its mapping.
+        map: Mapping,
+    },
+}
+
+impl Region {
+    /// Start of the writable memory.
+    pub fn ptr(&self) -> *mut u8 {
+        match self {
+            Region::Slot { ptr, .. } => *ptr,
+            Region::Dedicated { map, .. } => map.ptr(),
+        }
+    }
+}
+
+/// The sending half of a shared-memory session.
+pub struct ShmSender {
+    io: PacketIo,
+    pool: Mapping,
+    ctrl: Control,
+    slots: u32,
+    slot_size: usize,
+    free: Vec<u32>,
+    in_flight: Vec<bool>,
+    head: u64,
+    published: Event,
+    released: Event,
+    loan_timeout: Duration,
+    scratch: Vec<u32>,
+}
+
+impl ShmSender {
+    /// Create the pool (`slots` × `slot_size`, pre-faulted) and hand it to the receiver.
+    pub fn new(
+        mut io: PacketIo,
+        slots: usize,
+        slot_size: usize,
+        loan_timeout: Duration,
+    ) -> Result<ShmSender> {
+        let slots = slots.clamp(1, RING as usize / 2) as u32;
+        let slot_size = page_up(slot_size.max(4096));
+        let total = CONTROL_LEN + slots as usize * slot_size;
+        let fd = segment::create_memfd("avp-pool", total)?;
+        let pool = Mapping::map(&fd, 0, total, true)?;
+        // Touch every page once so neither side pays first-touch faults while sending.
+        for off in (0..total).step_by(4096) {
+            // SAFETY: off < total, inside our fresh writable mapping.
+            unsafe { pool.ptr().add(off).write_volatile(0) };
+        }
+        // SAFETY: the first CONTROL_LEN bytes of the page-aligned pool stay mapped as long as `pool`.
+        let ctrl = unsafe { Control::new(pool.ptr()) };
+        ctrl.init(slots, slot_size as u64);
+        let (published, released) = (Event::new()?, Event::new()?);
+        io.send_frame(
+            &Frame::Pool {
+                slots,
+                slot_size: slot_size as u64,
+                ring: RING,
+            },
+            &[
+                fd.as_raw_fd(),
+                published.fd().as_raw_fd(),
+                released.fd().as_raw_fd(),
+            ],
+        )?;
+        Ok(ShmSender {
+            io,
+            pool,
+            ctrl,
+            slots,
+            slot_size,
+            free: (0..slots).rev().collect(),
+            in_flight: vec![false; slots as usize],
+            head: 0,
+            published,
+            released,
+            loan_timeout,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Address range of the slot pool (for zero-copy checks).
+    pub fn pool_range(&self) -> std::ops::Range<usize> {
+        self.pool.range()
+    }
+
+    fn collect(&mut self) {
+        self.scratch.clear();
+        self.ctrl.collect_releases(&mut self.scratch);
+        for &s in &self.scratch {
+            // A slot the receiver did not hold is ignored (never double-freed).
+            if (s as usize) < self.in_flight.len() && self.in_flight[s as usize] {
+                self.in_flight[s as usize] = false;
+                self.free.push(s);
+            }
+        }
+    }
+
+    /// Block until `ready` holds, the peer dies, or the loan timeout passes.
+    fn wait_for(
+        &mut self,
+        what: &'static str,
+        mut ready: impl FnMut(&mut Self) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + self.loan_timeout;
+        loop {
+            if ready(self) {
+                return Ok(());
+            }
+            if self.io.peer_closed() {
+                // The receiver is gone: every slot is ours again.
+                self.free = (0..self.slots).rev().collect();
+                self.in_flight.iter_mut().for_each(|f| *f = false);
+                return Err(TransportError::PeerGone(
+                    "receiver closed the session".into(),
+                ));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(TransportError::Timeout(self.loan_timeout, what));
+            }
+            self.ctrl.set_tx_waiting(true);
+            if ready(self) {
+                self.ctrl.set_tx_waiting(false);
+                return Ok(());
+            }
+            let slice = left.min(Duration::from_millis(50));
+            let woke = wait_any(&[self.released.fd().as_fd(), self.io.fd()], slice);
+            self.ctrl.set_tx_waiting(false);
+            self.released.drain();
+            woke?;
+        }
+    }
+
+    /// Memory for one message of `len` bytes: a free slot, or a dedicated segment
+    /// when `len` exceeds the slot size. Waits for a release while all slots are in
+    /// flight (backpressure), up to the loan timeout.
+    pub fn acquire(&mut self, len: usize) -> Result<Region> {
+        if self.io.peer_closed() {
+            return Err(TransportError::PeerGone(
+                "receiver closed the session".into(),
+            ));
+        }
+        if len > self.slot_size {
+            let fd = segment::create_memfd("avp-dedicated", page_up(len.max(1)))?;
+            let map = Mapping::map(&fd, 0, page_up(len.max(1)), true)?;
+            return Ok(Region::Dedicated { fd, map });
+        }
+        self.collect();
+        if self.free.is_empty() {
+            self.wait_for("a free shared-memory slot", |s| {
+                s.collect();
+                !s.free.is_empty()
+            })?;
+        }
+        let index = self.free.pop().expect("a free slot");
+        self.in_flight[index as usize] = true;
+        // SAFETY: index < slots, so the slot lies inside the pool mapping.
+        let ptr = unsafe {
+            self.pool
+                .ptr()
+                .add(CONTROL_LEN + index as usize * self.slot_size)
+        };
+        Ok(Region::Slot { index, ptr })
+    }
+
+    /// Give back a region that will not be sent.
+    pub fn abandon(&mut self, region: Region) {
+        if let Region::Slot { index, .. } = region {
+            self.in_flight[index as usize] = false;
+            self.free.push(index);
+        }
+    }
+
+    /// Publish `len` bytes written into `region`.
+    pub fn publish(&mut self, region: Region, len: usize) -> Result<()> {
+        let tail_ok = |s: &mut Self| s.head - s.ctrl.tail() < RING as u64;
+        if !tail_ok(self) {
+            self.wait_for("room in the shared-memory ring", tail_ok)?;
+        }
+        let entry = match region {
+            Region::Slot { index, .. } => Entry {
+                slot: index,
+                flags: 0,
+                len: len as u64,
+            },
+            Region::Dedicated { fd, map } => {
+                drop(map);
+                // The descriptor travels first, so it is there when the entry is read.
+                self.io
+                    .send_frame(&Frame::Dedicated { len: len as u64 }, &[fd.as_raw_fd()])?;
+                Entry {
+                    slot: u32::MAX,
+                    flags: DEDICATED,
+                    len: len as u64,
+                }
+            }
+        };
+        if self.ctrl.publish(self.head, entry) {
+            self.published.notify();
+        }
+        self.head += 1;
+        Ok(())
+    }
+}
+
+/// Where a received message lives.
+pub enum Held {
+    /// A pool slot, released to the sender when the guard drops.
+    Slot(u32),
+    /// A dedicated segment, unmapped when the guard drops.
+    Dedicated(Mapping),
+}
+
+/// The receiving half of a shared-memory session.
+pub struct ShmReceiver {
+    io: RefCell<PacketIo>,
+    _ctrl_map: Mapping,
+    data: Mapping,
+    ctrl: Control,
+    slots: u32,
+    slot_size: usize,
+    tail: Cell<u64>,
+    published: Event,
+    released: Event,
+    spin: Duration,
+    max_message: u64,
+}
+
+impl ShmReceiver {
+    /// Read the sender's `Pool` frame, check and map the pool.
+    pub fn new(
+        mut io: PacketIo,
+        timeout: Duration,
+        spin: Duration,
+        max_message: u64,
+    ) -> Result<ShmReceiver> {
+        let (frame, mut fds) = io.recv_frame(timeout)?;
+        let Frame::Pool {
+            slots,
+            slot_size,
+            ring,
+        } = frame
+        else {
+            return Err(TransportError::Protocol(format!(
+                "expected Pool, got {frame:?}"
+            )));
+        };
+        if fds.len() != 3
+            || ring != RING
+            || slots == 0
+            || slots > RING / 2
+            || slot_size == 0
+            || slot_size % 4096 != 0
+        {
+            return Err(TransportError::Segment(format!(
+                "bad pool: {slots} slots of {slot_size} bytes, ring {ring}, {} descriptors",
+                fds.len()
+            )));
+        }
+        let total = (slots as u64)
+            .checked_mul(slot_size)
+            .and_then(|n| n.checked_add(CONTROL_LEN as u64))
+            .filter(|&n| n <= isize::MAX as u64)
+            .ok_or_else(|| TransportError::Segment("pool size overflows".into()))?
+            as usize;
+        let released = Event::from_fd(fds.pop().expect("3 fds"));
+        let published = Event::from_fd(fds.pop().expect("3 fds"));
+        let memfd = fds.pop().expect("3 fds");
+        segment::check_memfd(&memfd, total)?;
+        let ctrl_map = Mapping::map(&memfd, 0, CONTROL_LEN, true)?;
+        let data = Mapping::map(&memfd, CONTROL_LEN, total - CONTROL_LEN, false)?;
+        // SAFETY: ctrl_map is a page of shared memory that lives as long as the receiver.
+        let ctrl = unsafe { Control::new(ctrl_map.ptr()) };
+        if !ctrl.check(slots, slot_size) {
+            return Err(TransportError::Segment(
+                "control block does not match the Pool frame".into(),
+            ));
+        }
+        Ok(ShmReceiver {
+            io: RefCell::new(io),
+            _ctrl_map: ctrl_map,
+            data,
+            ctrl,
+            slots,
+            slot_size: slot_size as usize,
+            tail: Cell::new(0),
+            published,
+            released,
+            spin,
+            max_message,
+        })
+    }
+
+    /// Address range of the mapped slots (for zero-copy checks).
+    pub fn pool_range(&self) -> std::ops::Range<usize> {
+        self.data.range()
+    }
+
+    fn take(&self, e: Entry) -> Result<(Held, *const u8, usize)> {
+        if e.len > self.max_message {
+            return Err(TransportError::TooLarge {
+                size: e.len,
+                limit: self.max_message,
+            });
+        }
+        if e.flags == DEDICATED {
+            let (frame, mut fds) = self.io.borrow_mut().recv_frame(Duration::from_secs(5))?;
+            let Frame::Dedicated { len } = frame else {
+                return Err(TransportError::Protocol(format!(
+                    "expected Dedicated, got {frame:?}"
+                )));
+            };
+            let (Some(fd), true) = (fds.pop(), len == e.len && fds.is_empty()) else {
+                return Err(TransportError::Protocol(
+                    "dedicated segment frame does not match the ring".into(),
+                ));
+            };
+            let size = page_up((len as usize).max(1));
+            segment::check_memfd(&fd, size)?;
+            let map = Mapping::map(&fd, 0, size, false)?;
+            let ptr = map.ptr();
+            return Ok((Held::Dedicated(map), ptr, len as usize));
+        }
+        if e.flags != 0 || e.slot >= self.slots || e.len as usize > self.slot_size {
+            return Err(TransportError::Segment(format!(
+                "ring entry out of bounds: slot {} of {}, {} bytes of {}",
+                e.slot, self.slots, e.len, self.slot_size
+            )));
+        }
+        // SAFETY: slot < slots and len <= slot_size, so the range is inside `data`.
+        let ptr = unsafe { self.data.ptr().add(e.slot as usize * self.slot_size) };
+        Ok((Held::Slot(e.slot), ptr, e.len as usize))
+    }
+
+    fn pop(&self) -> Result<Option<(Held, *const u8, usize)>> {
+        let tail = self.tail.get();
+        match self.ctrl.peek(tail).map_err(TransportError::Segment)? {
+            None => Ok(None),
+            Some(e) => {
+                self.tail.set(tail + 1);
+                self.ctrl.consume(tail + 1);
+                self.take(e).map(Some)
+            }
+        }
+    }
+
+    /// Wait for the next message: spin for the configured time, then sleep on the
+    /// doorbell; a closed socket means the sender is gone.
+    pub fn recv(&self, timeout: Duration) -> Result<(Held, *const u8, usize)> {
+        let start = Instant::now();
+        let spin_until = start + self.spin.min(timeout);
+        let mut n = 0u32;
+        loop {
+            if let Some(m) = self.pop()? {
+                return Ok(m);
+            }
+            let now = Instant::now();
+            if now < spin_until {
+                std::hint::spin_loop();
+                n = n.wrapping_add(1);
+                // In long spins, look for a dead peer now and then.
+                if n.is_multiple_of(100_000)
+                    && self.io.borrow().peer_closed()
+                    && self.ctrl.peek(self.tail.get()).ok().flatten().is_none()
+                {
+                    return Err(TransportError::PeerGone("sender closed the session".into()));
+                }
+                continue;
+            }
+            let left = timeout.saturating_sub(now - start);
+            if left.is_zero() {
+                return Err(TransportError::Timeout(timeout, "a message"));
+            }
+            self.ctrl.set_rx_waiting(true);
+            if let Some(m) = self.pop()? {
+                self.ctrl.set_rx_waiting(false);
+                return Ok(m);
+            }
+            let woke = {
+                let io = self.io.borrow();
+                wait_any(
+                    &[self.published.fd().as_fd(), io.fd()],
+                    left.min(Duration::from_millis(100)),
+                )
+            };
+            self.ctrl.set_rx_waiting(false);
+            self.published.drain();
+            woke?;
+            if self
+                .ctrl
+                .peek(self.tail.get())
+                .map_err(TransportError::Segment)?
+                .is_none()
+                && self.io.borrow().peer_closed()
+            {
+                return Err(TransportError::PeerGone("sender closed the session".into()));
+            }
+        }
+    }
+
+    /// Return a slot to the sender.
+    pub fn release(&self, held: Held) {
+        if let Held::Slot(s) = held
+            && self.ctrl.release(s)
+        {
+            self.released.notify();
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The TCP transport: frames are v2 messages as they are (the preamble carries the
+//! length), written with vectored writes straight from the caller's sections and
+//! read into pooled, page-aligned, pre-faulted buffers (the kernel's copy only).
+
+use std::cell::RefCell;
+use std::io::{IoSlice, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use avp_wire::{PREAMBLE_LEN, Preamble};
+
+use crate::buf::{BufPool, PageBuf};
+use crate::error::{Result, TransportError};
+use crate::frame::{peer_or_io, wait_readable};
+
+/// Zeros for padding between sections (alignment is at most 64 KiB).
+static ZEROS: [u8; 65536] = [0; 65536];
+
+/// The sending half of a TCP session.
+pub struct TcpSender {
+    stream: TcpStream,
+    pool: BufPool,
+}
+
+impl TcpSender {
+    /// Wrap a connected, handshaken stream.
+    pub fn new(stream: TcpStream) -> TcpSender {
+        TcpSender {
+            stream,
+            pool: BufPool::default(),
+        }
+    }
+
+    /// A buffer to encode one message into.
+    pub fn acquire(&mut self, len: usize) -> PageBuf {
+        self.pool.take(len)
+    }
+
+    /// Send `len` bytes of `buf` and keep the buffer for the next loan.
+    pub fn publish(&mut self, buf: PageBuf, len: usize) -> Result<()> {
+        let r = self.write_all_vectored(&[buf.slice(len)]);
+        self.pool.give(buf);
+        r
+    }
+
+    /// Give back a buffer that will not be sent.
+    pub fn abandon(&mut self, buf: PageBuf) {
+        self.pool.give(buf);
+    }
+
+    /// Write every part, in order, with as few system calls as the kernel allows.
+    pub fn write_all_vectored(&mut self, parts: &[&[u8]]) -> Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = parts
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| IoSlice::new(p))
+            .collect();
+        let mut bufs: &mut [IoSlice<'_>] = &mut slices;
+        while !bufs.is_empty() {
+            match self.stream.write_vectored(bufs) {
+                Ok(0) => return Err(TransportError::PeerGone("receiver stopped reading".into())),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(peer_or_io("send")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Send a message whose header prefix and sections are separate buffers,
+    /// inserting zero padding so each section lands at its offset.
+    pub fn send_parts(&mut self, prefix: &[u8], offsets: &[(u64, &[u8])]) -> Result<()> {
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(offsets.len() * 2 + 1);
+        parts.push(prefix);
+        let mut cursor = prefix.len() as u64;
+        for &(off, bytes) in offsets {
+            let pad = (off - cursor) as usize;
+            parts.push(&ZEROS[..pad]);
+            parts.push(bytes);
+            cursor = off + bytes.len() as u64;
+        }
+        self.write_all_vectored(&parts)
+    }
+}
+
+/// The receiving half of a TCP session.
+pub struct TcpReceiver {
+    stream: RefCell<TcpStream>,
+    pool: RefCell<BufPool>,
+    max_message: u64,
+    stall: Duration,
+    broken: RefCell<Option<String>>,
+}
+
+impl TcpReceiver {
+    /// Wrap a connected, handshaken stream. `stall` bounds the wait for the rest of
+    /// a message once its first byte has arrived.
+    pub fn new(stream: TcpStream, max_message: u64, stall: Duration) -> TcpReceiver {
+        TcpReceiver {
+            stream: RefCell::new(stream),
+            pool: RefCell::new(BufPool::default()),
+            max_message,
+            stall,
+            broken: RefCell::new(None),
+        }
+    }
+
+    fn fail(&self, e: TransportError) -> TransportError {
+        *self.broken.borrow_mut() = Some(e.to_string());
+        let _ = self.stream.borrow().shutdown(std::net::Shutdown::Both);
+        e
+    }
+
+    /// Read the next message into a pooled buffer. A bad preamble or an oversized
+    /// length is refused before any allocation, and closes the connection.
+    pub fn recv(&self, timeout: Duration) -> Result<(PageBuf, usize)> {
+        if let Some(why) = self.broken.borrow().as_ref() {
+            return Err(TransportError::PeerGone(format!(
+                "connection closed after an earlier error: {why}"
+            )));
+        }
+        let mut stream = self.stream.borrow_mut();
+        wait_readable(stream.as_fd(), timeout, "a message")?;
+        stream
+            .set_read_timeout(Some(self.stall))
+            .map_err(TransportError::io("set timeout"))?;
+        let mut pre = [0u8; PREAMBLE_LEN];
+        if let Err(e) = stream.read_exact(&mut pre) {
+            drop(stream);
+            return Err(self.fail(stall_or(e, self.stall)));
+        }
+        let p = match Preamble::read(&pre) {
+            Ok(p) => p,
+            Err(e) => {
+                drop(stream);
+                return Err(self.fail(TransportError::Protocol(format!(
+                    "bad frame from peer: {e}"
+                ))));
+            }
+        };
+        if p.total_len > self.max_message {
+            drop(stream);
+            return Err(self.fail(TransportError::TooLarge {
+                size: p.total_len,
+                limit: self.max_message,
+            }));
+        }
+        let len = p.total_len as usize;
+        let mut buf = self.pool.borrow_mut().take(len);
+        buf.slice_mut(PREAMBLE_LEN).copy_from_slice(&pre);
+        if let Err(e) = stream.read_exact(&mut buf.slice_mut(len)[PREAMBLE_LEN..]) {
+            drop(stream);
+            self.pool.borrow_mut().give(buf);
+            return Err(self.fail(stall_or(e, self.stall)));
+        }
+        Ok((buf, len))
+    }
+
+    /// Return a buffer for reuse.
+    pub fn give_back(&self, buf: PageBuf) {
+        self.pool.borrow_mut().give(buf);
+    }
+}
+
+fn stall_or(e: std::io::Error, stall: Duration) -> TransportError {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            TransportError::Timeout(stall, "the rest of a message (peer stalled mid-message)")
+        }
+        _ => peer_or_io("receive")(e),
+    }
+}

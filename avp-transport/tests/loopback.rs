@@ -1,0 +1,313 @@
+//! Both halves in one process (threads): the protocol, zero copy, backpressure,
+//! authentication and session rules, over shared memory and TCP.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use avp_transport::{Endpoint, Options, TransportError, TransportKind};
+use avp_wire::{
+    DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, Mode, ModelIdentity, Payload,
+};
+
+const T: Duration = Duration::from_secs(10);
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn identity() -> ModelIdentity {
+    ModelIdentity {
+        model_family: "llama".into(),
+        model_id: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+        model_hash: "ab".repeat(32),
+        hidden_dim: 576,
+        num_layers: 30,
+        num_kv_heads: 3,
+        head_dim: 64,
+        ..Default::default()
+    }
+}
+
+fn layout(seq: u64) -> MessageLayout {
+    MessageLayout::new(
+        &Envelope::default(),
+        &Payload::KvCache(KvCacheDesc::new(4, 2, 64, seq, DType::F16, KvLayout::Hnd)),
+    )
+    .unwrap()
+}
+
+fn fill(i: usize, j: usize, n: u32) -> u8 {
+    (i as u32 * 31 + j as u32 * 7 + n) as u8
+}
+
+/// Send `count` KV messages of `seq` positions from a thread; receive and check every byte.
+fn round_trip(addr: &str, opts: Options, seq: u64, count: u32) -> (TransportKind, bool) {
+    let listener = Endpoint::bind(addr, &identity(), opts.clone()).unwrap();
+    let connect_to = listener.local_addr();
+    let sender = std::thread::spawn(move || {
+        let mut tx = Endpoint::connect(&connect_to, &identity(), opts).unwrap();
+        let l = layout(seq);
+        for n in 0..count {
+            let mut loan = tx.loan(&l).unwrap();
+            for (i, s) in loan.writer().sections_mut().into_iter().enumerate() {
+                s.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = fill(i, j, n));
+            }
+            loan.finish().unwrap().send().unwrap();
+        }
+        tx.session().clone()
+    });
+    let rx = listener.accept(T).unwrap();
+    let mut zero_copy = true;
+    for n in 0..count {
+        let g = rx.recv(T).unwrap();
+        let m = g.message();
+        m.verify().unwrap();
+        for (i, s) in m.sections().enumerate() {
+            assert!(
+                s.bytes.iter().enumerate().all(|(j, &b)| b == fill(i, j, n)),
+                "message {n} section {i}"
+            );
+        }
+        if let Some(r) = rx.pool_range() {
+            zero_copy &= r.contains(&(m.as_bytes().as_ptr() as usize)) || m.total_len() > 16 << 20;
+        } else {
+            zero_copy = false;
+        }
+    }
+    let s = sender.join().unwrap();
+    assert_eq!(s.id, rx.session().id);
+    assert_eq!(s.mode, Mode::Latent);
+    (rx.session().transport, zero_copy)
+}
+
+#[test]
+fn shm_round_trip_is_zero_copy() {
+    let (kind, zero_copy) = round_trip(
+        &format!("shm://{}", unique("rt")),
+        Options::default(),
+        16,
+        20,
+    );
+    assert_eq!(kind, TransportKind::Shm);
+    assert!(zero_copy, "received sections must lie in the shared pool");
+}
+
+#[test]
+fn shm_large_messages_use_dedicated_segments() {
+    let opts = Options {
+        slot_size: 64 << 10,
+        ..Options::default()
+    };
+    let (kind, _) = round_trip(&format!("shm://{}", unique("big")), opts, 2048, 3);
+    assert_eq!(kind, TransportKind::Shm);
+}
+
+#[test]
+fn tcp_without_upgrade_stays_on_tcp() {
+    let opts = Options {
+        allow_shm_upgrade: false,
+        ..Options::default()
+    };
+    let (kind, _) = round_trip("tcp://127.0.0.1:0", opts, 64, 10);
+    assert_eq!(kind, TransportKind::Tcp);
+}
+
+#[test]
+fn tcp_on_the_same_host_switches_to_shm() {
+    let (kind, zero_copy) = round_trip("tcp://127.0.0.1:0", Options::default(), 16, 5);
+    assert_eq!(kind, TransportKind::Shm);
+    assert!(zero_copy);
+}
+
+#[test]
+fn tcp_vectored_send_sections() {
+    let opts = Options {
+        allow_shm_upgrade: false,
+        ..Options::default()
+    };
+    let listener = Endpoint::bind("tcp://127.0.0.1:0", &identity(), opts.clone()).unwrap();
+    let addr = listener.local_addr();
+    let h = std::thread::spawn(move || {
+        let mut tx = Endpoint::connect(&addr, &identity(), opts).unwrap();
+        let l = layout(8);
+        let data: Vec<Vec<u8>> = l
+            .sections()
+            .enumerate()
+            .map(|(i, s)| vec![i as u8; s.len as usize])
+            .collect();
+        let refs: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
+        tx.send_sections(&l, &refs).unwrap();
+        tx.send_bytes(&l.encode_to_vec(&refs).unwrap()).unwrap();
+    });
+    let rx = listener.accept(T).unwrap();
+    for _ in 0..2 {
+        let g = rx.recv(T).unwrap();
+        g.message().verify().unwrap();
+        assert_eq!(g.message().kv().unwrap().v(3).unwrap()[0], 7);
+    }
+    h.join().unwrap();
+}
+
+#[test]
+fn backpressure_times_out_then_recovers() {
+    let opts = Options {
+        slots: 2,
+        loan_timeout: Duration::from_millis(200),
+        ..Options::default()
+    };
+    let name = format!("shm://{}", unique("bp"));
+    let listener = Endpoint::bind(&name, &identity(), opts.clone()).unwrap();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<String>();
+    let h = std::thread::spawn(move || {
+        let mut tx = Endpoint::connect(&name, &identity(), opts).unwrap();
+        let l = layout(4);
+        for _ in 0..2 {
+            let mut loan = tx.loan(&l).unwrap();
+            loan.writer().sections_mut();
+            loan.finish().unwrap().send().unwrap();
+        }
+        // Both slots are held by the receiver: the third loan must time out.
+        let e = tx.loan(&l).err().expect("no free slot");
+        done_tx.send(e.to_string()).unwrap();
+        go_rx.recv().unwrap();
+        let mut loan = tx.loan(&l).unwrap();
+        loan.writer().sections_mut();
+        loan.finish().unwrap().send().unwrap();
+    });
+    let rx = listener.accept(T).unwrap();
+    let a = rx.recv(T).unwrap();
+    let b = rx.recv(T).unwrap();
+    let err = done_rx.recv().unwrap();
+    assert!(
+        err.contains("timed out") && err.contains("free shared-memory slot"),
+        "{err}"
+    );
+    drop((a, b));
+    go_tx.send(()).unwrap();
+    rx.recv(T).unwrap().message().verify().unwrap();
+    h.join().unwrap();
+}
+
+#[test]
+fn wrong_token_is_refused_and_nothing_is_delivered() {
+    let server = Options {
+        token: Some("right".into()),
+        ..Options::default()
+    };
+    let name = format!("shm://{}", unique("auth"));
+    let listener = Endpoint::bind(&name, &identity(), server).unwrap();
+    // The listener serves three peers in turn: wrong token, no token, right token.
+    let h = std::thread::spawn(move || {
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            match listener.accept(T) {
+                Ok(rx) => {
+                    let g = rx.recv(T).unwrap();
+                    g.message().verify().unwrap();
+                    outcomes.push("delivered".to_string());
+                }
+                Err(e) => outcomes.push(e.to_string()),
+            }
+        }
+        outcomes
+    });
+    let bad = Options {
+        token: Some("wrong".into()),
+        ..Options::default()
+    };
+    let e1 = Endpoint::connect(&name, &identity(), bad)
+        .err()
+        .expect("wrong token refused");
+    assert!(matches!(e1, TransportError::Auth(_)), "{e1}");
+    let e2 = Endpoint::connect(&name, &identity(), Options::default())
+        .err()
+        .expect("missing token refused");
+    assert!(e2.to_string().contains("requires a token"), "{e2}");
+    let good = Options {
+        token: Some("right".into()),
+        ..Options::default()
+    };
+    let mut tx = Endpoint::connect(&name, &identity(), good).unwrap();
+    let l = layout(2);
+    let mut loan = tx.loan(&l).unwrap();
+    loan.writer().sections_mut();
+    loan.finish().unwrap().send().unwrap();
+    let outcomes = h.join().unwrap();
+    assert!(
+        outcomes[0].contains("authentication failed"),
+        "{outcomes:?}"
+    );
+    assert!(!outcomes[1].contains("delivered"), "{outcomes:?}");
+    assert_eq!(outcomes[2], "delivered", "{outcomes:?}");
+}
+
+#[test]
+fn expired_sessions_and_foreign_session_ids_are_refused() {
+    let opts = Options {
+        session_ttl: Duration::from_millis(300),
+        ..Options::default()
+    };
+    let name = format!("shm://{}", unique("ttl"));
+    let listener = Endpoint::bind(&name, &identity(), opts.clone()).unwrap();
+    let h = std::thread::spawn(move || {
+        let mut tx = Endpoint::connect(&name, &identity(), opts).unwrap();
+        let env = Envelope {
+            session_id: "not-this-session".into(),
+            ..Default::default()
+        };
+        let l = MessageLayout::new(
+            &env,
+            &Payload::KvCache(KvCacheDesc::new(1, 1, 8, 1, DType::F32, KvLayout::Hnd)),
+        )
+        .unwrap();
+        let mut loan = tx.loan(&l).unwrap();
+        loan.writer().sections_mut();
+        loan.finish().unwrap().send().unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        let e = tx.loan(&layout(1)).err().expect("expired");
+        assert!(matches!(e, TransportError::SessionExpired { .. }), "{e}");
+    });
+    let rx = listener.accept(T).unwrap();
+    let e = rx.recv(T).err().expect("foreign session id");
+    assert!(matches!(e, TransportError::WrongSession { .. }), "{e}");
+    h.join().unwrap();
+    let e = rx.recv(T).err().expect("expired");
+    assert!(matches!(e, TransportError::SessionExpired { .. }), "{e}");
+    assert!(e.to_string().contains("expired"));
+}
+
+#[test]
+fn cross_model_identities_negotiate_json_or_latent() {
+    let name = format!("shm://{}", unique("mode"));
+    let listener = Endpoint::bind(&name, &identity(), Options::default()).unwrap();
+    let h = std::thread::spawn(move || {
+        let other = ModelIdentity {
+            model_family: "qwen2".into(),
+            model_id: "Qwen/Qwen2.5-Coder-0.5B-Instruct".into(),
+            model_hash: "cd".repeat(32),
+            hidden_dim: 896,
+            num_layers: 24,
+            ..Default::default()
+        };
+        let tx = Endpoint::connect(&name, &other, Options::default()).unwrap();
+        tx.session().clone()
+    });
+    let rx = listener.accept(T).unwrap();
+    let s = h.join().unwrap();
+    assert_eq!(s.mode, Mode::Json);
+    assert_eq!(rx.session().mode, Mode::Json);
+    assert!(
+        rx.session().explain().contains("json_fallback"),
+        "{}",
+        rx.session().explain()
+    );
+    assert!(s.explain().contains("transport shm"), "{}", s.explain());
+}
