@@ -329,6 +329,7 @@ impl Listener {
                             return Ok(Receiver {
                                 session,
                                 inner: RecvInner::Tcp(TcpReceiver::new(io.stream, max, t)),
+                                check_session_ids: self.options.check_session_ids,
                             });
                         }
                         None => continue, // the peer moves to our shared-memory socket
@@ -361,6 +362,7 @@ impl Listener {
                     return Ok(Receiver {
                         session,
                         inner: RecvInner::Shm(shm),
+                        check_session_ids: self.options.check_session_ids,
                     });
                 }
             }
@@ -603,6 +605,7 @@ enum RecvInner {
 pub struct Receiver {
     session: Session,
     inner: RecvInner,
+    check_session_ids: bool,
 }
 
 enum HeldMem {
@@ -652,7 +655,7 @@ impl Receiver {
         let msg = Message::parse(bytes)?;
         self.session.check_alive()?;
         let sid = msg.envelope().session_id();
-        if !sid.is_empty() && sid != self.session.id {
+        if self.check_session_ids && !sid.is_empty() && sid != self.session.id {
             return Err(TransportError::WrongSession {
                 expected: self.session.id.clone(),
                 found: sid.to_owned(),

@@ -27,6 +27,10 @@ pub struct Options {
     pub session_ttl: Duration,
     /// Whether a TCP connection to a peer on the same host may switch to shared memory.
     pub allow_shm_upgrade: bool,
+    /// Whether a receiver refuses messages whose envelope names another session
+    /// (messages with an empty session id are always accepted). Turn off to relay
+    /// recorded messages.
+    pub check_session_ids: bool,
 }
 
 impl Default for Options {
@@ -42,6 +46,7 @@ impl Default for Options {
             spin: Duration::from_micros(50),
             session_ttl: Duration::from_secs(24 * 3600),
             allow_shm_upgrade: true,
+            check_session_ids: true,
         }
     }
 }

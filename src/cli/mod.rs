@@ -2,6 +2,7 @@
 
 mod bench;
 mod inspect;
+mod transfer;
 
 use std::process::ExitCode;
 
@@ -19,6 +20,10 @@ pub struct Cli {
 enum Command {
     /// Summarize a v1 or v2 message file and verify its checksums (exit 1 if malformed).
     Inspect(inspect::Args),
+    /// Receive messages at ADDR and write each to a file.
+    Recv(transfer::RecvArgs),
+    /// Send message files to ADDR.
+    Send(transfer::SendArgs),
     /// Run benchmarks.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -29,5 +34,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(b) => bench::run(b),
+        Command::Recv(a) => transfer::recv(a),
+        Command::Send(a) => transfer::send(a),
     }
 }
