@@ -16,7 +16,14 @@ fn message_file(dir: &Path, bytes: usize) -> PathBuf {
     let desc = if bytes <= 4096 {
         KvCacheDesc::new(1, 1, 8, (bytes / 32) as u64, DType::F16, KvLayout::Hnd)
     } else {
-        KvCacheDesc::new(32, 8, 128, (bytes / (128 << 10)) as u64, DType::F16, KvLayout::Nhd)
+        KvCacheDesc::new(
+            32,
+            8,
+            128,
+            (bytes / (128 << 10)) as u64,
+            DType::F16,
+            KvLayout::Nhd,
+        )
     };
     let env = Envelope {
         model_id: format!("size-{bytes}"),
@@ -27,7 +34,9 @@ fn message_file(dir: &Path, bytes: usize) -> PathBuf {
     let mut w = layout.writer(&mut buf).unwrap();
     for (i, s) in w.sections_mut().into_iter().enumerate() {
         for (j, b) in s.iter_mut().enumerate() {
-            *b = (j as u32).wrapping_mul(2654435761).wrapping_add(i as u32 * 977 + bytes as u32) as u8;
+            *b = (j as u32)
+                .wrapping_mul(2654435761)
+                .wrapping_add(i as u32 * 977 + bytes as u32) as u8;
         }
     }
     w.finish().unwrap();
@@ -39,15 +48,30 @@ fn message_file(dir: &Path, bytes: usize) -> PathBuf {
 /// Start `avp recv` and return it with the address it listens on.
 fn start_recv(addr: &str, out: &Path, count: usize, extra: &[&str]) -> (Child, String) {
     let mut child = avp()
-        .args(["recv", addr, "--out", out.to_str().unwrap(), "--count", &count.to_string(), "--timeout", "120"])
+        .args([
+            "recv",
+            addr,
+            "--out",
+            out.to_str().unwrap(),
+            "--count",
+            &count.to_string(),
+            "--timeout",
+            "120",
+        ])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut first = String::new();
-    BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut first).unwrap();
-    let addr = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {first}")).to_owned();
+    BufReader::new(child.stderr.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let addr = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected: {first}"))
+        .to_owned();
     (child, addr)
 }
 
@@ -62,18 +86,30 @@ fn transfer(addr: &str, extra: &[&str], sizes: &[usize]) {
         .args(&files)
         .output()
         .unwrap();
-    assert!(send.status.success(), "send: {}", String::from_utf8_lossy(&send.stderr));
+    assert!(
+        send.status.success(),
+        "send: {}",
+        String::from_utf8_lossy(&send.stderr)
+    );
     let recv = recv.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&recv.stdout);
     assert!(recv.status.success(), "recv failed: {stdout}");
-    assert_eq!(stdout.matches("checksums ok").count(), files.len(), "{stdout}");
+    assert_eq!(
+        stdout.matches("checksums ok").count(),
+        files.len(),
+        "{stdout}"
+    );
     for (i, f) in files.iter().enumerate() {
         let got = std::fs::read(out.join(format!("msg-{:06}.avp", i + 1))).unwrap();
         let want = std::fs::read(f).unwrap();
         assert!(got == want, "{}: received bytes differ", f.display());
     }
     let explain = String::from_utf8_lossy(&send.stderr);
-    let kind = if addr.starts_with("shm") || !extra.contains(&"--no-shm-upgrade") { "transport shm" } else { "transport tcp" };
+    let kind = if addr.starts_with("shm") || !extra.contains(&"--no-shm-upgrade") {
+        "transport shm"
+    } else {
+        "transport tcp"
+    };
     assert!(explain.contains(kind), "{explain}");
 }
 
@@ -99,11 +135,30 @@ fn tcp_between_processes_on_one_host_switches_to_shm() {
 fn tokens_must_match_across_processes() {
     let dir = tempfile::tempdir().unwrap();
     let f = message_file(dir.path(), 1 << 10);
-    let (recv, listen) = start_recv("tcp://127.0.0.1:0", &dir.path().join("out"), 1, &["--token", "s3cret", "--no-shm-upgrade"]);
-    let bad = avp().args(["send", &listen, "--token", "wrong", "--no-shm-upgrade"]).arg(&f).output().unwrap();
+    let (recv, listen) = start_recv(
+        "tcp://127.0.0.1:0",
+        &dir.path().join("out"),
+        1,
+        &["--token", "s3cret", "--no-shm-upgrade"],
+    );
+    let bad = avp()
+        .args(["send", &listen, "--token", "wrong", "--no-shm-upgrade"])
+        .arg(&f)
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("authentication"), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("authentication"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
     let out = recv.wait_with_output().unwrap();
-    assert!(!out.status.success(), "the receiver must not accept the peer");
-    assert!(!dir.path().join("out/msg-000001.avp").exists(), "nothing delivered");
+    assert!(
+        !out.status.success(),
+        "the receiver must not accept the peer"
+    );
+    assert!(
+        !dir.path().join("out/msg-000001.avp").exists(),
+        "nothing delivered"
+    );
 }

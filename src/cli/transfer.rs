@@ -79,9 +79,19 @@ fn summary(m: &Message<'_>) -> String {
     match m.payload() {
         Payload::KvCache(kv) => format!(
             "kv_cache layers {}..{} of {}, {} kv heads x {} x {} positions, {} {}",
-            kv.layers.start, kv.layers.end, kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.seq_len, kv.dtype, kv.layout
+            kv.layers.start,
+            kv.layers.end,
+            kv.num_layers,
+            kv.num_kv_heads,
+            kv.head_dim,
+            kv.seq_len,
+            kv.dtype,
+            kv.layout
         ),
-        Payload::HiddenState(h) => format!("hidden_state {} x {} {} map {:?}", h.rows, h.dim, h.dtype, h.map_id),
+        Payload::HiddenState(h) => format!(
+            "hidden_state {} x {} {} map {:?}",
+            h.rows, h.dim, h.dtype, h.map_id
+        ),
         Payload::Text(t) => format!("text {} bytes ({})", t.len, t.format.name()),
     }
 }
@@ -111,7 +121,8 @@ pub fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
         let dest = match &a.out {
             Some(dir) => {
                 let p = dir.join(format!("msg-{n:06}.avp"));
-                std::fs::write(&p, m.as_bytes()).with_context(|| format!("write {}", p.display()))?;
+                std::fs::write(&p, m.as_bytes())
+                    .with_context(|| format!("write {}", p.display()))?;
                 format!(" -> {}", p.display())
             }
             None => String::new(),
@@ -135,8 +146,14 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     for f in &a.files {
         let bytes = std::fs::read(f).with_context(|| format!("read {}", f.display()))?;
         let t = Instant::now();
-        tx.send_bytes(&bytes).with_context(|| format!("send {}", f.display()))?;
-        println!("sent {} ({} bytes, {:.1} ms)", f.display(), bytes.len(), t.elapsed().as_secs_f64() * 1e3);
+        tx.send_bytes(&bytes)
+            .with_context(|| format!("send {}", f.display()))?;
+        println!(
+            "sent {} ({} bytes, {:.1} ms)",
+            f.display(),
+            bytes.len(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
