@@ -18,6 +18,8 @@ pub enum Bench {
     Wire(WireArgs),
     /// memcpy speed versus destination offset modulo 4096 (why large sections are page-aligned).
     MemcpyOffsets(OffsetArgs),
+    /// Transports: handoff latency and throughput for shm and tcp, against raw TCP and memcpy.
+    Transport(super::bench_transport::TransportArgs),
 }
 
 /// Arguments of `avp bench wire`.
@@ -56,6 +58,7 @@ pub fn run(b: Bench) -> anyhow::Result<std::process::ExitCode> {
     match b {
         Bench::Wire(a) => wire(a)?,
         Bench::MemcpyOffsets(a) => offsets(a)?,
+        Bench::Transport(a) => super::bench_transport::run(a)?,
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -75,14 +78,14 @@ pub fn parse_size(s: &str) -> anyhow::Result<usize> {
 }
 
 /// A page-aligned, pre-faulted buffer.
-struct PageBuf {
+pub struct PageBuf {
     storage: Vec<u8>,
     offset: usize,
     len: usize,
 }
 
 impl PageBuf {
-    fn new(len: usize) -> Self {
+    pub fn new(len: usize) -> Self {
         let mut storage = vec![0u8; len + 4096];
         let offset = storage.as_ptr().align_offset(4096);
         // Touch every page now so no timed loop pays for first-touch faults.
@@ -93,10 +96,10 @@ impl PageBuf {
             len,
         }
     }
-    fn as_slice(&self) -> &[u8] {
+    pub fn as_slice(&self) -> &[u8] {
         &self.storage[self.offset..self.offset + self.len]
     }
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.storage[self.offset..self.offset + self.len]
     }
 }

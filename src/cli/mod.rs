@@ -1,6 +1,7 @@
 //! Subcommands of the `avp` binary.
 
 mod bench;
+mod bench_transport;
 mod inspect;
 mod transfer;
 

@@ -11,6 +11,7 @@
 //! 256     rel_head   u64  slots released       (receiver writes)
 //! 320     rel_tail   u64  releases collected   (sender writes)
 //! 384     tx_waiting u32  sender blocks on the "released" eventfd
+//! 448     producing  u32  sender is writing a message (receiver waits awake)
 //! 512     ring[64]     { slot u32, flags u32, len u64 }
 //! 2048    rel_ring[64] { slot u32 }
 //! 4096    slot 0, slot 1, ... (slot_size bytes each, page-aligned)
@@ -34,6 +35,7 @@ const RX_WAITING: usize = 192;
 const REL_HEAD: usize = 256;
 const REL_TAIL: usize = 320;
 const TX_WAITING: usize = 384;
+const PRODUCING: usize = 448;
 const RING_AT: usize = 512;
 const REL_RING_AT: usize = 2048;
 
@@ -165,6 +167,20 @@ impl Control {
             tail += 1;
         }
         self.u64_at(REL_TAIL).store(tail, Ordering::Release);
+    }
+
+    /// Sender: announce that a message is being written (`true`) or that writing
+    /// ended. Returns whether the receiver sleeps (ring it so it waits awake: the
+    /// wake-up then overlaps the writing instead of following the publish).
+    pub fn set_producing(&self, producing: bool) -> bool {
+        self.u32_at(PRODUCING)
+            .store(producing as u32, Ordering::SeqCst);
+        producing && self.u32_at(RX_WAITING).load(Ordering::SeqCst) != 0
+    }
+
+    /// Receiver: whether the sender is writing a message now.
+    pub fn producing(&self) -> bool {
+        self.u32_at(PRODUCING).load(Ordering::SeqCst) != 0
     }
 
     /// Sender: announce sleeping (`true`) or awake.

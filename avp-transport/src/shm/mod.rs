@@ -202,6 +202,9 @@ impl ShmSender {
                 "receiver closed the session".into(),
             ));
         }
+        if self.ctrl.set_producing(true) {
+            self.published.notify();
+        }
         if len > self.slot_size {
             let fd = segment::create_memfd("avp-dedicated", page_up(len.max(1)))?;
             let map = Mapping::map(&fd, 0, page_up(len.max(1)), true)?;
@@ -227,6 +230,7 @@ impl ShmSender {
 
     /// Give back a region that will not be sent.
     pub fn abandon(&mut self, region: Region) {
+        self.ctrl.set_producing(false);
         if let Region::Slot { index, .. } = region {
             self.in_flight[index as usize] = false;
             self.free.push(index);
@@ -257,7 +261,9 @@ impl ShmSender {
                 }
             }
         };
-        if self.ctrl.publish(self.head, entry) {
+        let wake = self.ctrl.publish(self.head, entry);
+        self.ctrl.set_producing(false);
+        if wake {
             self.published.notify();
         }
         self.head += 1;
@@ -433,10 +439,21 @@ impl ShmReceiver {
             if left.is_zero() {
                 return Err(TransportError::Timeout(timeout, "a message"));
             }
+            if self.ctrl.producing() {
+                // The sender is writing a message: wait awake, yielding the core.
+                if let Some(m) = self.await_production(start, timeout)? {
+                    return Ok(m);
+                }
+                continue;
+            }
             self.ctrl.set_rx_waiting(true);
             if let Some(m) = self.pop()? {
                 self.ctrl.set_rx_waiting(false);
                 return Ok(m);
+            }
+            if self.ctrl.producing() {
+                self.ctrl.set_rx_waiting(false);
+                continue;
             }
             let woke = {
                 let io = self.io.borrow();
@@ -458,6 +475,32 @@ impl ShmReceiver {
                 return Err(TransportError::PeerGone("sender closed the session".into()));
             }
         }
+    }
+
+    /// While the sender is writing, poll the ring with `sched_yield` between looks
+    /// (the core stays available to others). `None` when writing stopped unpublished.
+    fn await_production(
+        &self,
+        start: Instant,
+        timeout: Duration,
+    ) -> Result<Option<(Held, *const u8, usize)>> {
+        let mut n = 0u32;
+        while self.ctrl.producing() {
+            if let Some(m) = self.pop()? {
+                return Ok(Some(m));
+            }
+            std::thread::yield_now();
+            n = n.wrapping_add(1);
+            if n.is_multiple_of(4096) {
+                if start.elapsed() >= timeout {
+                    return Err(TransportError::Timeout(timeout, "a message"));
+                }
+                if self.io.borrow().peer_closed() {
+                    return Err(TransportError::PeerGone("sender closed the session".into()));
+                }
+            }
+        }
+        self.pop()
     }
 
     /// Return a slot to the sender.

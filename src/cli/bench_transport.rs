@@ -1,0 +1,278 @@
+//! `avp bench transport`: handoff latency and throughput per transport, with raw
+//! TCP and memcpy measured in the same run.
+//!
+//! - `p50_us` / `p99_us`: from `send()` to the receiver holding a validated
+//!   (parsed, not yet verified) message; one message in flight at a time.
+//! - `gbps`: size / median time from `send()` of a finished message (tensors
+//!   already written into the loaned slot or buffer, checksums computed) to the
+//!   receiver holding it. For shared memory no byte moves, so this is the
+//!   zero-copy handoff rate; `produce_gbps` is what writing the message into the
+//!   loan cost the producer (copy from its own buffer + CRC + header).
+//! - `raw_tcp`: a plain write / read_exact loop over loopback into a pre-faulted buffer.
+//! - `memcpy`: one copy between pre-faulted buffers.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use avp_transport::{Endpoint, Options};
+use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
+use serde_json::json;
+
+use super::bench::{PageBuf, parse_size};
+
+/// Arguments of `avp bench transport`.
+#[derive(clap::Args, Debug)]
+pub struct TransportArgs {
+    /// Print JSON lines (the default output is a table).
+    #[arg(long)]
+    json: bool,
+    /// Message sizes.
+    #[arg(long, value_delimiter = ',', default_value = "4KiB,1MiB,64MiB,256MiB")]
+    sizes: Vec<String>,
+    /// Transports to measure.
+    #[arg(long, value_delimiter = ',', default_value = "memcpy,raw_tcp,shm,tcp")]
+    transports: Vec<String>,
+    /// Spin instead of sleeping while waiting for shared-memory messages.
+    #[arg(long)]
+    spin: bool,
+    /// Timed repetitions (default: scaled to the size).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Threads for checksums and copies (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    checksum_threads: usize,
+}
+
+const T: Duration = Duration::from_secs(60);
+
+fn layout_for(size: usize) -> anyhow::Result<MessageLayout> {
+    // A Llama-3-8B-shaped f16 cache for large sizes, a small one for 4 KiB.
+    let desc = if size < 128 << 10 {
+        KvCacheDesc::new(2, 1, 64, (size / 512) as u64, DType::F16, KvLayout::Hnd)
+    } else {
+        KvCacheDesc::new(
+            32,
+            8,
+            128,
+            (size / (128 << 10)) as u64,
+            DType::F16,
+            KvLayout::Hnd,
+        )
+    };
+    Ok(MessageLayout::new(
+        &Envelope::default(),
+        &Payload::KvCache(desc),
+    )?)
+}
+
+fn pct(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+struct Row {
+    transport: &'static str,
+    size: usize,
+    lat_us: Vec<f64>,
+    e2e_s: Vec<f64>,
+    produce_s: Vec<f64>,
+}
+
+impl Row {
+    fn emit(&self, json_out: bool, spin: bool) {
+        let gbps = self.size as f64 / pct(self.e2e_s.clone(), 0.5) / 1e9;
+        let (p50, p99) = if self.lat_us.is_empty() {
+            (
+                pct(self.e2e_s.clone(), 0.5) * 1e6,
+                pct(self.e2e_s.clone(), 0.99) * 1e6,
+            )
+        } else {
+            (
+                pct(self.lat_us.clone(), 0.5),
+                pct(self.lat_us.clone(), 0.99),
+            )
+        };
+        let r2 = |x: f64| (x * 100.0).round() / 100.0;
+        let produce = (!self.produce_s.is_empty())
+            .then(|| r2(self.size as f64 / pct(self.produce_s.clone(), 0.5) / 1e9));
+        if json_out {
+            let mut row = json!({"bench": "transport", "transport": self.transport, "size_bytes": self.size,
+                       "p50_us": r2(p50), "p99_us": r2(p99), "gbps": r2(gbps), "spin": spin,
+                       "reps": self.e2e_s.len()});
+            if let Some(p) = produce {
+                row["produce_gbps"] = json!(p);
+            }
+            println!("{row}");
+        } else {
+            let extra = produce
+                .map(|p| format!("  (producing {p:.2} GB/s)"))
+                .unwrap_or_default();
+            println!(
+                "{:>8} {:>10} B  p50 {:>10.2} us  p99 {:>10.2} us  {:>9.2} GB/s{extra}",
+                self.transport, self.size, p50, p99, gbps
+            );
+        }
+    }
+}
+
+pub fn run(a: TransportArgs) -> anyhow::Result<()> {
+    avp_wire::checksum::set_max_threads(a.checksum_threads);
+    for s in &a.sizes {
+        let size = parse_size(s)?;
+        let reps = a
+            .reps
+            .unwrap_or_else(|| ((1usize << 30) / size).clamp(10, 300));
+        for t in &a.transports {
+            let row = match t.as_str() {
+                "memcpy" => memcpy(size, reps),
+                "raw_tcp" => raw_tcp(size, reps)?,
+                "shm" => avp_transport(size, reps, true, a.spin)?,
+                "tcp" => avp_transport(size, reps, false, a.spin)?,
+                other => anyhow::bail!("unknown transport {other:?} (memcpy, raw_tcp, shm, tcp)"),
+            };
+            row.emit(a.json, a.spin);
+        }
+    }
+    Ok(())
+}
+
+fn memcpy(size: usize, reps: usize) -> Row {
+    let src = PageBuf::new(size);
+    let mut dst = PageBuf::new(size);
+    let mut e2e = Vec::with_capacity(reps);
+    for i in 0..=reps {
+        let t = Instant::now();
+        dst.as_mut_slice().copy_from_slice(src.as_slice());
+        std::hint::black_box(dst.as_slice());
+        if i > 0 {
+            e2e.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Row {
+        transport: "memcpy",
+        size,
+        lat_us: Vec::new(),
+        e2e_s: e2e,
+        produce_s: Vec::new(),
+    }
+}
+
+fn raw_tcp(size: usize, reps: usize) -> anyhow::Result<Row> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let epoch = Instant::now();
+    let started = Arc::new(AtomicU64::new(0));
+    let s2 = started.clone();
+    let (ack_tx, ack_rx) = mpsc::channel::<()>();
+    let h = std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        let src = PageBuf::new(size);
+        for _ in 0..=reps {
+            s2.store(epoch.elapsed().as_nanos() as u64, Ordering::SeqCst);
+            s.write_all(src.as_slice())?;
+            ack_rx.recv()?;
+        }
+        Ok(())
+    });
+    let (mut c, _) = l.accept()?;
+    c.set_nodelay(true)?;
+    let mut dst = PageBuf::new(size);
+    let mut e2e = Vec::with_capacity(reps);
+    for i in 0..=reps {
+        c.read_exact(dst.as_mut_slice())?;
+        let end = epoch.elapsed().as_nanos() as u64;
+        if i > 0 {
+            e2e.push((end - started.load(Ordering::SeqCst)) as f64 / 1e9);
+        }
+        ack_tx.send(())?;
+    }
+    h.join().expect("raw tcp sender")?;
+    Ok(Row {
+        transport: "raw_tcp",
+        size,
+        lat_us: Vec::new(),
+        e2e_s: e2e,
+        produce_s: Vec::new(),
+    })
+}
+
+fn avp_transport(size: usize, reps: usize, shm: bool, spin: bool) -> anyhow::Result<Row> {
+    let layout = layout_for(size)?;
+    let opts = Options {
+        allow_shm_upgrade: shm,
+        slot_size: layout.total_len().max(1 << 20),
+        slots: 2,
+        spin: if spin {
+            Duration::MAX
+        } else {
+            Options::default().spin
+        },
+        ..Options::default()
+    };
+    let addr = if shm {
+        format!("shm://bench-{}", std::process::id())
+    } else {
+        "tcp://127.0.0.1:0".to_string()
+    };
+    let id = ModelIdentity::default();
+    let listener = Endpoint::bind(&addr, &id, opts.clone())?;
+    let connect_to = listener.local_addr();
+    let epoch = Instant::now();
+    let (started, sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (s2, t2) = (started.clone(), sent.clone());
+    let (ack_tx, ack_rx) = mpsc::channel::<()>();
+    let h = std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut tx = Endpoint::connect(&connect_to, &ModelIdentity::default(), opts)?;
+        let layout = layout_for(size)?;
+        let src = PageBuf::new(layout.sections().map(|s| s.len as usize).sum());
+        let mut srcs: Vec<&[u8]> = Vec::new();
+        let mut off = 0;
+        for s in layout.sections() {
+            srcs.push(&src.as_slice()[off..off + s.len as usize]);
+            off += s.len as usize;
+        }
+        let now = || epoch.elapsed().as_nanos() as u64;
+        for _ in 0..=reps {
+            s2.store(now(), Ordering::SeqCst);
+            let mut loan = tx.loan(&layout)?;
+            loan.writer().write_sections(&srcs)?;
+            let ready = loan.finish()?;
+            t2.store(now(), Ordering::SeqCst);
+            ready.send()?;
+            ack_rx.recv()?;
+        }
+        Ok(())
+    });
+    let rx = listener.accept(T)?;
+    anyhow::ensure!(
+        rx.session().transport.name() == if shm { "shm" } else { "tcp" },
+        "negotiated {}",
+        rx.session().explain()
+    );
+    let (mut lat, mut produce) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    for i in 0..=reps {
+        let g = rx.recv(T)?;
+        let end = epoch.elapsed().as_nanos() as u64;
+        std::hint::black_box(g.message().total_len());
+        if i > 0 {
+            let (s, t) = (started.load(Ordering::SeqCst), sent.load(Ordering::SeqCst));
+            lat.push((end - t) as f64 / 1e3);
+            produce.push((t - s) as f64 / 1e9);
+        }
+        drop(g);
+        ack_tx.send(())?;
+    }
+    h.join().expect("sender thread")?;
+    Ok(Row {
+        transport: if shm { "shm" } else { "tcp" },
+        size,
+        e2e_s: lat.iter().map(|us| us / 1e6).collect(),
+        lat_us: lat,
+        produce_s: produce,
+    })
+}
