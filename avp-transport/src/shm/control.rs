@@ -11,7 +11,7 @@
 //! 256     rel_head   u64  slots released       (receiver writes)
 //! 320     rel_tail   u64  releases collected   (sender writes)
 //! 384     tx_waiting u32  sender blocks on the "released" eventfd
-//! 448     producing  u32  sender is writing a message (receiver waits awake)
+//! 448     producing  u64  number of the message being written + 1 (> head: writing)
 //! 512     ring[64]     { slot u32, flags u32, len u64 }
 //! 2048    rel_ring[64] { slot u32 }
 //! 4096    slot 0, slot 1, ... (slot_size bytes each, page-aligned)
@@ -169,18 +169,23 @@ impl Control {
         self.u64_at(REL_TAIL).store(tail, Ordering::Release);
     }
 
-    /// Sender: announce that a message is being written (`true`) or that writing
-    /// ended. Returns whether the receiver sleeps (ring it so it waits awake: the
-    /// wake-up then overlaps the writing instead of following the publish).
-    pub fn set_producing(&self, producing: bool) -> bool {
-        self.u32_at(PRODUCING)
-            .store(producing as u32, Ordering::SeqCst);
-        producing && self.u32_at(RX_WAITING).load(Ordering::SeqCst) != 0
+    /// Sender: announce that message number `head` is being written. Returns
+    /// whether the receiver sleeps: ring it, so that it waits awake and its wake-up
+    /// overlaps the writing instead of following the publish. Publishing the
+    /// message (head + 1) ends the announcement without another store.
+    pub fn begin(&self, head: u64) -> bool {
+        self.u64_at(PRODUCING).store(head + 1, Ordering::SeqCst);
+        self.u32_at(RX_WAITING).load(Ordering::SeqCst) != 0
+    }
+
+    /// Sender: the message announced by [`begin`](Self::begin) will not be published.
+    pub fn cancel(&self, head: u64) {
+        self.u64_at(PRODUCING).store(head, Ordering::SeqCst);
     }
 
     /// Receiver: whether the sender is writing a message now.
     pub fn producing(&self) -> bool {
-        self.u32_at(PRODUCING).load(Ordering::SeqCst) != 0
+        self.u64_at(PRODUCING).load(Ordering::SeqCst) > self.u64_at(HEAD).load(Ordering::SeqCst)
     }
 
     /// Sender: announce sleeping (`true`) or awake.

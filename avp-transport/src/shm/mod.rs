@@ -202,7 +202,7 @@ impl ShmSender {
                 "receiver closed the session".into(),
             ));
         }
-        if self.ctrl.set_producing(true) {
+        if self.ctrl.begin(self.head) {
             self.published.notify();
         }
         if len > self.slot_size {
@@ -230,7 +230,7 @@ impl ShmSender {
 
     /// Give back a region that will not be sent.
     pub fn abandon(&mut self, region: Region) {
-        self.ctrl.set_producing(false);
+        self.ctrl.cancel(self.head);
         if let Region::Slot { index, .. } = region {
             self.in_flight[index as usize] = false;
             self.free.push(index);
@@ -261,9 +261,7 @@ impl ShmSender {
                 }
             }
         };
-        let wake = self.ctrl.publish(self.head, entry);
-        self.ctrl.set_producing(false);
-        if wake {
+        if self.ctrl.publish(self.head, entry) {
             self.published.notify();
         }
         self.head += 1;
