@@ -378,18 +378,18 @@ fn with_peer(e: TransportError, peer: &str) -> TransportError {
     }
 }
 
-enum SenderInner {
+pub(crate) enum SenderInner {
     Shm(ShmSender),
     Tcp(TcpSender),
 }
 
 /// The sending half of a session.
 pub struct Sender {
-    session: Session,
-    inner: SenderInner,
+    pub(crate) session: Session,
+    pub(crate) inner: SenderInner,
 }
 
-enum LoanMem {
+pub(crate) enum LoanMem {
     Shm(Region),
     Tcp(PageBuf),
 }
@@ -417,7 +417,7 @@ impl Sender {
         }
     }
 
-    fn check(&self, len: u64) -> Result<()> {
+    pub(crate) fn check(&self, len: u64) -> Result<()> {
         self.session.check_alive()?;
         if len > self.session.max_message {
             return Err(TransportError::TooLarge {
@@ -433,10 +433,20 @@ impl Sender {
     pub fn loan<'a>(&'a mut self, layout: &'a MessageLayout) -> Result<Loan<'a>> {
         let len = layout.total_len();
         self.check(len as u64)?;
-        let mut mem = match &mut self.inner {
-            SenderInner::Shm(s) => LoanMem::Shm(s.acquire(len)?),
+        let mem = match &mut self.inner {
+            SenderInner::Shm(s) => LoanMem::Shm(s.acquire(len, true)?.expect("waits for memory")),
             SenderInner::Tcp(t) => LoanMem::Tcp(t.acquire(len)),
         };
+        self.loan_in(layout, mem)
+    }
+
+    /// A loan over memory already obtained for `layout`.
+    pub(crate) fn loan_in<'a>(
+        &'a mut self,
+        layout: &'a MessageLayout,
+        mut mem: LoanMem,
+    ) -> Result<Loan<'a>> {
+        let len = layout.total_len();
         // SAFETY: `mem` is exclusively ours until published or abandoned, spans at
         // least `len` bytes, and its memory (pool mapping, dedicated mapping or heap
         // buffer) does not move and outlives the loan.
@@ -456,7 +466,7 @@ impl Sender {
         match &mut self.inner {
             SenderInner::Tcp(t) => t.write_all_vectored(&[bytes]),
             SenderInner::Shm(s) => {
-                let r = s.acquire(bytes.len())?;
+                let r = s.acquire(bytes.len(), true)?.expect("waits for memory");
                 // SAFETY: the region is ours and at least bytes.len() long.
                 unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), r.ptr(), bytes.len()) };
                 s.publish(r, bytes.len())
@@ -508,9 +518,9 @@ impl Sender {
 /// [`finish`](Self::finish) to get a [`Ready`] message that can be sent. Dropping
 /// a loan returns the memory unsent.
 pub struct Loan<'a> {
-    sender: &'a mut SenderInner,
-    mem: Option<LoanMem>,
-    writer: Option<MessageWriter<'a>>,
+    pub(crate) sender: &'a mut SenderInner,
+    pub(crate) mem: Option<LoanMem>,
+    pub(crate) writer: Option<MessageWriter<'a>>,
 }
 
 impl<'a> Loan<'a> {
@@ -561,9 +571,9 @@ fn abandon(sender: &mut SenderInner, mem: LoanMem) {
 
 /// A finished message in loaned memory, ready to send.
 pub struct Ready<'a> {
-    sender: &'a mut SenderInner,
-    mem: Option<LoanMem>,
-    len: usize,
+    pub(crate) sender: &'a mut SenderInner,
+    pub(crate) mem: Option<LoanMem>,
+    pub(crate) len: usize,
 }
 
 impl Ready<'_> {
@@ -596,19 +606,19 @@ impl Drop for Ready<'_> {
     }
 }
 
-enum RecvInner {
+pub(crate) enum RecvInner {
     Shm(ShmReceiver),
     Tcp(TcpReceiver),
 }
 
 /// The receiving half of a session.
 pub struct Receiver {
-    session: Session,
-    inner: RecvInner,
+    pub(crate) session: Session,
+    pub(crate) inner: RecvInner,
     check_session_ids: bool,
 }
 
-enum HeldMem {
+pub(crate) enum HeldMem {
     Shm(Held),
     Tcp(PageBuf),
 }
@@ -643,6 +653,11 @@ impl Receiver {
                 (HeldMem::Tcp(b), p, l)
             }
         };
+        self.guard(held, ptr, len)
+    }
+
+    /// Wrap received bytes in a guard after validating them.
+    pub(crate) fn guard(&self, held: HeldMem, ptr: *const u8, len: usize) -> Result<RecvGuard<'_>> {
         let mut guard = RecvGuard {
             rx: self,
             held: Some(held),

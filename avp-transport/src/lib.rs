@@ -29,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod address;
+mod async_api;
 mod buf;
 mod endpoint;
 mod error;

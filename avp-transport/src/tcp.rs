@@ -68,6 +68,11 @@ impl TcpSender {
         Ok(())
     }
 
+    /// The stream (for the async entry points).
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
     /// Send a message whose header prefix and sections are separate buffers,
     /// inserting zero padding so each section lands at its offset.
     pub fn send_parts(&mut self, prefix: &[u8], offsets: &[(u64, &[u8])]) -> Result<()> {
@@ -155,6 +160,11 @@ impl TcpReceiver {
             return Err(self.fail(stall_or(e, self.stall)));
         }
         Ok((buf, len))
+    }
+
+    /// The socket (for the async entry points).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&*self.stream.borrow())
     }
 
     /// Return a buffer for reuse.

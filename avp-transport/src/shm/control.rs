@@ -45,6 +45,10 @@ pub struct Control {
     base: *mut u8,
 }
 
+// SAFETY: the block is shared memory accessed only through atomics; which thread
+// holds the view does not matter.
+unsafe impl Send for Control {}
+
 /// One published message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {

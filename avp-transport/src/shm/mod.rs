@@ -64,6 +64,10 @@ pub enum Region {
     },
 }
 
+// SAFETY: a region is memory loaned to exactly one owner; moving that owner to
+// another thread moves the exclusive right to write it.
+unsafe impl Send for Region {}
+
 impl Region {
     /// Start of the writable memory.
     pub fn ptr(&self) -> *mut u8 {
@@ -145,6 +149,11 @@ impl ShmSender {
         self.pool.range()
     }
 
+    /// How long a loan waits for a free slot.
+    pub fn loan_timeout(&self) -> Duration {
+        self.loan_timeout
+    }
+
     fn collect(&mut self) {
         self.scratch.clear();
         self.ctrl.collect_releases(&mut self.scratch);
@@ -194,38 +203,58 @@ impl ShmSender {
     }
 
     /// Memory for one message of `len` bytes: a free slot, or a dedicated segment
-    /// when `len` exceeds the slot size. Waits for a release while all slots are in
-    /// flight (backpressure), up to the loan timeout.
-    pub fn acquire(&mut self, len: usize) -> Result<Region> {
+    /// when `len` exceeds the slot size. While all slots are in flight it waits for
+    /// a release up to the loan timeout (backpressure) when `wait` is set, and
+    /// returns `None` otherwise.
+    pub fn acquire(&mut self, len: usize, wait: bool) -> Result<Option<Region>> {
         if self.io.peer_closed() {
             return Err(TransportError::PeerGone(
                 "receiver closed the session".into(),
             ));
         }
+        let region = if len > self.slot_size {
+            let fd = segment::create_memfd("avp-dedicated", page_up(len.max(1)))?;
+            let map = Mapping::map(&fd, 0, page_up(len.max(1)), true)?;
+            Region::Dedicated { fd, map }
+        } else {
+            self.collect();
+            if self.free.is_empty() {
+                if !wait {
+                    return Ok(None);
+                }
+                self.wait_for("a free shared-memory slot", |s| {
+                    s.collect();
+                    !s.free.is_empty()
+                })?;
+            }
+            let index = self.free.pop().expect("a free slot");
+            self.in_flight[index as usize] = true;
+            // SAFETY: index < slots, so the slot lies inside the pool mapping.
+            let ptr = unsafe {
+                self.pool
+                    .ptr()
+                    .add(CONTROL_LEN + index as usize * self.slot_size)
+            };
+            Region::Slot { index, ptr }
+        };
         if self.ctrl.begin(self.head) {
             self.published.notify();
         }
-        if len > self.slot_size {
-            let fd = segment::create_memfd("avp-dedicated", page_up(len.max(1)))?;
-            let map = Mapping::map(&fd, 0, page_up(len.max(1)), true)?;
-            return Ok(Region::Dedicated { fd, map });
+        Ok(Some(region))
+    }
+
+    /// Descriptors that become readable when a slot may have been released or the
+    /// receiver left (for async waiting). Set [`Self::set_waiting`] first.
+    pub fn wait_fds(&self) -> [BorrowedFd<'_>; 2] {
+        [self.released.fd().as_fd(), self.io.fd()]
+    }
+
+    /// Tell the receiver to ring the "released" doorbell (`true`) or not.
+    pub fn set_waiting(&self, waiting: bool) {
+        self.ctrl.set_tx_waiting(waiting);
+        if !waiting {
+            self.released.drain();
         }
-        self.collect();
-        if self.free.is_empty() {
-            self.wait_for("a free shared-memory slot", |s| {
-                s.collect();
-                !s.free.is_empty()
-            })?;
-        }
-        let index = self.free.pop().expect("a free slot");
-        self.in_flight[index as usize] = true;
-        // SAFETY: index < slots, so the slot lies inside the pool mapping.
-        let ptr = unsafe {
-            self.pool
-                .ptr()
-                .add(CONTROL_LEN + index as usize * self.slot_size)
-        };
-        Ok(Region::Slot { index, ptr })
     }
 
     /// Give back a region that will not be sent.
@@ -408,6 +437,44 @@ impl ShmReceiver {
                 self.take(e).map(Some)
             }
         }
+    }
+
+    /// The next message if one is published; `PeerGone` if none is and the sender left.
+    pub fn try_recv(&self) -> Result<Option<(Held, *const u8, usize)>> {
+        if let Some(m) = self.pop()? {
+            return Ok(Some(m));
+        }
+        if self.io.borrow().peer_closed()
+            && self
+                .ctrl
+                .peek(self.tail.get())
+                .map_err(TransportError::Segment)?
+                .is_none()
+        {
+            return Err(TransportError::PeerGone("sender closed the session".into()));
+        }
+        Ok(None)
+    }
+
+    /// Whether the sender is writing a message now (worth waiting awake for).
+    pub fn sender_writing(&self) -> bool {
+        self.ctrl.producing()
+    }
+
+    /// Ask the sender to ring the "published" doorbell (`true`) or not.
+    pub fn set_waiting(&self, waiting: bool) {
+        self.ctrl.set_rx_waiting(waiting);
+        if !waiting {
+            self.published.drain();
+        }
+    }
+
+    /// Raw descriptors that become readable on a publish or when the sender leaves.
+    pub fn wait_raw_fds(&self) -> [std::os::fd::RawFd; 2] {
+        [
+            self.published.fd().as_raw_fd(),
+            self.io.borrow().fd().as_raw_fd(),
+        ]
     }
 
     /// Wait for the next message: spin for the configured time, then sleep on the
