@@ -24,13 +24,13 @@ use avp_wire::{MessageLayout, ModelIdentity};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use crate::Endpoint;
 use crate::endpoint::{
     HeldMem, Listener, Loan, LoanMem, Ready, Receiver, RecvGuard, RecvInner, Sender, SenderInner,
 };
 use crate::error::{Result, TransportError};
 use crate::frame::peer_or_io;
 use crate::options::Options;
-use crate::{Endpoint, TransportKind};
 
 fn dup(fd: RawFd) -> Result<OwnedFd> {
     // SAFETY: `fd` is open for the duration of this call (owned by the endpoint).
@@ -153,55 +153,62 @@ impl Receiver {
 }
 
 impl Sender {
-    /// [`Sender::loan`] for tokio: waiting for a free slot is a future.
-    pub async fn loan_async<'a>(&'a mut self, layout: &'a MessageLayout) -> Result<Loan<'a>> {
-        let len = layout.total_len();
+    /// Memory for `len` bytes; waiting for a free slot is a future.
+    async fn acquire_async(&mut self, len: usize) -> Result<LoanMem> {
         self.check(len as u64)?;
         let timeout = match &self.inner {
             SenderInner::Shm(s) => s.loan_timeout(),
             SenderInner::Tcp(_) => Duration::ZERO,
         };
         let deadline = Instant::now() + timeout;
-        let mem = loop {
+        loop {
             match &mut self.inner {
-                SenderInner::Tcp(t) => break LoanMem::Tcp(t.acquire(len)),
+                SenderInner::Tcp(t) => return Ok(LoanMem::Tcp(t.acquire(len))),
                 SenderInner::Shm(s) => {
                     if let Some(r) = s.acquire(len, false)? {
-                        break LoanMem::Shm(r);
+                        return Ok(LoanMem::Shm(r));
                     }
                     s.set_waiting(true);
                     if let Some(r) = s.acquire(len, false)? {
                         s.set_waiting(false);
-                        break LoanMem::Shm(r);
+                        return Ok(LoanMem::Shm(r));
                     }
                     let [a, b] = s.wait_fds();
                     let (a, b) = (a.as_raw_fd(), b.as_raw_fd());
                     let wait = left(deadline, timeout, "a free shared-memory slot")?;
-                    let waited = ready_either(
-                        a,
-                        b,
-                        Interest::READABLE,
-                        wait.min(Duration::from_millis(50)),
-                    )
-                    .await;
+                    let waited = ready_either(a, b, Interest::READABLE, wait).await;
                     s.set_waiting(false);
                     waited?;
                 }
             }
-        };
+        }
+    }
+
+    /// [`Sender::loan`] for tokio: waiting for a free slot is a future.
+    pub async fn loan_async<'a>(&'a mut self, layout: &'a MessageLayout) -> Result<Loan<'a>> {
+        let mem = self.acquire_async(layout.total_len()).await?;
         self.loan_in(layout, mem)
     }
 
     /// [`Sender::send_bytes`] for tokio.
     pub async fn send_bytes_async(&mut self, bytes: &[u8]) -> Result<()> {
-        if self.session.transport == TransportKind::Shm {
-            return self.send_bytes(bytes);
-        }
         avp_wire::Message::parse(bytes)?;
-        self.check(bytes.len() as u64)?;
-        match &mut self.inner {
-            SenderInner::Tcp(t) => write_all_async(t.stream(), &[bytes]).await,
-            SenderInner::Shm(_) => unreachable!("handled above"),
+        let mut mem = self.acquire_async(bytes.len()).await?;
+        match (&mut self.inner, &mut mem) {
+            (SenderInner::Tcp(t), LoanMem::Tcp(_)) => {
+                let r = write_all_async(t.stream(), &[bytes]).await;
+                if let LoanMem::Tcp(b) = mem {
+                    t.abandon(b);
+                }
+                r
+            }
+            (SenderInner::Shm(s), LoanMem::Shm(r)) => {
+                // SAFETY: the region is ours and at least bytes.len() long.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), r.ptr(), bytes.len()) };
+                let LoanMem::Shm(r) = mem else { unreachable!() };
+                s.publish(r, bytes.len())
+            }
+            _ => unreachable!("loan memory matches its sender"),
         }
     }
 }
