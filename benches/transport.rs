@@ -47,11 +47,20 @@ fn run(addr: &str, opts: Options, size: usize, iters: u64) -> Duration {
 
 fn transport(c: &mut Criterion) {
     let mut g = c.benchmark_group("transport");
-    g.sample_size(10).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
     for size in [4usize << 10, 1 << 20] {
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_function(BenchmarkId::new("shm", size), |b| {
-            b.iter_custom(|iters| run(&format!("shm://bench-crit-{}", std::process::id()), Options::default(), size, iters))
+            b.iter_custom(|iters| {
+                run(
+                    &format!("shm://bench-crit-{}", std::process::id()),
+                    Options::default(),
+                    size,
+                    iters,
+                )
+            })
         });
         let tcp = Options {
             allow_shm_upgrade: false,
