@@ -141,7 +141,7 @@ impl Receiver {
             },
             RecvInner::Tcp(t) => {
                 let fd = t.raw_fd();
-                if !ready_either(fd, fd, Interest::READABLE, timeout).await? {
+                if !t.pending() && !ready_either(fd, fd, Interest::READABLE, timeout).await? {
                     return Err(TransportError::Timeout(timeout, "a message"));
                 }
                 let (mut b, l) = t.recv(left(deadline, timeout, "a message")?)?;
@@ -196,7 +196,7 @@ impl Sender {
         let mut mem = self.acquire_async(bytes.len()).await?;
         match (&mut self.inner, &mut mem) {
             (SenderInner::Tcp(t), LoanMem::Tcp(_)) => {
-                let r = write_all_async(t.stream(), &[bytes]).await;
+                let r = write_all_async(t, &[bytes]).await;
                 if let LoanMem::Tcp(b) = mem {
                     t.abandon(b);
                 }
@@ -220,7 +220,7 @@ impl Ready<'_> {
             let Some(LoanMem::Tcp(buf)) = self.mem.take() else {
                 unreachable!("loan memory matches its sender")
             };
-            let r = write_all_async(t.stream(), &[buf.slice(self.len)]).await;
+            let r = write_all_async(t, &[buf.slice(self.len)]).await;
             t.abandon(buf);
             return r;
         }
@@ -228,8 +228,13 @@ impl Ready<'_> {
     }
 }
 
-/// Write every part to a blocking-mode TCP stream without blocking the task.
-async fn write_all_async(stream: &std::net::TcpStream, parts: &[&[u8]]) -> Result<()> {
+/// Write every part without blocking the task (plain TCP). TLS connections write
+/// through rustls on the calling thread, bounded by the socket's send buffer.
+async fn write_all_async(t: &mut crate::tcp::TcpSender, parts: &[&[u8]]) -> Result<()> {
+    if !t.conn().is_plain() {
+        return t.write_all_vectored(parts);
+    }
+    let stream = t.conn().tcp();
     stream
         .set_nonblocking(true)
         .map_err(TransportError::io("set nonblocking"))?;

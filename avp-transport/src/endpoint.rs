@@ -21,7 +21,7 @@ use crate::handshake::{self, ClientStep};
 use crate::options::Options;
 use crate::session::{Session, TransportKind};
 use crate::shm::{Held, Region, ShmReceiver, ShmSender};
-use crate::tcp::{TcpReceiver, TcpSender};
+use crate::tcp::{Conn, TcpReceiver, TcpSender};
 
 /// Entry points.
 pub struct Endpoint;
@@ -87,7 +87,9 @@ impl Endpoint {
                 stream
                     .set_nodelay(true)
                     .map_err(TransportError::io("nodelay"))?;
-                let mut io = StreamIo { stream };
+                let mut io = StreamIo {
+                    stream: client_conn(stream, hp, &options)?,
+                };
                 let (ours, theirs) = handshake::client_hello(
                     &mut io,
                     handshake::hello(identity, &options, None, None),
@@ -125,6 +127,50 @@ impl Endpoint {
             }
         }
     }
+}
+
+/// Wrap a connected socket in TLS when the options ask for it.
+fn client_conn(stream: TcpStream, host_port: &str, o: &Options) -> Result<Conn> {
+    #[cfg(feature = "tls")]
+    if let Some(cfg) = o.tls.as_ref().and_then(|t| t.client.clone()) {
+        let host = o
+            .tls
+            .as_ref()
+            .and_then(|t| t.server_name.clone())
+            .unwrap_or_else(|| {
+                host_port
+                    .rsplit_once(':')
+                    .map_or(host_port, |(h, _)| h)
+                    .trim_matches(['[', ']'])
+                    .to_owned()
+            });
+        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+            TransportError::InvalidAddress {
+                address: host,
+                reason: format!("not a TLS server name: {e}"),
+            }
+        })?;
+        let conn = rustls::ClientConnection::new(cfg, name)
+            .map_err(|e| TransportError::Auth(format!("TLS: {e}")))?;
+        return Ok(Conn::Client(Box::new(rustls::StreamOwned::new(
+            conn, stream,
+        ))));
+    }
+    let _ = (host_port, o);
+    Ok(Conn::Plain(stream))
+}
+
+fn server_conn(stream: TcpStream, o: &Options) -> Result<Conn> {
+    #[cfg(feature = "tls")]
+    if let Some(cfg) = o.tls.as_ref().and_then(|t| t.server.clone()) {
+        let conn = rustls::ServerConnection::new(cfg)
+            .map_err(|e| TransportError::Auth(format!("TLS: {e}")))?;
+        return Ok(Conn::Server(Box::new(rustls::StreamOwned::new(
+            conn, stream,
+        ))));
+    }
+    let _ = o;
+    Ok(Conn::Plain(stream))
 }
 
 /// Decide whether a TCP peer's shared memory can be used, and say why.
@@ -312,7 +358,9 @@ impl Listener {
                     stream
                         .set_nodelay(true)
                         .map_err(TransportError::io("nodelay"))?;
-                    let mut io = StreamIo { stream };
+                    let mut io = StreamIo {
+                        stream: server_conn(stream, &self.options)?,
+                    };
                     let shm = self.uds.as_ref().map(|u| u.path.display().to_string());
                     match handshake::server(
                         &mut io,

@@ -250,13 +250,31 @@ impl FrameIo for PacketIo {
     }
 }
 
+/// A byte stream that frames can travel on.
+pub trait Stream: Read + Write + AsFd {
+    /// Bound every following read (`None`: wait forever).
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Stream for std::net::TcpStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, t)
+    }
+}
+
+impl Stream for crate::tcp::Conn {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.tcp().set_read_timeout(t)
+    }
+}
+
 /// Frames on a byte stream (TCP): u32 little-endian length, then JSON. No descriptors.
 pub struct StreamIo<S> {
     /// The stream.
     pub stream: S,
 }
 
-impl<S: Read + Write + AsFd> FrameIo for StreamIo<S> {
+impl<S: Stream> FrameIo for StreamIo<S> {
     fn send_frame(&mut self, frame: &Frame, fds: &[RawFd]) -> Result<()> {
         if !fds.is_empty() {
             return Err(TransportError::Protocol(
@@ -273,6 +291,10 @@ impl<S: Read + Write + AsFd> FrameIo for StreamIo<S> {
 
     fn recv_frame(&mut self, timeout: Duration) -> Result<(Frame, Vec<OwnedFd>)> {
         wait_readable(self.stream.as_fd(), timeout, "a control frame")?;
+        // A peer that stops halfway through a frame cannot hold us longer than `timeout`.
+        self.stream
+            .set_read_timeout(Some(timeout))
+            .map_err(TransportError::io("set timeout"))?;
         let mut len = [0u8; 4];
         self.stream
             .read_exact(&mut len)
@@ -284,7 +306,6 @@ impl<S: Read + Write + AsFd> FrameIo for StreamIo<S> {
             )));
         }
         let mut body = vec![0u8; len];
-        wait_readable(self.stream.as_fd(), timeout, "a control frame")?;
         self.stream
             .read_exact(&mut body)
             .map_err(peer_or_io("read frame"))?;
@@ -295,6 +316,9 @@ impl<S: Read + Write + AsFd> FrameIo for StreamIo<S> {
 /// Map EOF and resets to `PeerGone`, other errors to `Io`.
 pub fn peer_or_io(op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
     move |e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            TransportError::Timeout(Duration::ZERO, "the rest of a frame (peer stalled)")
+        }
         std::io::ErrorKind::UnexpectedEof
         | std::io::ErrorKind::ConnectionReset
         | std::io::ErrorKind::BrokenPipe

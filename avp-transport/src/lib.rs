@@ -38,11 +38,13 @@ mod handshake;
 mod options;
 mod session;
 pub mod shm;
-mod tcp;
+pub mod tcp;
 
 pub use address::Address;
 pub use endpoint::{Endpoint, Listener, Loan, Ready, Receiver, RecvGuard, Sender};
 pub use error::{Result, TransportError};
 pub use handshake::boot_id;
 pub use options::Options;
+#[cfg(feature = "tls")]
+pub use options::Tls;
 pub use session::{Session, TransportKind};

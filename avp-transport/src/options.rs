@@ -31,6 +31,22 @@ pub struct Options {
     /// (messages with an empty session id are always accepted). Turn off to relay
     /// recorded messages.
     pub check_session_ids: bool,
+    /// TLS for TCP sessions (feature `tls`): a client config to connect with and/or
+    /// a server config to accept with. Shared-memory sessions never leave the host.
+    #[cfg(feature = "tls")]
+    pub tls: Option<Tls>,
+}
+
+/// TLS settings (feature `tls`).
+#[cfg(feature = "tls")]
+#[derive(Clone, Debug)]
+pub struct Tls {
+    /// Used by [`crate::Endpoint::connect`] over TCP.
+    pub client: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// Used by [`crate::Listener::accept`] over TCP; peers must then speak TLS.
+    pub server: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// Name checked against the server's certificate (default: the address's host).
+    pub server_name: Option<String>,
 }
 
 impl Default for Options {
@@ -47,6 +63,8 @@ impl Default for Options {
             session_ttl: Duration::from_secs(24 * 3600),
             allow_shm_upgrade: true,
             check_session_ids: true,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }

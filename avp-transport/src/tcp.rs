@@ -14,18 +14,124 @@ use crate::buf::{BufPool, PageBuf};
 use crate::error::{Result, TransportError};
 use crate::frame::{peer_or_io, wait_readable};
 
+/// A TCP connection, plain or wrapped in TLS.
+pub enum Conn {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS, connecting side.
+    #[cfg(feature = "tls")]
+    Client(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    /// TLS, listening side.
+    #[cfg(feature = "tls")]
+    Server(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+}
+
+impl Conn {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            #[cfg(feature = "tls")]
+            Conn::Client(s) => &s.sock,
+            #[cfg(feature = "tls")]
+            Conn::Server(s) => &s.sock,
+        }
+    }
+
+    /// Whether bytes are readable without waiting on the socket (TLS may hold
+    /// decrypted bytes that the socket no longer signals).
+    pub fn pending(&mut self) -> bool {
+        match self {
+            Conn::Plain(_) => false,
+            #[cfg(feature = "tls")]
+            Conn::Client(s) => s
+                .conn
+                .process_new_packets()
+                .is_ok_and(|st| st.plaintext_bytes_to_read() > 0),
+            #[cfg(feature = "tls")]
+            Conn::Server(s) => s
+                .conn
+                .process_new_packets()
+                .is_ok_and(|st| st.plaintext_bytes_to_read() > 0),
+        }
+    }
+
+    /// Whether this is a plain (not TLS) connection.
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Conn::Plain(_))
+    }
+
+    /// Wait up to `timeout` until something is readable.
+    pub fn wait_readable(&mut self, timeout: Duration, what: &'static str) -> Result<()> {
+        if self.pending() {
+            return Ok(());
+        }
+        wait_readable(self.tcp().as_fd(), timeout, what)
+    }
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.tcp().as_fd()
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Conn::Client(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Conn::Server(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            Conn::Client(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            Conn::Server(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write_vectored(bufs),
+            #[cfg(feature = "tls")]
+            Conn::Client(s) => s.write_vectored(bufs),
+            #[cfg(feature = "tls")]
+            Conn::Server(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            #[cfg(feature = "tls")]
+            Conn::Client(s) => s.flush(),
+            #[cfg(feature = "tls")]
+            Conn::Server(s) => s.flush(),
+        }
+    }
+}
+
 /// Zeros for padding between sections (alignment is at most 64 KiB).
 static ZEROS: [u8; 65536] = [0; 65536];
 
 /// The sending half of a TCP session.
 pub struct TcpSender {
-    stream: TcpStream,
+    stream: Conn,
     pool: BufPool,
 }
 
 impl TcpSender {
     /// Wrap a connected, handshaken stream.
-    pub fn new(stream: TcpStream) -> TcpSender {
+    pub fn new(stream: Conn) -> TcpSender {
         TcpSender {
             stream,
             pool: BufPool::default(),
@@ -65,12 +171,12 @@ impl TcpSender {
                 Err(e) => return Err(peer_or_io("send")(e)),
             }
         }
-        Ok(())
+        self.stream.flush().map_err(peer_or_io("send"))
     }
 
-    /// The stream (for the async entry points).
-    pub fn stream(&self) -> &TcpStream {
-        &self.stream
+    /// The connection (for the async entry points).
+    pub fn conn(&mut self) -> &mut Conn {
+        &mut self.stream
     }
 
     /// Send a message whose header prefix and sections are separate buffers,
@@ -91,7 +197,7 @@ impl TcpSender {
 
 /// The receiving half of a TCP session.
 pub struct TcpReceiver {
-    stream: RefCell<TcpStream>,
+    stream: RefCell<Conn>,
     pool: RefCell<BufPool>,
     max_message: u64,
     stall: Duration,
@@ -101,7 +207,7 @@ pub struct TcpReceiver {
 impl TcpReceiver {
     /// Wrap a connected, handshaken stream. `stall` bounds the wait for the rest of
     /// a message once its first byte has arrived.
-    pub fn new(stream: TcpStream, max_message: u64, stall: Duration) -> TcpReceiver {
+    pub fn new(stream: Conn, max_message: u64, stall: Duration) -> TcpReceiver {
         TcpReceiver {
             stream: RefCell::new(stream),
             pool: RefCell::new(BufPool::default()),
@@ -113,7 +219,11 @@ impl TcpReceiver {
 
     fn fail(&self, e: TransportError) -> TransportError {
         *self.broken.borrow_mut() = Some(e.to_string());
-        let _ = self.stream.borrow().shutdown(std::net::Shutdown::Both);
+        let _ = self
+            .stream
+            .borrow()
+            .tcp()
+            .shutdown(std::net::Shutdown::Both);
         e
     }
 
@@ -126,8 +236,9 @@ impl TcpReceiver {
             )));
         }
         let mut stream = self.stream.borrow_mut();
-        wait_readable(stream.as_fd(), timeout, "a message")?;
+        stream.wait_readable(timeout, "a message")?;
         stream
+            .tcp()
             .set_read_timeout(Some(self.stall))
             .map_err(TransportError::io("set timeout"))?;
         let mut pre = [0u8; PREAMBLE_LEN];
@@ -164,7 +275,12 @@ impl TcpReceiver {
 
     /// The socket (for the async entry points).
     pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&*self.stream.borrow())
+        std::os::fd::AsRawFd::as_raw_fd(self.stream.borrow().tcp())
+    }
+
+    /// Whether bytes are readable without waiting on the socket.
+    pub fn pending(&self) -> bool {
+        self.stream.borrow_mut().pending()
     }
 
     /// Return a buffer for reuse.
