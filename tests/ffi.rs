@@ -186,3 +186,21 @@ fn c_program_is_clean_under_valgrind() {
     exchange(&exe, &unique("vg"), false, true);
     exchange(&exe, "tcp://127.0.0.1:0", true, true);
 }
+
+#[test]
+fn examples_build_and_talk() {
+    let rx = compile("gcc", "-std=c99", "examples/c/receiver.c", "example_rx", false);
+    let tx = compile("gcc", "-std=c99", "examples/c/sender.c", "example_tx", false);
+    let addr = unique("example");
+    let mut r = Command::new(&rx).arg(&addr).stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = BufReader::new(r.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("listening"), "{line}");
+    let s = Command::new(&tx).arg(&addr).output().unwrap();
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(r.wait().unwrap().success());
+    assert!(rest.contains("30 layers x 3 heads x 64 dims x 128 positions"), "{rest}");
+}

@@ -8,11 +8,14 @@ use crate::status::{Error, avp_status};
 const INDEX_BITS: u32 = 24;
 const GEN_BITS: u32 = 32;
 
+/// A slot: its generation and, while live, its object.
+type Slot<T> = (u32, Option<Arc<Mutex<T>>>);
+
 /// One table of live objects of one kind.
 pub(crate) struct Table<T> {
     kind: u8,
     name: &'static str,
-    slots: Mutex<Vec<(u32, Option<Arc<Mutex<T>>>)>>,
+    slots: Mutex<Vec<Slot<T>>>,
 }
 
 impl<T> Table<T> {
@@ -24,7 +27,7 @@ impl<T> Table<T> {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<(u32, Option<Arc<Mutex<T>>>)>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<Slot<T>>> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 

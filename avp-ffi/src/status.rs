@@ -162,24 +162,24 @@ pub extern "C" fn avp_status_name(status: i32) -> *const c_char {
         AVP_ERR_PANIC,
     ];
     let Some(&status) = ALL.iter().find(|s| **s as i32 == status) else {
-        return b"AVP_STATUS_UNKNOWN\0".as_ptr().cast();
+        return c"AVP_STATUS_UNKNOWN".as_ptr();
     };
-    let s: &'static [u8] = match status {
-        AVP_OK => b"AVP_OK\0",
-        AVP_ERR_NULL => b"AVP_ERR_NULL\0",
-        AVP_ERR_INVALID_ARGUMENT => b"AVP_ERR_INVALID_ARGUMENT\0",
-        AVP_ERR_INVALID_HANDLE => b"AVP_ERR_INVALID_HANDLE\0",
-        AVP_ERR_BUSY => b"AVP_ERR_BUSY\0",
-        AVP_ERR_TIMEOUT => b"AVP_ERR_TIMEOUT\0",
-        AVP_ERR_PEER_GONE => b"AVP_ERR_PEER_GONE\0",
-        AVP_ERR_AUTH => b"AVP_ERR_AUTH\0",
-        AVP_ERR_TOO_LARGE => b"AVP_ERR_TOO_LARGE\0",
-        AVP_ERR_SESSION => b"AVP_ERR_SESSION\0",
-        AVP_ERR_WIRE => b"AVP_ERR_WIRE\0",
-        AVP_ERR_IO => b"AVP_ERR_IO\0",
-        AVP_ERR_PROTOCOL => b"AVP_ERR_PROTOCOL\0",
-        AVP_ERR_BUFFER_TOO_SMALL => b"AVP_ERR_BUFFER_TOO_SMALL\0",
-        AVP_ERR_PANIC => b"AVP_ERR_PANIC\0",
+    let s: &'static std::ffi::CStr = match status {
+        AVP_OK => c"AVP_OK",
+        AVP_ERR_NULL => c"AVP_ERR_NULL",
+        AVP_ERR_INVALID_ARGUMENT => c"AVP_ERR_INVALID_ARGUMENT",
+        AVP_ERR_INVALID_HANDLE => c"AVP_ERR_INVALID_HANDLE",
+        AVP_ERR_BUSY => c"AVP_ERR_BUSY",
+        AVP_ERR_TIMEOUT => c"AVP_ERR_TIMEOUT",
+        AVP_ERR_PEER_GONE => c"AVP_ERR_PEER_GONE",
+        AVP_ERR_AUTH => c"AVP_ERR_AUTH",
+        AVP_ERR_TOO_LARGE => c"AVP_ERR_TOO_LARGE",
+        AVP_ERR_SESSION => c"AVP_ERR_SESSION",
+        AVP_ERR_WIRE => c"AVP_ERR_WIRE",
+        AVP_ERR_IO => c"AVP_ERR_IO",
+        AVP_ERR_PROTOCOL => c"AVP_ERR_PROTOCOL",
+        AVP_ERR_BUFFER_TOO_SMALL => c"AVP_ERR_BUFFER_TOO_SMALL",
+        AVP_ERR_PANIC => c"AVP_ERR_PANIC",
     };
-    s.as_ptr().cast()
+    s.as_ptr()
 }
