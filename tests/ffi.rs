@@ -189,10 +189,26 @@ fn c_program_is_clean_under_valgrind() {
 
 #[test]
 fn examples_build_and_talk() {
-    let rx = compile("gcc", "-std=c99", "examples/c/receiver.c", "example_rx", false);
-    let tx = compile("gcc", "-std=c99", "examples/c/sender.c", "example_tx", false);
+    let rx = compile(
+        "gcc",
+        "-std=c99",
+        "examples/c/receiver.c",
+        "example_rx",
+        false,
+    );
+    let tx = compile(
+        "gcc",
+        "-std=c99",
+        "examples/c/sender.c",
+        "example_tx",
+        false,
+    );
     let addr = unique("example");
-    let mut r = Command::new(&rx).arg(&addr).stdout(Stdio::piped()).spawn().unwrap();
+    let mut r = Command::new(&rx)
+        .arg(&addr)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut out = BufReader::new(r.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
@@ -202,5 +218,8 @@ fn examples_build_and_talk() {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     assert!(r.wait().unwrap().success());
-    assert!(rest.contains("30 layers x 3 heads x 64 dims x 128 positions"), "{rest}");
+    assert!(
+        rest.contains("30 layers x 3 heads x 64 dims x 128 positions"),
+        "{rest}"
+    );
 }

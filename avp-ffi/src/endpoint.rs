@@ -246,7 +246,8 @@ pub unsafe extern "C" fn avp_receiver_pool_range(
 /// Wait up to `timeout_ms` for the next message. On success `*out` is a message
 /// handle whose section pointers point into transport memory (the sender's slot
 /// on shared memory); release it with `avp_message_release` to return the slot.
-/// Several messages may be held at once, up to the sender's slot count.
+/// Several messages may be held at once, up to the sender's slot count. While it
+/// waits, other calls on this receiver (including releasing its messages) wait too.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn avp_receiver_recv(
     receiver: avp_receiver,
