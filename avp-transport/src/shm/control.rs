@@ -12,6 +12,7 @@
 //! 320     rel_tail   u64  releases collected   (sender writes)
 //! 384     tx_waiting u32  sender blocks on the "released" eventfd
 //! 448     producing  u64  number of the message being written + 1 (> head: writing)
+//! 456     writing_slot u32 slot being written (u32::MAX: a dedicated segment)
 //! 512     ring[64]     { slot u32, flags u32, len u64 }
 //! 2048    rel_ring[64] { slot u32 }
 //! 4096    slot 0, slot 1, ... (slot_size bytes each, page-aligned)
@@ -177,7 +178,8 @@ impl Control {
     /// whether the receiver sleeps: ring it, so that it waits awake and its wake-up
     /// overlaps the writing instead of following the publish. Publishing the
     /// message (head + 1) ends the announcement without another store.
-    pub fn begin(&self, head: u64) -> bool {
+    pub fn begin(&self, head: u64, slot: u32) -> bool {
+        self.u32_at(PRODUCING + 8).store(slot, Ordering::Relaxed);
         self.u64_at(PRODUCING).store(head + 1, Ordering::SeqCst);
         self.u32_at(RX_WAITING).load(Ordering::SeqCst) != 0
     }
@@ -185,6 +187,11 @@ impl Control {
     /// Sender: the message announced by [`begin`](Self::begin) will not be published.
     pub fn cancel(&self, head: u64) {
         self.u64_at(PRODUCING).store(head, Ordering::SeqCst);
+    }
+
+    /// Receiver: the slot the sender announced it is writing (untrusted).
+    pub fn writing_slot(&self) -> u32 {
+        self.u32_at(PRODUCING + 8).load(Ordering::Relaxed)
     }
 
     /// Receiver: whether the sender is writing a message now.

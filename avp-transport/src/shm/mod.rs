@@ -237,7 +237,11 @@ impl ShmSender {
             };
             Region::Slot { index, ptr }
         };
-        if self.ctrl.begin(self.head) {
+        let slot = match &region {
+            Region::Slot { index, .. } => *index,
+            Region::Dedicated { .. } => u32::MAX,
+        };
+        if self.ctrl.begin(self.head, slot) {
             self.published.notify();
         }
         Ok(Some(region))
@@ -553,6 +557,16 @@ impl ShmReceiver {
         while self.ctrl.producing() {
             if let Some(m) = self.pop()? {
                 return Ok(Some(m));
+            }
+            // Keep the translation of the slot's first page (where the header will
+            // be) hot: after a large write, a cold page walk under nested paging
+            // costs microseconds.
+            let slot = self.ctrl.writing_slot();
+            if slot < self.slots {
+                // SAFETY: slot < slots, so the byte lies inside the read-only data mapping.
+                let _ = unsafe {
+                    std::ptr::read_volatile(self.data.ptr().add(slot as usize * self.slot_size))
+                };
             }
             std::thread::yield_now();
             n = n.wrapping_add(1);
