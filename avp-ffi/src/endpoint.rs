@@ -102,17 +102,8 @@ pub unsafe extern "C" fn avp_listener_bind(
     out: *mut avp_listener,
 ) -> avp_status {
     ffi(|| {
-        if address.is_null() {
-            return Err(Error::null("address"));
-        }
         // SAFETY: pointers are NULL or valid per the header's contract.
-        let (addr, id, opts) = unsafe {
-            (
-                types::string(address, "address")?,
-                types::identity(identity.as_ref())?,
-                types::options(options.as_ref())?,
-            )
-        };
+        let (addr, id, opts) = unsafe { types::endpoint_args(address, identity, options)? };
         if out.is_null() {
             return Err(Error::null("out"));
         }
@@ -302,20 +293,11 @@ pub unsafe extern "C" fn avp_sender_connect(
     out: *mut avp_sender,
 ) -> avp_status {
     ffi(|| {
-        if address.is_null() {
-            return Err(Error::null("address"));
-        }
         if out.is_null() {
             return Err(Error::null("out"));
         }
         // SAFETY: pointers are NULL or valid per the header's contract.
-        let (addr, id, opts) = unsafe {
-            (
-                types::string(address, "address")?,
-                types::identity(identity.as_ref())?,
-                types::options(options.as_ref())?,
-            )
-        };
+        let (addr, id, opts) = unsafe { types::endpoint_args(address, identity, options)? };
         let tx = Endpoint::connect(&addr, &id, opts)?;
         let session = tx.session().clone();
         let handle = avp_sender {
@@ -413,16 +395,10 @@ pub unsafe extern "C" fn avp_sender_loan_section(
         if ptr.is_null() || len.is_null() {
             return Err(Error::null("ptr and len"));
         }
-        let (p, n) = with_loan(sender, |loan, _| {
-            let s = loan.writer().section_mut(index)?;
-            Ok((s.as_mut_ptr(), s.len()))
-        })?;
-        // SAFETY: both checked non-NULL above.
-        unsafe {
-            ptr.write(p);
-            len.write(n);
-        }
-        Ok(())
+        // SAFETY: put_section writes through the (non-NULL) out-pointers.
+        with_loan(sender, |loan, _| unsafe {
+            types::put_section(ptr, len, loan.writer().section_mut(index)?)
+        })
     })
 }
 

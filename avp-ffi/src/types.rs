@@ -531,6 +531,48 @@ pub(crate) fn kv_section(d: &KvCacheDesc, layer: u32, part: u32) -> Result<usize
     }
 }
 
+/// Address, identity and options of a bind or connect call.
+///
+/// # Safety
+/// Pointers are NULL or valid per the header's contract.
+pub(crate) unsafe fn endpoint_args(
+    address: *const c_char,
+    identity: *const avp_identity,
+    options: *const avp_options,
+) -> Result<(String, ModelIdentity, Options), Error> {
+    if address.is_null() {
+        return Err(Error::null("address"));
+    }
+    // SAFETY: per the caller's contract.
+    unsafe {
+        Ok((
+            string(address, "address")?,
+            self::identity(identity.as_ref())?,
+            self::options(options.as_ref())?,
+        ))
+    }
+}
+
+/// Hand out a writable section through `ptr` / `len`.
+///
+/// # Safety
+/// `ptr` and `len` are NULL or writable.
+pub(crate) unsafe fn put_section(
+    ptr: *mut *mut u8,
+    len: *mut usize,
+    s: &mut [u8],
+) -> Result<(), Error> {
+    if ptr.is_null() || len.is_null() {
+        return Err(Error::null("ptr and len"));
+    }
+    // SAFETY: both checked non-NULL.
+    unsafe {
+        ptr.write(s.as_mut_ptr());
+        len.write(s.len());
+    }
+    Ok(())
+}
+
 /// Copy `s` into a fixed C char array, truncating, always NUL-terminated.
 pub(crate) fn fill<const N: usize>(dst: &mut [c_char; N], s: &str) {
     let n = s.len().min(N - 1);

@@ -113,9 +113,6 @@ pub unsafe extern "C" fn avp_writer_section(
     len: *mut usize,
 ) -> avp_status {
     ffi(|| {
-        if ptr.is_null() || len.is_null() {
-            return Err(Error::null("ptr and len"));
-        }
         let w = WRITERS.get(writer.id)?;
         let mut obj = lock(&w);
         let s = obj
@@ -123,12 +120,8 @@ pub unsafe extern "C" fn avp_writer_section(
             .as_mut()
             .expect("present until finished")
             .section_mut(index)?;
-        // SAFETY: both checked non-NULL above.
-        unsafe {
-            ptr.write(s.as_mut_ptr());
-            len.write(s.len());
-        }
-        Ok(())
+        // SAFETY: put_section checks the out-pointers.
+        unsafe { types::put_section(ptr, len, s) }
     })
 }
 

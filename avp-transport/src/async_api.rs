@@ -29,7 +29,6 @@ use crate::endpoint::{
     HeldMem, Listener, Loan, LoanMem, Ready, Receiver, RecvGuard, RecvInner, Sender, SenderInner,
 };
 use crate::error::{Result, TransportError};
-use crate::frame::peer_or_io;
 use crate::options::Options;
 
 fn dup(fd: RawFd) -> Result<OwnedFd> {
@@ -241,25 +240,15 @@ async fn write_all_async(t: &mut crate::tcp::TcpSender, parts: &[&[u8]]) -> Resu
     let afd = register(stream.as_raw_fd(), Interest::WRITABLE);
     let result = async {
         let afd = afd?;
-        let mut slices: Vec<IoSlice<'_>> = parts
-            .iter()
-            .filter(|p| !p.is_empty())
-            .map(|p| IoSlice::new(p))
-            .collect();
+        let mut slices = crate::tcp::io_slices(parts);
         let mut bufs: &mut [IoSlice<'_>] = &mut slices;
         while !bufs.is_empty() {
             let mut guard = afd
                 .writable()
                 .await
                 .map_err(TransportError::io("await writable"))?;
-            match guard.try_io(|_| std::io::Write::write_vectored(&mut &*stream, bufs)) {
-                Ok(Ok(0)) => {
-                    return Err(TransportError::PeerGone("receiver stopped reading".into()));
-                }
-                Ok(Ok(n)) => IoSlice::advance_slices(&mut bufs, n),
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Ok(Err(e)) => return Err(peer_or_io("send")(e)),
-                Err(_would_block) => {}
+            if let Ok(r) = guard.try_io(|_| std::io::Write::write_vectored(&mut &*stream, bufs)) {
+                crate::tcp::advance(&mut bufs, r)?;
             }
         }
         Ok(())

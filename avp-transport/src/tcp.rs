@@ -120,6 +120,31 @@ impl Write for Conn {
     }
 }
 
+/// The non-empty parts as I/O slices.
+pub(crate) fn io_slices<'a>(parts: &[&'a [u8]]) -> Vec<IoSlice<'a>> {
+    parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| IoSlice::new(p))
+        .collect()
+}
+
+/// Account for one vectored write's result: drop what was written, retry on EINTR.
+pub(crate) fn advance(
+    bufs: &mut &mut [IoSlice<'_>],
+    written: std::io::Result<usize>,
+) -> Result<()> {
+    match written {
+        Ok(0) => Err(TransportError::PeerGone("receiver stopped reading".into())),
+        Ok(n) => {
+            IoSlice::advance_slices(bufs, n);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+        Err(e) => Err(peer_or_io("send")(e)),
+    }
+}
+
 /// Zeros for padding between sections (alignment is at most 64 KiB).
 static ZEROS: [u8; 65536] = [0; 65536];
 
@@ -157,19 +182,11 @@ impl TcpSender {
 
     /// Write every part, in order, with as few system calls as the kernel allows.
     pub fn write_all_vectored(&mut self, parts: &[&[u8]]) -> Result<()> {
-        let mut slices: Vec<IoSlice<'_>> = parts
-            .iter()
-            .filter(|p| !p.is_empty())
-            .map(|p| IoSlice::new(p))
-            .collect();
+        let mut slices = io_slices(parts);
         let mut bufs: &mut [IoSlice<'_>] = &mut slices;
         while !bufs.is_empty() {
-            match self.stream.write_vectored(bufs) {
-                Ok(0) => return Err(TransportError::PeerGone("receiver stopped reading".into())),
-                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(peer_or_io("send")(e)),
-            }
+            let r = self.stream.write_vectored(bufs);
+            advance(&mut bufs, r)?;
         }
         self.stream.flush().map_err(peer_or_io("send"))
     }
