@@ -83,8 +83,20 @@ struct Row {
 }
 
 impl Row {
+    /// Pool another round's samples into this row.
+    fn absorb(&mut self, other: Row) {
+        self.lat_us.extend(other.lat_us);
+        self.e2e_s.extend(other.e2e_s);
+        self.produce_s.extend(other.produce_s);
+    }
+
+    /// Size over the median end-to-end time.
+    fn gbps(&self) -> f64 {
+        self.size as f64 / pct(self.e2e_s.clone(), 0.5) / 1e9
+    }
+
     fn emit(&self, json_out: bool, spin: bool) {
-        let gbps = self.size as f64 / pct(self.e2e_s.clone(), 0.5) / 1e9;
+        let gbps = self.gbps();
         let (p50, p99) = if self.lat_us.is_empty() {
             (
                 pct(self.e2e_s.clone(), 0.5) * 1e6,
@@ -119,22 +131,50 @@ impl Row {
     }
 }
 
+/// Rounds each transport's repetitions are split into, interleaved across
+/// transports, so that machine noise lands on all of them alike.
+const ROUNDS: usize = 4;
+
 pub fn run(a: TransportArgs) -> anyhow::Result<()> {
     avp_wire::checksum::set_max_threads(a.checksum_threads);
     for s in &a.sizes {
         let size = parse_size(s)?;
         let reps = a
             .reps
-            .unwrap_or_else(|| ((1usize << 30) / size).clamp(10, 300));
-        for t in &a.transports {
-            let row = match t.as_str() {
-                "memcpy" => memcpy(size, reps),
-                "raw_tcp" => raw_tcp(size, reps)?,
-                "shm" => avp_transport(size, reps, true, a.spin)?,
-                "tcp" => avp_transport(size, reps, false, a.spin)?,
-                other => anyhow::bail!("unknown transport {other:?} (memcpy, raw_tcp, shm, tcp)"),
-            };
+            .unwrap_or_else(|| ((1usize << 30) / size).clamp(40, 300));
+        let per_round = reps.div_ceil(ROUNDS);
+        let mut rows: Vec<Row> = Vec::new();
+        for _ in 0..ROUNDS {
+            for (i, t) in a.transports.iter().enumerate() {
+                let row = match t.as_str() {
+                    "memcpy" => memcpy(size, per_round),
+                    "raw_tcp" => raw_tcp(size, per_round)?,
+                    "shm" => avp_transport(size, per_round, true, a.spin)?,
+                    "tcp" => avp_transport(size, per_round, false, a.spin)?,
+                    other => {
+                        anyhow::bail!("unknown transport {other:?} (memcpy, raw_tcp, shm, tcp)")
+                    }
+                };
+                match rows.get_mut(i) {
+                    Some(r) => r.absorb(row),
+                    None => rows.push(row),
+                }
+            }
+        }
+        for row in &rows {
             row.emit(a.json, a.spin);
+        }
+        let gbps = |name: &str| rows.iter().find(|r| r.transport == name).map(Row::gbps);
+        if let (Some(tcp), Some(raw)) = (gbps("tcp"), gbps("raw_tcp")) {
+            let ratio = (tcp / raw * 100.0).round() / 100.0;
+            if a.json {
+                println!(
+                    "{}",
+                    json!({"bench": "transport_ratio", "size_bytes": size, "tcp_over_raw_tcp": ratio})
+                );
+            } else {
+                println!("{:>8} {:>10} B  tcp / raw_tcp = {ratio:.2}", "ratio", size);
+            }
         }
     }
     Ok(())
