@@ -10,6 +10,7 @@ mod error;
 pub mod fetch;
 pub mod gguf;
 pub mod quant;
+pub mod tokenizer;
 
 pub use error::{ModelError, Result};
 pub use gguf::{GgufFile, TensorInfo, Value};

@@ -121,3 +121,24 @@ fn cache_is_verified_and_listed() {
     assert!(fetch::list().iter().any(|(s, _)| s.name == "smollm2"));
     assert!(fetch::spec("no-such-model").is_err());
 }
+
+#[test]
+fn embedded_tokenizer_matches_the_reference_ids() {
+    let g = model();
+    let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
+    let ids = |s: &str| tok.encode(s, false).unwrap().get_ids().to_vec();
+    assert_eq!(
+        ids("Hello, world! 12345"),
+        [19556, 28, 905, 17, 216, 33, 34, 35, 36, 37]
+    );
+    assert_eq!(
+        ids("<|im_start|>user\nhi<|im_end|>"),
+        [1, 4093, 198, 6004, 2]
+    );
+    assert_eq!(
+        tok.decode(&[504, 3575, 282, 4649, 314, 7042, 30], true)
+            .unwrap(),
+        "The capital of France is Paris."
+    );
+    assert_eq!(tok.get_vocab_size(true), 49152);
+}
