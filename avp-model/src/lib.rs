@@ -6,12 +6,15 @@
 //! dequantizes their tensor types to f32; the decoder builds on it.
 #![warn(missing_docs)]
 
+pub mod chat;
+pub mod config;
 mod error;
 pub mod fetch;
 pub mod gguf;
 pub mod quant;
 pub mod tokenizer;
 
+pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use gguf::{GgufFile, TensorInfo, Value};
 pub use quant::GgmlType;

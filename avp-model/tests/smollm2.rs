@@ -142,3 +142,50 @@ fn embedded_tokenizer_matches_the_reference_ids() {
     );
     assert_eq!(tok.get_vocab_size(true), 49152);
 }
+
+#[test]
+fn config_identity_and_chat_prompt() {
+    use avp_model::chat::{ChatMessage, render};
+    let g = model();
+    let c = avp_model::ModelConfig::from_gguf(&g).unwrap();
+    assert_eq!(
+        (
+            c.layers,
+            c.hidden,
+            c.intermediate,
+            c.heads,
+            c.kv_heads,
+            c.head_dim
+        ),
+        (30, 576, 1536, 9, 3, 64)
+    );
+    assert_eq!(
+        (c.vocab_size, c.rope_theta, c.tied_embeddings, c.qkv_bias),
+        (49152, 100000.0, true, false)
+    );
+    assert!((c.rms_eps - 1e-5).abs() < 1e-9);
+    let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
+    let id = c.identity("HuggingFaceTB/SmolLM2-135M-Instruct", &tok);
+    assert_eq!((id.model_hash.len(), id.tokenizer_hash.len()), (64, 64));
+    assert_eq!(id.model_hash, c.hash(), "stable");
+    // The reference's greedy test prompt: 37 tokens starting [1, 9690, 198, 2683].
+    let template = g.get("tokenizer.chat_template").unwrap().as_str().unwrap();
+    let prompt = render(
+        template,
+        &[ChatMessage::user("What is the capital of France?")],
+        true,
+    )
+    .unwrap();
+    assert_eq!(
+        prompt,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids = tok
+        .encode(prompt.as_str(), false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert_eq!(ids.len(), 37);
+    assert_eq!(&ids[..4], &[1, 9690, 198, 2683]);
+}
