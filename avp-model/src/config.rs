@@ -73,7 +73,7 @@ impl ModelConfig {
                 .map_or(0, |a| a.len() as u32),
         };
         let head_dim =
-            int("attention.key_length").unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+            int("attention.key_length").unwrap_or(hidden.checked_div(heads).unwrap_or(0));
         let c = ModelConfig {
             vocab_size,
             hidden,
@@ -89,7 +89,8 @@ impl ModelConfig {
             qkv_bias: g.tensor("blk.0.attn_q.bias").is_ok(),
             family,
         };
-        if c.heads == 0 || c.kv_heads == 0 || c.heads % c.kv_heads != 0 || c.head_dim == 0 {
+        if c.heads == 0 || c.kv_heads == 0 || !c.heads.is_multiple_of(c.kv_heads) || c.head_dim == 0
+        {
             return Err(ModelError::Gguf(format!(
                 "inconsistent attention shape: {} heads, {} kv heads, head_dim {}",
                 c.heads, c.kv_heads, c.head_dim
