@@ -9,9 +9,11 @@
  * With "tcp" the session stays on TCP; otherwise shared memory is used and every
  * received section pointer must lie inside the shared pool (zero copy).
  */
+#define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "avp.h"
 
@@ -277,9 +279,11 @@ static int do_badargs(void) {
   EXPECT(avp_listener_free(l0), AVP_ERR_INVALID_HANDLE);
 
   /* A live listener: small buffers, timeouts, wrong-kind handles, double free. */
-  CHECK(avp_listener_bind("shm://avp-c-badargs", NULL, NULL, &l));
+  char name[64];
+  snprintf(name, sizeof name, "shm://avp-c-badargs-%ld", (long)getpid());
+  CHECK(avp_listener_bind(name, NULL, NULL, &l));
   EXPECT(avp_listener_address(l, buf, 4, &n), AVP_ERR_BUFFER_TOO_SMALL);
-  if (n != strlen("shm://avp-c-badargs") + 1) failures++;
+  if (n != strlen(name) + 1) failures++;
   EXPECT(avp_listener_address(l, NULL, 0, &n), AVP_ERR_NULL);
   EXPECT(avp_listener_accept(l, 10, &r), AVP_ERR_TIMEOUT);
   struct avp_receiver forged = {l.id};
