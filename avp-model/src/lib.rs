@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod decoder;
 mod error;
 pub mod fetch;
 pub mod gguf;
@@ -15,6 +16,7 @@ pub mod quant;
 pub mod tokenizer;
 
 pub use config::ModelConfig;
+pub use decoder::{Decoder, KvCache};
 pub use error::{ModelError, Result};
 pub use gguf::{GgufFile, TensorInfo, Value};
 pub use quant::GgmlType;

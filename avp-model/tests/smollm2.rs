@@ -189,3 +189,55 @@ fn config_identity_and_chat_prompt() {
     assert_eq!(ids.len(), 37);
     assert_eq!(&ids[..4], &[1, 9690, 198, 2683]);
 }
+
+fn chat_ids(g: &GgufFile, tok: &tokenizers::Tokenizer, question: &str) -> Vec<u32> {
+    use avp_model::chat::{ChatMessage, render};
+    let template = g.get("tokenizer.chat_template").unwrap().as_str().unwrap();
+    let prompt = render(template, &[ChatMessage::user(question)], true).unwrap();
+    tok.encode(prompt.as_str(), false)
+        .unwrap()
+        .get_ids()
+        .to_vec()
+}
+
+#[test]
+fn greedy_answer_is_the_reference_answer() {
+    let g = model();
+    let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
+    let m = avp_model::Decoder::load(&g).unwrap();
+    let ids = chat_ids(&g, &tok, "What is the capital of France?");
+    let mut cache = avp_model::KvCache::default();
+    let out = m.greedy(&ids, &mut cache, 16, 2).unwrap();
+    assert_eq!(out, [504, 3575, 282, 4649, 314, 7042, 30]);
+    assert_eq!(
+        tok.decode(&out, true).unwrap(),
+        "The capital of France is Paris."
+    );
+    assert_eq!(cache.len(), ids.len() + out.len());
+}
+
+#[test]
+fn continuing_from_a_cache_equals_one_pass() {
+    let g = model();
+    let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
+    let m = avp_model::Decoder::load(&g).unwrap();
+    let a = tok
+        .encode("The quick brown fox", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let b = tok
+        .encode(" jumps over the", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    // Agent A prefills `a`; agent B continues with `b` from A's cache.
+    let mut cache = avp_model::KvCache::default();
+    m.forward(&a, &mut cache).unwrap();
+    let continued = m.greedy(&b, &mut cache, 8, 2).unwrap();
+    let mut whole = avp_model::KvCache::default();
+    let joined: Vec<u32> = a.iter().chain(&b).copied().collect();
+    let one_pass = m.greedy(&joined, &mut whole, 8, 2).unwrap();
+    assert_eq!(continued, one_pass);
+    assert_eq!(continued.len(), 8);
+}

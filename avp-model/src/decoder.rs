@@ -1,0 +1,302 @@
+//! The decoder: a Llama-family transformer on burn (CPU backend `flex`), with a KV
+//! cache laid out as avp moves it (`[kv_heads, seq, head_dim]` per layer, HND).
+//!
+//! RMSNorm, rotary position embeddings (rotate-half, the config's θ), grouped-query
+//! attention, SwiGLU MLP, tied or untied output embeddings. Weights are dequantized
+//! to f32 at load. llama.cpp stores Q and K rows permuted for its interleaved RoPE;
+//! they are put back in Hugging Face order at load, so cached K matches what a
+//! Hugging Face model would hold.
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+
+struct Layer {
+    attn_norm: Tensor<1>,
+    // Projections as [in, out], so `x.matmul(w)`.
+    wq: Tensor<2>,
+    wk: Tensor<2>,
+    wv: Tensor<2>,
+    wo: Tensor<2>,
+    ffn_norm: Tensor<1>,
+    w_gate: Tensor<2>,
+    w_up: Tensor<2>,
+    w_down: Tensor<2>,
+}
+
+/// A loaded model.
+pub struct Decoder {
+    config: ModelConfig,
+    embed: Tensor<2>,
+    output: Tensor<2>,
+    norm: Tensor<1>,
+    layers: Vec<Layer>,
+    inv_freq: Vec<f32>,
+    device: Device,
+}
+
+/// The attention state of a sequence: per layer K and V, `[1, kv_heads, seq, head_dim]`.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor<4>, Tensor<4>)>,
+}
+
+impl KvCache {
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn matrix(v: Vec<f32>, rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(v, [rows, cols]), device)
+}
+
+/// Undo llama.cpp's Q/K row permutation: within each head, GGUF row `2i + j`
+/// (pair `i`, half `j`) is Hugging Face row `j * head_dim/2 + i`.
+fn unpermute(v: Vec<f32>, heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    let half = head_dim / 2;
+    for h in 0..heads {
+        for r in 0..head_dim {
+            let src = (h * head_dim + 2 * (r % half) + r / half) * cols;
+            let dst = (h * head_dim + r) * cols;
+            out[dst..dst + cols].copy_from_slice(&v[src..src + cols]);
+        }
+    }
+    out
+}
+
+impl Decoder {
+    /// Load a Llama-family model from a GGUF file.
+    pub fn load(g: &GgufFile) -> Result<Decoder> {
+        let config = ModelConfig::from_gguf(g)?;
+        if config.family != "llama" {
+            return Err(ModelError::Gguf(format!(
+                "the {} decoder is not implemented yet (llama is)",
+                config.family
+            )));
+        }
+        let device = Device::flex();
+        let (heads, kv_heads, head_dim) = (
+            config.heads as usize,
+            config.kv_heads as usize,
+            config.head_dim as usize,
+        );
+        // ggml stores a weight as `dims[1]` rows of `dims[0]` values: [out, in].
+        let weight = |name: &str, permute_heads: Option<usize>| -> Result<Tensor<2>> {
+            let info = g.tensor(name)?;
+            if info.dims.len() != 2 {
+                return Err(ModelError::Gguf(format!(
+                    "{name} is not a matrix: {:?}",
+                    info.dims
+                )));
+            }
+            let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
+            let mut v = g.dequantize(name)?;
+            if let Some(h) = permute_heads {
+                v = unpermute(v, h, head_dim, cols);
+            }
+            Ok(matrix(v, rows, cols, &device).transpose())
+        };
+        let vector = |name: &str| -> Result<Tensor<1>> {
+            let v = g.dequantize(name)?;
+            let n = v.len();
+            Ok(Tensor::from_data(TensorData::new(v, [n]), &device))
+        };
+        let embed_info = g.tensor("token_embd.weight")?;
+        let embed = matrix(
+            g.dequantize("token_embd.weight")?,
+            embed_info.dims[1] as usize,
+            embed_info.dims[0] as usize,
+            &device,
+        );
+        let output = if config.tied_embeddings {
+            embed.clone().transpose()
+        } else {
+            weight("output.weight", None)?
+        };
+        let layers = (0..config.layers)
+            .map(|l| {
+                let n = |s: &str| format!("blk.{l}.{s}.weight");
+                Ok(Layer {
+                    attn_norm: vector(&n("attn_norm"))?,
+                    wq: weight(&n("attn_q"), Some(heads))?,
+                    wk: weight(&n("attn_k"), Some(kv_heads))?,
+                    wv: weight(&n("attn_v"), None)?,
+                    wo: weight(&n("attn_output"), None)?,
+                    ffn_norm: vector(&n("ffn_norm"))?,
+                    w_gate: weight(&n("ffn_gate"), None)?,
+                    w_up: weight(&n("ffn_up"), None)?,
+                    w_down: weight(&n("ffn_down"), None)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| config.rope_theta.powf(-(2.0 * i as f32) / head_dim as f32))
+            .collect();
+        Ok(Decoder {
+            norm: vector("output_norm.weight")?,
+            embed,
+            output,
+            layers,
+            inv_freq,
+            config,
+            device,
+        })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn rms_norm(&self, x: Tensor<2>, w: &Tensor<1>) -> Tensor<2> {
+        let mean_sq = x.clone().powf_scalar(2.0).mean_dim(1);
+        x * (mean_sq + self.config.rms_eps as f64).sqrt().recip() * w.clone().unsqueeze_dim::<2>(0)
+    }
+
+    /// cos and sin, `[seq, head_dim]`, for positions `start..start + seq`.
+    fn rope_tables(&self, start: usize, seq: usize) -> (Tensor<4>, Tensor<4>) {
+        let hd = self.config.head_dim as usize;
+        let (mut cos, mut sin) = (Vec::with_capacity(seq * hd), Vec::with_capacity(seq * hd));
+        for p in start..start + seq {
+            for i in 0..hd {
+                let a = p as f32 * self.inv_freq[i % (hd / 2)];
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let t = |v| {
+            matrix(v, seq, hd, &self.device)
+                .unsqueeze_dim::<3>(0)
+                .unsqueeze_dim::<4>(0)
+        };
+        (t(cos), t(sin))
+    }
+
+    /// Rotate-half RoPE on `[1, heads, seq, head_dim]`.
+    fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+        let [b, h, s, hd] = x.dims();
+        let first = x.clone().slice([0..b, 0..h, 0..s, 0..hd / 2]);
+        let second = x.clone().slice([0..b, 0..h, 0..s, hd / 2..hd]);
+        let rotated = Tensor::cat(vec![second.neg(), first], 3);
+        x * cos.clone() + rotated * sin.clone()
+    }
+
+    /// Run `ids` after the positions already in `cache` (which grows by `ids.len()`),
+    /// and return the logits of the last position.
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            return Err(ModelError::Gguf("forward needs at least one token".into()));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
+            return Err(ModelError::Gguf(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let (seq, start) = (ids.len(), cache.len());
+        let total = start + seq;
+        let (h, kvh, hd) = (
+            self.config.heads as usize,
+            self.config.kv_heads as usize,
+            self.config.head_dim as usize,
+        );
+        let idx = Tensor::<1, Int>::from_data(
+            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [seq]),
+            &self.device,
+        );
+        let mut x = self.embed.clone().select(0, idx);
+        let (cos, sin) = self.rope_tables(start, seq);
+        // Position i may attend to positions <= start + i.
+        let mask = (seq > 1).then(|| {
+            Tensor::<2, Bool>::tril_mask([seq, total], start as i64, &self.device)
+                .unsqueeze_dim::<3>(0)
+                .unsqueeze_dim::<4>(0)
+                .expand([1, h, seq, total])
+        });
+        for (l, layer) in self.layers.iter().enumerate() {
+            let xn = self.rms_norm(x.clone(), &layer.attn_norm);
+            let heads_of = |t: Tensor<2>, n: usize| t.reshape([1, seq, n, hd]).swap_dims(1, 2);
+            let q = Self::rope(heads_of(xn.clone().matmul(layer.wq.clone()), h), &cos, &sin);
+            let k = Self::rope(
+                heads_of(xn.clone().matmul(layer.wk.clone()), kvh),
+                &cos,
+                &sin,
+            );
+            let v = heads_of(xn.matmul(layer.wv.clone()), kvh);
+            let (k, v) = match cache.layers.get(l) {
+                Some((pk, pv)) => (
+                    Tensor::cat(vec![pk.clone(), k], 2),
+                    Tensor::cat(vec![pv.clone(), v], 2),
+                ),
+                None => (k, v),
+            };
+            if l < cache.layers.len() {
+                cache.layers[l] = (k.clone(), v.clone());
+            } else {
+                cache.layers.push((k.clone(), v.clone()));
+            }
+            // Grouped-query attention: each KV head serves heads / kv_heads query heads.
+            let group = |t: Tensor<4>| {
+                t.unsqueeze_dim::<5>(2)
+                    .repeat_dim(2, h / kvh)
+                    .reshape([1, h, total, hd])
+            };
+            let mut scores = q.matmul(group(k).swap_dims(2, 3)) / (hd as f64).sqrt();
+            if let Some(m) = &mask {
+                scores = scores.mask_fill(m.clone(), f32::NEG_INFINITY);
+            }
+            let attended = softmax(scores, 3)
+                .matmul(group(v))
+                .swap_dims(1, 2)
+                .reshape([seq, h * hd]);
+            x = x + attended.matmul(layer.wo.clone());
+            let xn = self.rms_norm(x.clone(), &layer.ffn_norm);
+            let mlp = silu(xn.clone().matmul(layer.w_gate.clone())) * xn.matmul(layer.w_up.clone());
+            x = x + mlp.matmul(layer.w_down.clone());
+        }
+        let last = x.slice([seq - 1..seq, 0..self.config.hidden as usize]);
+        let logits = self.rms_norm(last, &self.norm).matmul(self.output.clone());
+        logits
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| ModelError::Gguf(format!("reading logits: {e:?}")))
+    }
+
+    /// Greedy decoding: feed `prompt` after `cache`, then up to `max_new` tokens,
+    /// stopping before `eos`. Returns the new tokens.
+    pub fn greedy(
+        &self,
+        prompt: &[u32],
+        cache: &mut KvCache,
+        max_new: usize,
+        eos: u32,
+    ) -> Result<Vec<u32>> {
+        let mut logits = self.forward(prompt, cache)?;
+        let mut out = Vec::new();
+        while out.len() < max_new {
+            let next = logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32)
+                .expect("non-empty vocabulary");
+            if next == eos {
+                break;
+            }
+            out.push(next);
+            logits = self.forward(&[next], cache)?;
+        }
+        Ok(out)
+    }
+}
