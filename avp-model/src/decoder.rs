@@ -45,6 +45,97 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// The cache's shape as avp-wire describes it: f32, HND, every layer.
+    pub fn desc(&self) -> Option<avp_wire::KvCacheDesc> {
+        let (k, _) = self.layers.first()?;
+        let [_, kv_heads, seq, head_dim] = k.dims();
+        Some(avp_wire::KvCacheDesc::new(
+            self.layers.len() as u32,
+            kv_heads as u32,
+            head_dim as u32,
+            seq as u64,
+            avp_wire::DType::F32,
+            avp_wire::KvLayout::Hnd,
+        ))
+    }
+
+    /// Write every layer's K and V into the sections of a message laid out for
+    /// [`Self::desc`] (copied once, checksummed in the same pass).
+    pub fn write_into(&self, writer: &mut avp_wire::MessageWriter<'_>) -> Result<()> {
+        for (l, (k, v)) in self.layers.iter().enumerate() {
+            for (i, t) in [(2 * l, k), (2 * l + 1, v)] {
+                let data = t.clone().into_data();
+                writer
+                    .write_section(i, data.as_bytes())
+                    .map_err(|e| ModelError::Gguf(format!("writing layer {l}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuild a cache from a received KV message (f32, f16 or bf16; HND or NHD;
+    /// every layer) for `decoder`.
+    pub fn from_message(msg: &avp_wire::Message<'_>, decoder: &Decoder) -> Result<KvCache> {
+        let wire = |e: avp_wire::WireError| ModelError::Gguf(format!("KV message: {e}"));
+        let kv = msg.kv().map_err(wire)?;
+        let d = *kv.desc();
+        let c = &decoder.config;
+        if d.layers.start != 0
+            || d.num_layers != c.layers
+            || d.num_kv_heads != c.kv_heads
+            || d.head_dim != c.head_dim
+        {
+            return Err(ModelError::Gguf(format!(
+                "KV cache of {} layers x {} heads x {} does not fit this model ({} x {} x {})",
+                d.num_layers, d.num_kv_heads, d.head_dim, c.layers, c.kv_heads, c.head_dim
+            )));
+        }
+        let (h, s, hd) = (
+            d.num_kv_heads as usize,
+            d.seq_len as usize,
+            d.head_dim as usize,
+        );
+        let tensor = |bytes: &[u8]| -> Result<Tensor<4>> {
+            let values: Vec<f32> = match d.dtype {
+                avp_wire::DType::F32 => bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                avp_wire::DType::F16 => bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                avp_wire::DType::Bf16 => bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                avp_wire::DType::I8 => {
+                    return Err(ModelError::Gguf(
+                        "int8 KV caches are not supported yet".into(),
+                    ));
+                }
+            };
+            Ok(match d.layout {
+                avp_wire::KvLayout::Hnd => {
+                    Tensor::from_data(TensorData::new(values, [1, h, s, hd]), &decoder.device)
+                }
+                avp_wire::KvLayout::Nhd => {
+                    Tensor::<4>::from_data(TensorData::new(values, [1, s, h, hd]), &decoder.device)
+                        .swap_dims(1, 2)
+                }
+            })
+        };
+        let layers = (0..d.num_layers)
+            .map(|l| {
+                Ok((
+                    tensor(kv.k(l).map_err(wire)?)?,
+                    tensor(kv.v(l).map_err(wire)?)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers })
+    }
+
     /// Cached positions.
     pub fn len(&self) -> usize {
         self.layers.first().map_or(0, |(k, _)| k.dims()[2])

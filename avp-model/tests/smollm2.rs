@@ -241,3 +241,47 @@ fn continuing_from_a_cache_equals_one_pass() {
     assert_eq!(continued, one_pass);
     assert_eq!(continued.len(), 8);
 }
+
+#[test]
+fn a_cache_survives_the_wire() {
+    use avp_wire::{Envelope, Message, MessageLayout, Payload};
+    let g = model();
+    let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
+    let m = avp_model::Decoder::load(&g).unwrap();
+    let a = tok
+        .encode("The quick brown fox", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let b = tok
+        .encode(" jumps over the", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let mut cache = avp_model::KvCache::default();
+    m.forward(&a, &mut cache).unwrap();
+    // Agent A writes its cache into a message (a transport slot in production).
+    let desc = cache.desc().unwrap();
+    assert_eq!(
+        (
+            desc.num_layers,
+            desc.num_kv_heads,
+            desc.head_dim,
+            desc.seq_len
+        ),
+        (30, 3, 64, a.len() as u64)
+    );
+    let layout = MessageLayout::new(&Envelope::default(), &Payload::KvCache(desc)).unwrap();
+    let mut buf = vec![0u8; layout.total_len()];
+    let mut w = layout.writer(&mut buf).unwrap();
+    cache.write_into(&mut w).unwrap();
+    w.finish().unwrap();
+    // Agent B parses it, verifies it, and continues from it.
+    let msg = Message::parse(&buf).unwrap();
+    msg.verify().unwrap();
+    let mut received = avp_model::KvCache::from_message(&msg, &m).unwrap();
+    assert_eq!(received.len(), a.len());
+    let from_wire = m.greedy(&b, &mut received, 8, 2).unwrap();
+    let in_process = m.greedy(&b, &mut cache, 8, 2).unwrap();
+    assert_eq!(from_wire, in_process);
+}
