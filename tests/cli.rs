@@ -140,3 +140,47 @@ fn bench_wire_prints_json_lines() {
     let bad = avp(&["bench", "wire", "--sizes", "1000"]);
     assert_eq!(bad.status.code(), Some(1));
 }
+
+#[test]
+fn generate_answers_with_the_default_model() {
+    let out = avp(&[
+        "generate",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "16",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "The capital of France is Paris."
+    );
+    let sampled = avp(&[
+        "generate",
+        "--prompt",
+        "Name a colour.",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+    ]);
+    let again = avp(&[
+        "generate",
+        "--prompt",
+        "Name a colour.",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+    ]);
+    assert!(sampled.status.success());
+    assert_eq!(sampled.stdout, again.stdout, "same seed, same text");
+}

@@ -373,19 +373,32 @@ impl Decoder {
         max_new: usize,
         eos: u32,
     ) -> Result<Vec<u32>> {
+        let mut sampler = crate::sampling::Sampler::new(Default::default());
+        self.generate(prompt, cache, max_new, eos, &mut sampler, |_| true)
+    }
+
+    /// Feed `prompt` after `cache`, then pick up to `max_new` tokens with `sampler`,
+    /// stopping before `eos` or when `on_token` returns false. Returns the new tokens.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        cache: &mut KvCache,
+        max_new: usize,
+        eos: u32,
+        sampler: &mut crate::sampling::Sampler,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<Vec<u32>> {
         let mut logits = self.forward(prompt, cache)?;
         let mut out = Vec::new();
         while out.len() < max_new {
-            let next = logits
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| i as u32)
-                .expect("non-empty vocabulary");
+            let next = sampler.pick(&logits);
             if next == eos {
                 break;
             }
             out.push(next);
+            if !on_token(next) || out.len() == max_new {
+                break;
+            }
             logits = self.forward(&[next], cache)?;
         }
         Ok(out)

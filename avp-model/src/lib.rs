@@ -13,6 +13,7 @@ mod error;
 pub mod fetch;
 pub mod gguf;
 pub mod quant;
+pub mod sampling;
 pub mod tokenizer;
 
 pub use config::ModelConfig;
@@ -20,3 +21,4 @@ pub use decoder::{Decoder, KvCache};
 pub use error::{ModelError, Result};
 pub use gguf::{GgufFile, TensorInfo, Value};
 pub use quant::GgmlType;
+pub use sampling::{Sampler, SamplingOptions};

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_transport;
+mod generate;
 mod inspect;
 mod model;
 mod transfer;
@@ -26,6 +27,8 @@ enum Command {
     Recv(transfer::RecvArgs),
     /// Send message files to ADDR.
     Send(transfer::SendArgs),
+    /// Run the model on a prompt and stream the answer.
+    Generate(generate::Args),
     /// Fetch and list models.
     #[command(subcommand)]
     Model(model::Model),
@@ -41,6 +44,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(b) => bench::run(b),
         Command::Recv(a) => transfer::recv(a),
         Command::Model(m) => model::run(m),
+        Command::Generate(a) => generate::run(a),
         Command::Send(a) => transfer::send(a),
     }
 }
