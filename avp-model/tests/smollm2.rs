@@ -285,3 +285,68 @@ fn a_cache_survives_the_wire() {
     let in_process = m.greedy(&b, &mut cache, 8, 2).unwrap();
     assert_eq!(from_wire, in_process);
 }
+
+/// First-forward logits against an independent implementation: the plain-numpy
+/// decoder of the project's reference tools (`tests/data/make_reference_logits.py`).
+/// Both run f32 on the same dequantized weights; they differ in summation order and in
+/// RoPE tables (numpy builds them in f64), which over 30 layers moves logits of
+/// magnitude 2–17 by about 3e-5 (measured); 2e-3 leaves room for other orderings while
+/// still catching any real error (a wrong permutation or mask moves them by whole units).
+#[test]
+fn first_forward_logits_match_an_independent_decoder() {
+    let reference: serde_json::Value =
+        serde_json::from_str(include_str!("data/reference_logits.json")).unwrap();
+    let g = model();
+    let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
+    let m = avp_model::Decoder::load(&g).unwrap();
+    let ids = tok
+        .encode(reference["prompt"].as_str().unwrap(), false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let want_ids: Vec<u32> = reference["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids, want_ids);
+    let logits = m.forward(&ids, &mut avp_model::KvCache::default()).unwrap();
+    let first: Vec<f64> = reference["first"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let max_diff = first
+        .iter()
+        .zip(&logits)
+        .map(|(w, g)| (w - *g as f64).abs())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "max |difference| over the first {} logits: {max_diff:e}",
+        first.len()
+    );
+    assert!(max_diff <= 2e-3, "max difference {max_diff}");
+    for (id, value) in reference["top_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(reference["top_values"].as_array().unwrap())
+    {
+        let (id, value) = (id.as_u64().unwrap() as usize, value.as_f64().unwrap());
+        assert!(
+            (logits[id] as f64 - value).abs() <= 2e-3,
+            "logit of token {id}: {} vs {value}",
+            logits[id]
+        );
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
+    let top5: Vec<u64> = order[..5].iter().map(|&i| i as u64).collect();
+    let want5: Vec<u64> = reference["top_ids"].as_array().unwrap()[..5]
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(top5, want5);
+}
