@@ -216,21 +216,18 @@ fn greedy_answer_is_the_reference_answer() {
     assert_eq!(cache.len(), ids.len() + out.len());
 }
 
-#[test]
-fn continuing_from_a_cache_equals_one_pass() {
+/// The decoder, and the token ids of a prompt and of its continuation.
+fn decoder_and_two_prompts() -> (avp_model::Decoder, Vec<u32>, Vec<u32>) {
     let g = model();
     let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
-    let m = avp_model::Decoder::load(&g).unwrap();
-    let a = tok
-        .encode("The quick brown fox", false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
-    let b = tok
-        .encode(" jumps over the", false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
+    let ids = |s: &str| tok.encode(s, false).unwrap().get_ids().to_vec();
+    let (a, b) = (ids("The quick brown fox"), ids(" jumps over the"));
+    (avp_model::Decoder::load(&g).unwrap(), a, b)
+}
+
+#[test]
+fn continuing_from_a_cache_equals_one_pass() {
+    let (m, a, b) = decoder_and_two_prompts();
     // Agent A prefills `a`; agent B continues with `b` from A's cache.
     let mut cache = avp_model::KvCache::default();
     m.forward(&a, &mut cache).unwrap();
@@ -245,19 +242,7 @@ fn continuing_from_a_cache_equals_one_pass() {
 #[test]
 fn a_cache_survives_the_wire() {
     use avp_wire::{Envelope, Message, MessageLayout, Payload};
-    let g = model();
-    let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
-    let m = avp_model::Decoder::load(&g).unwrap();
-    let a = tok
-        .encode("The quick brown fox", false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
-    let b = tok
-        .encode(" jumps over the", false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
+    let (m, a, b) = decoder_and_two_prompts();
     let mut cache = avp_model::KvCache::default();
     m.forward(&a, &mut cache).unwrap();
     // Agent A writes its cache into a message (a transport slot in production).
