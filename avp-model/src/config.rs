@@ -89,11 +89,23 @@ impl ModelConfig {
             qkv_bias: g.tensor("blk.0.attn_q.bias").is_ok(),
             family,
         };
-        if c.heads == 0 || c.kv_heads == 0 || !c.heads.is_multiple_of(c.kv_heads) || c.head_dim == 0
+        c.checked()
+    }
+
+    /// `self` if its shapes are consistent (heads divisible by KV heads, even head size).
+    pub fn checked(self) -> Result<ModelConfig> {
+        let c = self;
+        if c.heads == 0
+            || c.kv_heads == 0
+            || !c.heads.is_multiple_of(c.kv_heads)
+            || c.head_dim == 0
+            || !c.head_dim.is_multiple_of(2)
+            || c.hidden == 0
+            || c.vocab_size == 0
         {
-            return Err(ModelError::Gguf(format!(
-                "inconsistent attention shape: {} heads, {} kv heads, head_dim {}",
-                c.heads, c.kv_heads, c.head_dim
+            return Err(ModelError::Invalid(format!(
+                "inconsistent model shape: hidden {}, vocab {}, {} heads, {} kv heads, head_dim {}",
+                c.hidden, c.vocab_size, c.heads, c.kv_heads, c.head_dim
             )));
         }
         Ok(c)

@@ -1,11 +1,14 @@
-//! The decoder: a Llama-family transformer on burn (CPU backend `flex`), with a KV
+//! The decoder: a Llama / Qwen2 transformer on burn (CPU backend `flex`), with a KV
 //! cache laid out as avp moves it (`[kv_heads, seq, head_dim]` per layer, HND).
 //!
 //! RMSNorm, rotary position embeddings (rotate-half, the config's θ), grouped-query
-//! attention, SwiGLU MLP, tied or untied output embeddings. Weights are dequantized
-//! to f32 at load. llama.cpp stores Q and K rows permuted for its interleaved RoPE;
-//! they are put back in Hugging Face order at load, so cached K matches what a
-//! Hugging Face model would hold.
+//! attention, Q/K/V biases (Qwen2), SwiGLU MLP, tied or untied output embeddings.
+//! Weights are dequantized to f32 at load, in Hugging Face order (see
+//! [`crate::weights`]), so cached K matches what a Hugging Face model would hold.
+//!
+//! Inputs are either token ids ([`Decoder::forward`]) or embedding rows
+//! ([`Decoder::forward_embeds`], the latent path); both return the last position's
+//! final-normed hidden state, from which [`Decoder::logits`] projects.
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -13,6 +16,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
+use crate::weights::{GgufWeights, Weights};
 
 struct Layer {
     attn_norm: Tensor<1>,
@@ -20,6 +24,8 @@ struct Layer {
     wq: Tensor<2>,
     wk: Tensor<2>,
     wv: Tensor<2>,
+    /// Q, K, V biases (Qwen2), `[1, out]`.
+    bias: Option<[Tensor<2>; 3]>,
     wo: Tensor<2>,
     ffn_norm: Tensor<1>,
     w_gate: Tensor<2>,
@@ -65,9 +71,7 @@ impl KvCache {
         for (l, (k, v)) in self.layers.iter().enumerate() {
             for (i, t) in [(2 * l, k), (2 * l + 1, v)] {
                 let data = t.clone().into_data();
-                writer
-                    .write_section(i, data.as_bytes())
-                    .map_err(|e| ModelError::Gguf(format!("writing layer {l}: {e}")))?;
+                writer.write_section(i, data.as_bytes())?;
             }
         }
         Ok(())
@@ -76,8 +80,7 @@ impl KvCache {
     /// Rebuild a cache from a received KV message (f32, f16 or bf16; HND or NHD;
     /// every layer) for `decoder`.
     pub fn from_message(msg: &avp_wire::Message<'_>, decoder: &Decoder) -> Result<KvCache> {
-        let wire = |e: avp_wire::WireError| ModelError::Gguf(format!("KV message: {e}"));
-        let kv = msg.kv().map_err(wire)?;
+        let kv = msg.kv()?;
         let d = *kv.desc();
         let c = &decoder.config;
         if d.layers.start != 0
@@ -85,7 +88,7 @@ impl KvCache {
             || d.num_kv_heads != c.kv_heads
             || d.head_dim != c.head_dim
         {
-            return Err(ModelError::Gguf(format!(
+            return Err(ModelError::Invalid(format!(
                 "KV cache of {} layers x {} heads x {} does not fit this model ({} x {} x {})",
                 d.num_layers, d.num_kv_heads, d.head_dim, c.layers, c.kv_heads, c.head_dim
             )));
@@ -96,25 +99,7 @@ impl KvCache {
             d.head_dim as usize,
         );
         let tensor = |bytes: &[u8]| -> Result<Tensor<4>> {
-            let values: Vec<f32> = match d.dtype {
-                avp_wire::DType::F32 => bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                avp_wire::DType::F16 => bytes
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                avp_wire::DType::Bf16 => bytes
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                avp_wire::DType::I8 => {
-                    return Err(ModelError::Gguf(
-                        "int8 KV caches are not supported yet".into(),
-                    ));
-                }
-            };
+            let values = decode_floats(bytes, d.dtype)?;
             Ok(match d.layout {
                 avp_wire::KvLayout::Hnd => {
                     Tensor::from_data(TensorData::new(values, [1, h, s, hd]), &decoder.device)
@@ -126,14 +111,20 @@ impl KvCache {
             })
         };
         let layers = (0..d.num_layers)
-            .map(|l| {
-                Ok((
-                    tensor(kv.k(l).map_err(wire)?)?,
-                    tensor(kv.v(l).map_err(wire)?)?,
-                ))
-            })
+            .map(|l| Ok((tensor(kv.k(l)?)?, tensor(kv.v(l)?)?)))
             .collect::<Result<Vec<_>>>()?;
         Ok(KvCache { layers })
+    }
+
+    /// Keep only the first `len` positions.
+    pub fn truncate(&mut self, len: usize) {
+        for (k, v) in &mut self.layers {
+            let [b, h, s, d] = k.dims();
+            if len < s {
+                *k = k.clone().slice([0..b, 0..h, 0..len, 0..d]);
+                *v = v.clone().slice([0..b, 0..h, 0..len, 0..d]);
+            }
+        }
     }
 
     /// Cached positions.
@@ -147,7 +138,37 @@ impl KvCache {
     }
 }
 
-fn matrix(v: Vec<f32>, rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+/// Little-endian f32, f16 or bf16 values as f32.
+pub(crate) fn decode_floats(bytes: &[u8], dtype: avp_wire::DType) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        avp_wire::DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        avp_wire::DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        avp_wire::DType::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        avp_wire::DType::I8 => {
+            return Err(ModelError::Invalid(
+                "int8 tensors are not supported yet (f32, f16, bf16 are)".into(),
+            ));
+        }
+    })
+}
+
+/// The values of a tensor, row-major.
+pub(crate) fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+    t.into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| ModelError::Tensor(format!("{e:?}")))
+}
+
+pub(crate) fn matrix(v: Vec<f32>, rows: usize, cols: usize, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(v, [rows, cols]), device)
 }
 
@@ -157,91 +178,95 @@ fn transposed(t: Tensor<2>, device: &Device) -> Tensor<2> {
     Tensor::from_data(t.transpose().into_data(), device)
 }
 
-/// Undo llama.cpp's Q/K row permutation: within each head, GGUF row `2i + j`
-/// (pair `i`, half `j`) is Hugging Face row `j * head_dim/2 + i`.
-fn unpermute(v: Vec<f32>, heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
-    let half = head_dim / 2;
-    for h in 0..heads {
-        for r in 0..head_dim {
-            let src = (h * head_dim + 2 * (r % half) + r / half) * cols;
-            let dst = (h * head_dim + r) * cols;
-            out[dst..dst + cols].copy_from_slice(&v[src..src + cols]);
-        }
-    }
-    out
-}
-
 impl Decoder {
-    /// Load a Llama-family model from a GGUF file.
+    /// Load a model from a GGUF file.
     pub fn load(g: &GgufFile) -> Result<Decoder> {
         let config = ModelConfig::from_gguf(g)?;
-        if config.family != "llama" {
-            return Err(ModelError::Gguf(format!(
-                "the {} decoder is not implemented yet (llama is)",
-                config.family
-            )));
-        }
+        Self::from_weights(
+            config.clone(),
+            &GgufWeights {
+                file: g,
+                config: &config,
+            },
+        )
+    }
+
+    /// Build a decoder for `config` from `weights` (GGUF names, Hugging Face order).
+    pub fn from_weights(config: ModelConfig, weights: &dyn Weights) -> Result<Decoder> {
         let device = Device::flex();
-        let (heads, kv_heads, head_dim) = (
-            config.heads as usize,
-            config.kv_heads as usize,
-            config.head_dim as usize,
-        );
-        // ggml stores a weight as `dims[1]` rows of `dims[0]` values: [out, in].
-        let weight = |name: &str, permute_heads: Option<usize>| -> Result<Tensor<2>> {
-            let info = g.tensor(name)?;
-            if info.dims.len() != 2 {
-                return Err(ModelError::Gguf(format!(
-                    "{name} is not a matrix: {:?}",
-                    info.dims
+        let (hidden, vocab) = (config.hidden as usize, config.vocab_size as usize);
+        let load = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t = weights.load(name)?;
+            if t.shape != shape {
+                return Err(ModelError::Invalid(format!(
+                    "tensor {name} has shape {:?}, the config implies {shape:?}",
+                    t.shape
                 )));
             }
-            let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
-            let mut v = g.dequantize(name)?;
-            if let Some(h) = permute_heads {
-                v = unpermute(v, h, head_dim, cols);
-            }
-            Ok(transposed(matrix(v, rows, cols, &device), &device))
+            Ok(t.values)
         };
-        let vector = |name: &str| -> Result<Tensor<1>> {
-            let v = g.dequantize(name)?;
-            let n = v.len();
-            Ok(Tensor::from_data(TensorData::new(v, [n]), &device))
+        // Stored [out, in]; kept as [in, out].
+        let weight = |name: &str, out: usize, inp: usize| -> Result<Tensor<2>> {
+            Ok(transposed(
+                matrix(load(name, &[out, inp])?, out, inp, &device),
+                &device,
+            ))
         };
-        let embed_info = g.tensor("token_embd.weight")?;
+        let vector = |name: &str, n: usize| -> Result<Tensor<1>> {
+            Ok(Tensor::from_data(
+                TensorData::new(load(name, &[n])?, [n]),
+                &device,
+            ))
+        };
+        let (q_out, kv_out) = (
+            (config.heads * config.head_dim) as usize,
+            (config.kv_heads * config.head_dim) as usize,
+        );
+        let ffn = config.intermediate as usize;
         let embed = matrix(
-            g.dequantize("token_embd.weight")?,
-            embed_info.dims[1] as usize,
-            embed_info.dims[0] as usize,
+            load("token_embd.weight", &[vocab, hidden])?,
+            vocab,
+            hidden,
             &device,
         );
         let output = if config.tied_embeddings {
             transposed(embed.clone(), &device)
         } else {
-            weight("output.weight", None)?
+            weight("output.weight", vocab, hidden)?
         };
         let layers = (0..config.layers)
             .map(|l| {
                 let n = |s: &str| format!("blk.{l}.{s}.weight");
+                let b = |s: &str, n: usize| -> Result<Tensor<2>> {
+                    Ok(vector(&format!("blk.{l}.{s}.bias"), n)?.unsqueeze_dim::<2>(0))
+                };
                 Ok(Layer {
-                    attn_norm: vector(&n("attn_norm"))?,
-                    wq: weight(&n("attn_q"), Some(heads))?,
-                    wk: weight(&n("attn_k"), Some(kv_heads))?,
-                    wv: weight(&n("attn_v"), None)?,
-                    wo: weight(&n("attn_output"), None)?,
-                    ffn_norm: vector(&n("ffn_norm"))?,
-                    w_gate: weight(&n("ffn_gate"), None)?,
-                    w_up: weight(&n("ffn_up"), None)?,
-                    w_down: weight(&n("ffn_down"), None)?,
+                    attn_norm: vector(&n("attn_norm"), hidden)?,
+                    wq: weight(&n("attn_q"), q_out, hidden)?,
+                    wk: weight(&n("attn_k"), kv_out, hidden)?,
+                    wv: weight(&n("attn_v"), kv_out, hidden)?,
+                    bias: match config.qkv_bias {
+                        true => Some([
+                            b("attn_q", q_out)?,
+                            b("attn_k", kv_out)?,
+                            b("attn_v", kv_out)?,
+                        ]),
+                        false => None,
+                    },
+                    wo: weight(&n("attn_output"), hidden, q_out)?,
+                    ffn_norm: vector(&n("ffn_norm"), hidden)?,
+                    w_gate: weight(&n("ffn_gate"), ffn, hidden)?,
+                    w_up: weight(&n("ffn_up"), ffn, hidden)?,
+                    w_down: weight(&n("ffn_down"), hidden, ffn)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let head_dim = config.head_dim as usize;
         let inv_freq = (0..head_dim / 2)
             .map(|i| config.rope_theta.powf(-(2.0 * i as f32) / head_dim as f32))
             .collect();
         Ok(Decoder {
-            norm: vector("output_norm.weight")?,
+            norm: vector("output_norm.weight", hidden)?,
             embed,
             output,
             layers,
@@ -289,30 +314,74 @@ impl Decoder {
         x * cos.clone() + rotated * sin.clone()
     }
 
-    /// Run `ids` after the positions already in `cache` (which grows by `ids.len()`),
-    /// and return the logits of the last position.
-    pub fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    /// The input embedding rows of `ids`, `[ids.len(), hidden]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor<2>> {
         if ids.is_empty() {
-            return Err(ModelError::Gguf("forward needs at least one token".into()));
+            return Err(ModelError::Invalid("at least one token is needed".into()));
         }
         let vocab = self.config.vocab_size;
         if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
-            return Err(ModelError::Gguf(format!(
+            return Err(ModelError::Invalid(format!(
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
         }
-        let (seq, start) = (ids.len(), cache.len());
+        let idx = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                [ids.len()],
+            ),
+            &self.device,
+        );
+        Ok(self.embed.clone().select(0, idx))
+    }
+
+    /// The input embedding matrix, `[vocab, hidden]`.
+    pub fn input_embeddings(&self) -> &Tensor<2> {
+        &self.embed
+    }
+
+    /// The output projection, `[hidden, vocab]` (the transposed input embeddings
+    /// when they are tied).
+    pub fn output_projection(&self) -> &Tensor<2> {
+        &self.output
+    }
+
+    /// The device tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Run `ids` after the positions already in `cache` (which grows by `ids.len()`),
+    /// and return the logits of the last position.
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let h = self.forward_embeds(self.embed(ids)?, cache)?;
+        self.logits(&h)
+    }
+
+    /// Logits (`vocab` values) of a final-normed hidden state `[1, hidden]`.
+    pub fn logits(&self, hidden: &Tensor<2>) -> Result<Vec<f32>> {
+        to_vec(hidden.clone().matmul(self.output.clone()))
+    }
+
+    /// Run embedding rows `x` (`[seq, hidden]`) after the positions in `cache` (which
+    /// grows by `seq`) and return the last position's final-normed hidden state,
+    /// `[1, hidden]` (what Hugging Face reports as the last layer's hidden state).
+    pub fn forward_embeds(&self, x: Tensor<2>, cache: &mut KvCache) -> Result<Tensor<2>> {
+        let [seq, width] = x.dims();
+        if seq == 0 || width != self.config.hidden as usize {
+            return Err(ModelError::Invalid(format!(
+                "input embeddings are [{seq}, {width}], expected [n >= 1, {}]",
+                self.config.hidden
+            )));
+        }
+        let mut x = x;
+        let start = cache.len();
         let total = start + seq;
         let (h, kvh, hd) = (
             self.config.heads as usize,
             self.config.kv_heads as usize,
             self.config.head_dim as usize,
         );
-        let idx = Tensor::<1, Int>::from_data(
-            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [seq]),
-            &self.device,
-        );
-        let mut x = self.embed.clone().select(0, idx);
         let (cos, sin) = self.rope_tables(start, seq);
         // Position i may attend to positions <= start + i.
         let mask = (seq > 1).then(|| {
@@ -324,13 +393,19 @@ impl Decoder {
         for (l, layer) in self.layers.iter().enumerate() {
             let xn = self.rms_norm(x.clone(), &layer.attn_norm);
             let heads_of = |t: Tensor<2>, n: usize| t.reshape([1, seq, n, hd]).swap_dims(1, 2);
-            let q = Self::rope(heads_of(xn.clone().matmul(layer.wq.clone()), h), &cos, &sin);
-            let k = Self::rope(
-                heads_of(xn.clone().matmul(layer.wk.clone()), kvh),
-                &cos,
-                &sin,
+            let (mut q, mut k, mut v) = (
+                xn.clone().matmul(layer.wq.clone()),
+                xn.clone().matmul(layer.wk.clone()),
+                xn.matmul(layer.wv.clone()),
             );
-            let v = heads_of(xn.matmul(layer.wv.clone()), kvh);
+            if let Some([bq, bk, bv]) = &layer.bias {
+                q = q + bq.clone();
+                k = k + bk.clone();
+                v = v + bv.clone();
+            }
+            let q = Self::rope(heads_of(q, h), &cos, &sin);
+            let k = Self::rope(heads_of(k, kvh), &cos, &sin);
+            let v = heads_of(v, kvh);
             let (k, v) = match cache.layers.get(l) {
                 Some((pk, pv)) => (
                     Tensor::cat(vec![pk.clone(), k], 2),
@@ -363,11 +438,7 @@ impl Decoder {
             x = x + mlp.matmul(layer.w_down.clone());
         }
         let last = x.slice([seq - 1..seq, 0..self.config.hidden as usize]);
-        let logits = self.rms_norm(last, &self.norm).matmul(self.output.clone());
-        logits
-            .into_data()
-            .try_to_vec::<f32>()
-            .map_err(|e| ModelError::Gguf(format!("reading logits: {e:?}")))
+        Ok(self.rms_norm(last, &self.norm))
     }
 
     /// Greedy decoding: feed `prompt` after `cache`, then up to `max_new` tokens,
@@ -380,17 +451,18 @@ impl Decoder {
         eos: u32,
     ) -> Result<Vec<u32>> {
         let mut sampler = crate::sampling::Sampler::new(Default::default());
-        self.generate(prompt, cache, max_new, eos, &mut sampler, |_| true)
+        self.generate(prompt, cache, max_new, &[eos], &mut sampler, |_| true)
     }
 
     /// Feed `prompt` after `cache`, then pick up to `max_new` tokens with `sampler`,
-    /// stopping before `eos` or when `on_token` returns false. Returns the new tokens.
+    /// stopping before any of the `stop` tokens or when `on_token` returns false.
+    /// Returns the new tokens.
     pub fn generate(
         &self,
         prompt: &[u32],
         cache: &mut KvCache,
         max_new: usize,
-        eos: u32,
+        stop: &[u32],
         sampler: &mut crate::sampling::Sampler,
         mut on_token: impl FnMut(u32) -> bool,
     ) -> Result<Vec<u32>> {
@@ -398,7 +470,7 @@ impl Decoder {
         let mut out = Vec::new();
         while out.len() < max_new {
             let next = sampler.pick(&logits);
-            if next == eos {
+            if stop.contains(&next) {
                 break;
             }
             out.push(next);

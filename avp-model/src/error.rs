@@ -37,6 +37,28 @@ pub enum ModelError {
         /// What went wrong.
         reason: String,
     },
+    /// A Hugging Face model directory is malformed (config.json, safetensors, tokenizer).
+    #[error("invalid Hugging Face model directory: {0}")]
+    HfDir(String),
+    /// A call was given something the model cannot take (what was expected, what was found).
+    #[error("{0}")]
+    Invalid(String),
+    /// A context made by another model was given to this one.
+    #[error(
+        "the context was made by model {context_hash}, this model is {model_hash}; a KV cache only fits the model that made it (use cross-model projection or text instead)"
+    )]
+    ForeignContext {
+        /// The model hash the context carries.
+        context_hash: String,
+        /// This model's hash.
+        model_hash: String,
+    },
+    /// A message could not be read or written.
+    #[error(transparent)]
+    Wire(#[from] avp_wire::WireError),
+    /// The tensor backend failed.
+    #[error("tensor backend: {0}")]
+    Tensor(String),
     /// A downloaded file does not have the pinned checksum.
     #[error(
         "{path}: sha256 is {actual}, expected {expected}; the download is corrupt or not the pinned release"

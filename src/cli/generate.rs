@@ -71,7 +71,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         ids.get_ids(),
         &mut KvCache::default(),
         a.max_tokens,
-        eos,
+        &[eos],
         &mut sampler,
         |t| {
             out.push(t);

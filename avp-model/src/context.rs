@@ -1,0 +1,186 @@
+//! [`Context`]: what one agent hands the next: a KV cache (same model) or the last
+//! hidden state, with the hash of the model that made it.
+//!
+//! Contexts are values: [`crate::Model::think`] and [`crate::Model::generate`] take
+//! one by reference and extend a copy (burn tensors are shared, not copied), so a
+//! context can be reused after a call, unlike the reference's in-place caches.
+//!
+//! On the wire a context is an avp-wire v2 message (`KvCache`, or `HiddenState` with
+//! one row), with the model hash and family in the envelope and `num_steps` and
+//! `prompt_tokens` in its extras; [`Context::to_v1`] writes the Python reference's
+//! format.
+
+use avp_wire::{DType, Envelope, HiddenStateDesc, Message, MessageLayout, MessageWriter, Payload};
+
+use crate::decoder::{Decoder, KvCache};
+use crate::error::{ModelError, Result};
+
+/// The state one agent hands to the next.
+#[derive(Clone)]
+pub struct Context {
+    /// SHA-256 config hash of the model that made it.
+    pub model_hash: String,
+    /// The model's family ("llama", "qwen2").
+    pub model_family: String,
+    /// The attention state: prompt tokens plus latent steps. `None` for a
+    /// hidden-state-only context.
+    pub kv: Option<KvCache>,
+    /// The last final-normed hidden state (`hidden` values), before realignment.
+    pub last_hidden: Option<Vec<f32>>,
+    /// Latent steps taken, summed over chained `think` calls.
+    pub num_steps: u32,
+    /// Tokens read into it, summed over chained calls.
+    pub prompt_tokens: u32,
+}
+
+impl Context {
+    /// Cached positions (0 for a hidden-state-only context).
+    pub fn seq_len(&self) -> usize {
+        self.kv.as_ref().map_or(0, KvCache::len)
+    }
+
+    /// This context without its KV cache: the hidden-state-only form.
+    pub fn hidden_only(&self) -> Result<Context> {
+        if self.last_hidden.is_none() {
+            return Err(ModelError::Invalid(
+                "the context has no hidden state to keep".into(),
+            ));
+        }
+        Ok(Context {
+            kv: None,
+            ..self.clone()
+        })
+    }
+
+    /// The avp-wire payload: the KV cache when there is one, else one hidden row.
+    pub fn payload(&self) -> Result<Payload> {
+        if let Some(kv) = &self.kv
+            && let Some(desc) = kv.desc()
+        {
+            return Ok(Payload::KvCache(desc));
+        }
+        match &self.last_hidden {
+            Some(h) => Ok(Payload::HiddenState(HiddenStateDesc {
+                rows: 1,
+                dim: h.len() as u64,
+                dtype: DType::F32,
+                map_id: String::new(),
+            })),
+            None => Err(ModelError::Invalid(
+                "the context has neither a KV cache nor a hidden state".into(),
+            )),
+        }
+    }
+
+    /// `base` with this context's model hash, family and counters filled in.
+    pub fn envelope(&self, base: Envelope) -> Envelope {
+        let mut e = base;
+        e.model_hash = self.model_hash.clone();
+        e.model_family = self.model_family.clone();
+        e.extra
+            .insert("num_steps".into(), self.num_steps.to_string());
+        e.extra
+            .insert("prompt_tokens".into(), self.prompt_tokens.to_string());
+        e
+    }
+
+    /// The message layout for this context under `base` (see [`Self::envelope`]).
+    pub fn layout(&self, base: Envelope) -> Result<MessageLayout> {
+        Ok(MessageLayout::new(&self.envelope(base), &self.payload()?)?)
+    }
+
+    /// Write the sections of a message laid out by [`Self::layout`], for instance
+    /// straight into a loaned transport slot.
+    pub fn write_into(&self, writer: &mut MessageWriter<'_>) -> Result<()> {
+        if let Payload::KvCache(_) = self.payload()? {
+            let kv = self.kv.as_ref().expect("payload checked");
+            return kv.write_into(writer);
+        }
+        let h = self.last_hidden.as_ref().expect("payload checked");
+        let bytes: Vec<u8> = h.iter().flat_map(|x| x.to_le_bytes()).collect();
+        writer.write_section(0, &bytes)?;
+        Ok(())
+    }
+
+    /// This context as an encoded v2 message.
+    pub fn to_bytes(&self, base: Envelope) -> Result<Vec<u8>> {
+        let layout = self.layout(base)?;
+        let mut buf = vec![0u8; layout.total_len()];
+        let mut w = layout.writer(&mut buf)?;
+        self.write_into(&mut w)?;
+        w.finish()?;
+        Ok(buf)
+    }
+
+    /// This context as a v1 message, the format of the Python reference
+    /// (`AVPContext.from_bytes` reads it; the model hash travels in `extra`).
+    pub fn to_v1(&self, base: Envelope) -> Result<Vec<u8>> {
+        let bytes = self.to_bytes(base)?;
+        let msg = Message::parse(&bytes)?;
+        Ok(avp_wire::v1::from_v2(
+            &msg,
+            avp_wire::v1::Compression::None,
+        )?)
+    }
+
+    /// Read a context from a message, for `decoder` whose model hash is
+    /// `model_hash`. A context made by another model is refused, naming both hashes.
+    pub fn from_message(msg: &Message<'_>, decoder: &Decoder, model_hash: &str) -> Result<Context> {
+        let env = msg.envelope();
+        if env.model_hash() != model_hash {
+            return Err(ModelError::ForeignContext {
+                context_hash: match env.model_hash() {
+                    "" => "(none given)".into(),
+                    h => h.into(),
+                },
+                model_hash: model_hash.into(),
+            });
+        }
+        let counter = |k: &str| {
+            env.extra_get(k)
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0)
+        };
+        let (kv, last_hidden) = match msg.payload() {
+            Payload::KvCache(_) => (Some(KvCache::from_message(msg, decoder)?), None),
+            Payload::HiddenState(d) => {
+                let dim = decoder.config().hidden as u64;
+                if d.dim != dim || d.rows == 0 {
+                    return Err(ModelError::Invalid(format!(
+                        "hidden state of {} x {} does not fit this model (hidden size {dim})",
+                        d.rows, d.dim
+                    )));
+                }
+                let data = msg.hidden()?.data();
+                let row = &data[((d.rows - 1) * d.dim) as usize * d.dtype.size()..];
+                (None, Some(crate::decoder::decode_floats(row, d.dtype)?))
+            }
+            Payload::Text(_) => {
+                return Err(ModelError::Invalid(
+                    "a text message is not a context (expected a KV cache or hidden state)".into(),
+                ));
+            }
+        };
+        Ok(Context {
+            model_hash: model_hash.into(),
+            model_family: env.model_family().into(),
+            kv,
+            last_hidden,
+            num_steps: counter("num_steps"),
+            prompt_tokens: counter("prompt_tokens"),
+        })
+    }
+
+    /// Read a context from an encoded message (v2, or v1 as the Python reference
+    /// writes it).
+    pub fn from_bytes(bytes: &[u8], decoder: &Decoder, model_hash: &str) -> Result<Context> {
+        if avp_wire::sniff_version(bytes)? == avp_wire::VERSION_V2 {
+            let msg = Message::parse(bytes)?;
+            msg.verify()?;
+            return Self::from_message(&msg, decoder, model_hash);
+        }
+        let v1 = avp_wire::v1::decode(bytes)?;
+        let v2 = avp_wire::v1::to_v2(&v1)?;
+        Self::from_message(&Message::parse(&v2)?, decoder, model_hash)
+    }
+}
