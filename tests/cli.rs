@@ -184,3 +184,71 @@ fn generate_answers_with_the_default_model() {
     assert!(sampled.status.success());
     assert_eq!(sampled.stdout, again.stdout, "same seed, same text");
 }
+
+#[test]
+fn think_writes_a_context_that_generate_continues_in_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ctx.avp");
+    let task = "Tom has 3 apples. He buys 5 more apples.";
+    let question = "How many apples does Tom have now?";
+    let out = avp(&[
+        "think",
+        "--prompt",
+        task,
+        "--steps",
+        "4",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("4 latent steps"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let inspect = avp(&["inspect", file.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&inspect.stdout).contains("kv_cache"));
+    let b = avp(&[
+        "generate",
+        "--context",
+        file.to_str().unwrap(),
+        "--prompt",
+        question,
+        "--max-tokens",
+        "12",
+    ]);
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+
+    // The same handoff in one process.
+    let m = avp_model::Model::load("smollm2", false).unwrap();
+    let ctx = m.think(task, 4, None).unwrap();
+    let opts = avp_model::GenerateOptions {
+        max_tokens: 12,
+        ..Default::default()
+    };
+    let here = m.generate(question, Some(&ctx), &opts, |_| {}).unwrap();
+    assert_eq!(String::from_utf8_lossy(&b.stdout).trim(), here.text);
+
+    // A context that claims another model is refused, naming both hashes.
+    let mut foreign = ctx.clone();
+    foreign.model_hash = "cd".repeat(32);
+    let bad = dir.path().join("foreign.avp");
+    std::fs::write(&bad, foreign.to_bytes(Default::default()).unwrap()).unwrap();
+    let refused = avp(&[
+        "generate",
+        "--context",
+        bad.to_str().unwrap(),
+        "--prompt",
+        question,
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains(&"cd".repeat(32)) && err.contains(&m.identity().model_hash),
+        "{err}"
+    );
+}

@@ -1,6 +1,6 @@
-//! The product's claim end to end: agent A runs the model on a prompt, hands its KV
-//! cache to agent B in another process over shared memory (zero copy on B's side),
-//! and B continues from it exactly as A would have.
+//! The product's claim end to end: agent A thinks (prompt plus latent steps), hands
+//! its KV cache to agent B in another process over shared memory (zero copy on B's
+//! side), and B generates exactly what it would from the same context in-process.
 //!
 //! The child (agent A) is this test binary re-executed with `AVP_HANDOFF_ROLE`.
 
@@ -8,56 +8,54 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use avp_model::fetch::{self, SMOLLM2};
-use avp_model::{Decoder, GgufFile, KvCache};
+use avp_model::{Context, GenerateOptions, Model};
 use avp_transport::{Endpoint, Options};
-use avp_wire::{Envelope, MessageLayout, Payload};
+use avp_wire::Envelope;
 
-const PROMPT_A: &str = "The quick brown fox";
-const PROMPT_B: &str = " jumps over the";
+const TASK: &str = "Tom has 3 apples. He buys 5 more apples.";
+const QUESTION: &str = "How many apples does Tom have now?";
+const STEPS: u32 = 6;
 const T: Duration = Duration::from_secs(60);
 
-fn load() -> (GgufFile, tokenizers::Tokenizer, Decoder) {
-    let g = GgufFile::open(fetch::fetch(&SMOLLM2, false).unwrap()).unwrap();
-    let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
-    let m = Decoder::load(&g).unwrap();
-    (g, tok, m)
+fn load() -> Model {
+    Model::load("smollm2", false).unwrap()
 }
 
-fn ids(tok: &tokenizers::Tokenizer, s: &str) -> Vec<u32> {
-    tok.encode(s, false).unwrap().get_ids().to_vec()
+fn greedy() -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: 12,
+        ..Default::default()
+    }
 }
 
-/// Agent A: prefill PROMPT_A and send the cache, written straight into a shared slot.
+/// Agent A: read the task, think latent steps, and send the context, written
+/// straight into a shared slot.
 #[test]
 fn agent_a_role() {
     let Ok(addr) = std::env::var("AVP_HANDOFF_ROLE") else {
         return;
     };
-    let (_, tok, m) = load();
-    let mut cache = KvCache::default();
-    m.forward(&ids(&tok, PROMPT_A), &mut cache).unwrap();
-    let id = m.config().identity("smollm2", &tok);
-    let mut tx = Endpoint::connect(&addr, &id, Options::default()).unwrap();
+    let m = load();
+    let ctx = m.think(TASK, STEPS, None).unwrap();
+    let mut tx = Endpoint::connect(&addr, m.identity(), Options::default()).unwrap();
     let env = Envelope {
         session_id: tx.session().id.clone(),
-        model_hash: id.model_hash.clone(),
         ..Default::default()
     };
-    let layout = MessageLayout::new(&env, &Payload::KvCache(cache.desc().unwrap())).unwrap();
+    let layout = ctx.layout(env).unwrap();
     let mut loan = tx.loan(&layout).unwrap();
-    cache.write_into(loan.writer()).unwrap();
+    ctx.write_into(loan.writer()).unwrap();
     loan.finish().unwrap().send().unwrap();
     // The published message stays readable after A exits: B has the pool mapped.
     println!("SENT {}", tx.session().explain());
 }
 
 #[test]
-fn agent_b_continues_from_agent_a_cache_across_processes() {
-    let (_, tok, m) = load();
-    let id = m.config().identity("smollm2", &tok);
+fn agent_b_continues_from_agent_a_latent_context_across_processes() {
+    let m = load();
+    let id = m.identity();
     let addr = format!("shm://handoff-{}", std::process::id());
-    let listener = Endpoint::bind(&addr, &id, Options::default()).unwrap();
+    let listener = Endpoint::bind(&addr, id, Options::default()).unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["agent_a_role", "--exact", "--nocapture", "--test-threads=1"])
         .env("AVP_HANDOFF_ROLE", &addr)
@@ -79,17 +77,21 @@ fn agent_b_continues_from_agent_a_cache_across_processes() {
         pool.contains(&(msg.as_bytes().as_ptr() as usize)),
         "B reads A's slot in place"
     );
-    assert_eq!(msg.envelope().model_hash(), id.model_hash);
-    let mut received = KvCache::from_message(msg, &m).unwrap();
+    let received = Context::from_message(msg, m.decoder(), &id.model_hash).unwrap();
     drop(guard);
-    let from_a = m.greedy(&ids(&tok, PROMPT_B), &mut received, 8, 2).unwrap();
+    assert_eq!(received.num_steps, STEPS);
+    let from_a = m
+        .generate(QUESTION, Some(&received), &greedy(), |_| {})
+        .unwrap();
 
-    let mut own = KvCache::default();
-    m.forward(&ids(&tok, PROMPT_A), &mut own).unwrap();
-    let in_process = m.greedy(&ids(&tok, PROMPT_B), &mut own, 8, 2).unwrap();
-    assert_eq!(from_a, in_process, "B continues exactly as A would have");
-    assert_eq!(from_a.len(), 8);
-
+    let own = m.think(TASK, STEPS, None).unwrap();
+    assert_eq!(received.seq_len(), own.seq_len());
+    let in_process = m.generate(QUESTION, Some(&own), &greedy(), |_| {}).unwrap();
+    assert_eq!(
+        from_a.tokens, in_process.tokens,
+        "B continues exactly as in one process"
+    );
+    assert!(!from_a.tokens.is_empty());
     drop(rx);
     let out: Vec<String> = BufReader::new(child.stdout.take().unwrap())
         .lines()

@@ -1,22 +1,25 @@
-//! `avp generate --prompt TEXT`: run the model and stream its answer.
+//! `avp generate --prompt TEXT [--context FILE]`: run the model (continuing from a
+//! context another agent wrote, if given) and stream its answer.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
-use avp_model::chat::{ChatMessage, render};
-use avp_model::{Decoder, GgufFile, KvCache, Sampler, SamplingOptions, fetch};
+use anyhow::Context as _;
+use avp_model::{Context, GenerateOptions, Model, SamplingOptions};
 
 /// Arguments of `avp generate`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A known model name (`avp model list`) or the path of a GGUF file.
+    /// A known model name (`avp model list`), a GGUF file or a Hugging Face directory.
     #[arg(long, default_value = "smollm2")]
     model: String,
     /// The user's message (or the raw text with --raw).
     #[arg(long)]
     prompt: String,
+    /// Continue from this context (an AVP message written by `avp think --out`).
+    #[arg(long)]
+    context: Option<PathBuf>,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
@@ -29,64 +32,46 @@ pub struct Args {
     /// Seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Stop when the answer contains this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
     /// Feed the prompt as it is instead of through the model's chat template.
     #[arg(long)]
     raw: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let path = if Path::new(&a.model).is_file() {
-        a.model.clone().into()
-    } else {
-        fetch::fetch(fetch::spec(&a.model)?, true)?
+    let model = Model::load(&a.model, true).with_context(|| format!("load {}", a.model))?;
+    let context = match &a.context {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+            let ctx = Context::from_bytes(&bytes, model.decoder(), &model.identity().model_hash)
+                .with_context(|| format!("context {}", path.display()))?;
+            tracing::info!(
+                positions = ctx.seq_len(),
+                steps = ctx.num_steps,
+                "continuing from {}",
+                path.display()
+            );
+            Some(ctx)
+        }
+        None => None,
     };
-    let g = GgufFile::open(&path).with_context(|| format!("open {}", path.display()))?;
-    let tok = avp_model::tokenizer::from_gguf(&g)?;
-    let model = Decoder::load(&g)?;
-    let text = if a.raw {
-        a.prompt.clone()
-    } else {
-        let template = g
-            .get("tokenizer.chat_template")?
-            .as_str()
-            .context("tokenizer.chat_template is not a string")?;
-        render(template, &[ChatMessage::user(a.prompt.clone())], true)?
-    };
-    let ids = tok
-        .encode(text.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("tokenize: {e}"))?;
-    let eos = g
-        .get("tokenizer.ggml.eos_token_id")?
-        .as_u64()
-        .unwrap_or(u64::MAX) as u32;
-    let mut sampler = Sampler::new(SamplingOptions {
-        temperature: a.temperature,
-        top_p: a.top_p,
-        seed: a.seed,
-    });
-    let mut out: Vec<u32> = Vec::new();
-    let mut shown = 0;
-    let mut stdout = std::io::stdout();
-    model.generate(
-        ids.get_ids(),
-        &mut KvCache::default(),
-        a.max_tokens,
-        &[eos],
-        &mut sampler,
-        |t| {
-            out.push(t);
-            // Print what the tokens so far decode to beyond what is already shown.
-            if let Ok(s) = tok.decode(&out, true)
-                && s.len() > shown
-                && s.is_char_boundary(shown)
-            {
-                let _ = write!(stdout, "{}", &s[shown..]);
-                let _ = stdout.flush();
-                shown = s.len();
-            }
-            true
+    let options = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampling: SamplingOptions {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
         },
-    )?;
+        stop: a.stop,
+        raw: a.raw,
+    };
+    let mut stdout = std::io::stdout();
+    model.generate(&a.prompt, context.as_ref(), &options, |t| {
+        let _ = write!(stdout, "{t}");
+        let _ = stdout.flush();
+    })?;
     println!();
     Ok(ExitCode::SUCCESS)
 }

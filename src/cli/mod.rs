@@ -5,6 +5,7 @@ mod bench_transport;
 mod generate;
 mod inspect;
 mod model;
+mod think;
 mod transfer;
 
 use std::process::ExitCode;
@@ -27,8 +28,11 @@ enum Command {
     Recv(transfer::RecvArgs),
     /// Send message files to ADDR.
     Send(transfer::SendArgs),
-    /// Run the model on a prompt and stream the answer.
+    /// Run the model on a prompt (optionally continuing from a context file) and
+    /// stream the answer.
     Generate(generate::Args),
+    /// Read a prompt, think N latent steps, and write the context to a file.
+    Think(think::Args),
     /// Fetch and list models.
     #[command(subcommand)]
     Model(model::Model),
@@ -45,6 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Recv(a) => transfer::recv(a),
         Command::Model(m) => model::run(m),
         Command::Generate(a) => generate::run(a),
+        Command::Think(a) => think::run(a),
         Command::Send(a) => transfer::send(a),
     }
 }
