@@ -34,7 +34,7 @@ pub enum LatentMap {
     /// Ridge realignment (untied embeddings).
     Realign {
         /// `[hidden, hidden]`, applied as `h·W`.
-        w: Tensor<2>,
+        w: Box<Tensor<2>>,
         /// Mean L2 norm of the input embedding rows.
         target_norm: f32,
     },
@@ -55,7 +55,7 @@ impl LatentMap {
         {
             tracing::debug!(path = %path.display(), "realignment matrix from cache");
             return Ok(LatentMap::Realign {
-                w: matrix(w, d, d, decoder.device()),
+                w: Box::new(matrix(w, d, d, decoder.device())),
                 target_norm,
             });
         }
@@ -90,7 +90,7 @@ impl LatentMap {
                 let p = softmax(h.matmul(decoder.output_projection().clone()), 1);
                 (p.matmul(decoder.input_embeddings().clone()), *target_norm)
             }
-            LatentMap::Realign { w, target_norm } => (h.matmul(w.clone()), *target_norm),
+            LatentMap::Realign { w, target_norm } => (h.matmul((**w).clone()), *target_norm),
         };
         rescale(a, target_norm)
     }
