@@ -71,7 +71,7 @@ impl LatentMap {
             tracing::warn!(path = %path.display(), "could not cache the realignment matrix: {e}");
         }
         Ok(LatentMap::Realign {
-            w: matrix(w, d, d, decoder.device()),
+            w: Box::new(matrix(w, d, d, decoder.device())),
             target_norm,
         })
     }
