@@ -11,3 +11,5 @@
 pub use avp_model as model;
 pub use avp_transport as transport;
 pub use avp_wire as wire;
+
+pub mod pipeline;

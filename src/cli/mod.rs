@@ -1,7 +1,9 @@
 //! Subcommands of the `avp` binary.
 
+mod agent;
 mod bench;
 mod bench_transport;
+mod demo;
 mod generate;
 mod inspect;
 mod model;
@@ -22,6 +24,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The main job: a researcher and a solver agent hand off a task as KV cache
+    /// (latent), as text, and a single agent answers alone; prints the comparison.
+    Demo(demo::Args),
+    /// One agent of the demo's pipeline as its own process (used by `avp demo`).
+    #[command(hide = true)]
+    Agent(agent::Args),
     /// Summarize a v1 or v2 message file and verify its checksums (exit 1 if malformed).
     Inspect(inspect::Args),
     /// Receive messages at ADDR and write each to a file.
@@ -44,6 +52,8 @@ enum Command {
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Agent(a) => agent::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Recv(a) => transfer::recv(a),

@@ -1,0 +1,95 @@
+//! `avp agent researcher|solver`: one agent of the two-agent pipeline as its own
+//! process (spawned by `avp demo`). It prints `READY …` once loaded and connected,
+//! then one `RESULT {json}` line.
+//!
+//! The researcher waits for a line on stdin before it starts, so the demo measures
+//! the work, not model loading.
+
+use std::io::BufRead;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use avp::pipeline::{Mode, agent};
+use avp_model::Model;
+use avp_transport::{Endpoint, Options};
+
+/// Arguments of `avp agent`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Which agent.
+    #[arg(value_enum)]
+    role: Role,
+    /// The solver listens here; the researcher connects here.
+    #[arg(long)]
+    addr: String,
+    /// How the solver learns what the researcher found.
+    #[arg(long, value_enum, default_value = "latent")]
+    mode: Mode,
+    /// The task.
+    #[arg(long)]
+    task: String,
+    /// Model name or path.
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// The researcher's latent steps.
+    #[arg(long, default_value_t = 10)]
+    steps: u32,
+    /// Most tokens each agent generates.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Stay on TCP even on one host.
+    #[arg(long)]
+    no_shm_upgrade: bool,
+    /// Seconds to wait for the peer.
+    #[arg(long, default_value_t = 120.0)]
+    timeout: f64,
+}
+
+/// The two roles.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Role {
+    Researcher,
+    Solver,
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let model = Model::load(&a.model, false).with_context(|| format!("load {}", a.model))?;
+    let timeout = Duration::from_secs_f64(a.timeout);
+    let options = |agent: &str| Options {
+        agent_id: agent.into(),
+        allow_shm_upgrade: !a.no_shm_upgrade,
+        connect_timeout: timeout,
+        loan_timeout: timeout,
+        ..Options::default()
+    };
+    match a.role {
+        Role::Solver => {
+            let listener = Endpoint::bind(&a.addr, model.identity(), options("solver"))?;
+            println!("READY {}", listener.local_addr());
+            let rx = listener.accept(timeout)?;
+            let session = rx.session().explain();
+            let report = agent::solve(&model, &rx, &a.task, a.max_tokens, timeout)?;
+            let mut v = serde_json::to_value(&report)?;
+            v["session"] = session.into();
+            println!("RESULT {v}");
+        }
+        Role::Researcher => {
+            let mut tx = Endpoint::connect(&a.addr, model.identity(), options("researcher"))?;
+            let session = tx.session().clone();
+            println!("READY {}", session.explain());
+            let mut go = String::new();
+            std::io::stdin().lock().read_line(&mut go)?;
+            let report = agent::research(&model, &mut tx, a.mode, &a.task, a.steps, a.max_tokens)?;
+            let mut v = serde_json::to_value(&report)?;
+            v["session"] = session.explain().into();
+            v["transport"] = session.transport.name().into();
+            v["transport_reason"] = session.transport_reason.clone().into();
+            v["mode"] = session.mode.to_string().into();
+            println!("RESULT {v}");
+            // Stay until the solver has the message (it closes the session).
+            let _ = std::io::stdin().lock().read_line(&mut go);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

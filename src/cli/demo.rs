@@ -1,0 +1,269 @@
+//! `avp demo`: the product's claim on a real model. Two agent processes (a
+//! researcher and a solver) handshake; the researcher thinks on a task and its KV
+//! cache moves to the solver over the transport the handshake chose; the solver
+//! answers. The same task then runs as a text chain and as a single agent, and a
+//! side-by-side table shows what each cost.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use avp::pipeline::agent::{ResearcherReport, SolverReport, ms};
+use avp::pipeline::{Mode, direct_prompt};
+use avp_model::{GenerateOptions, Model};
+use serde_json::{Value, json};
+
+/// A GSM8K training problem (the reference's benchmark family).
+const DEFAULT_TASK: &str = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?";
+
+/// Arguments of `avp demo`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// How the agents reach each other (shm: shared memory; tcp: loopback TCP).
+    #[arg(long, value_enum, default_value = "shm")]
+    transport: Transport,
+    /// The researcher's latent steps.
+    #[arg(long, default_value_t = 10)]
+    steps: u32,
+    /// Model name or path (GGUF file or Hugging Face directory).
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// The task.
+    #[arg(long, default_value = DEFAULT_TASK)]
+    prompt: String,
+    /// Most tokens each agent generates.
+    #[arg(long, default_value_t = 96)]
+    max_tokens: usize,
+    /// One JSON object per mode instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Transport {
+    Shm,
+    Tcp,
+}
+
+struct Agent {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Agent {
+    fn spawn(args: &[String]) -> anyhow::Result<Agent> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("agent")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("start an agent process")?;
+        let stdin = child.stdin.take();
+        let lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        Ok(Agent {
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    /// The rest of the first line starting with `tag`.
+    fn expect(&mut self, tag: &str) -> anyhow::Result<String> {
+        for line in self.lines.by_ref() {
+            if let Some(rest) = line?.strip_prefix(tag) {
+                return Ok(rest.trim().to_owned());
+            }
+        }
+        let status = self.child.wait()?;
+        bail!("an agent process ended ({status}) before printing {tag}")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// One mode's row of the table.
+fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
+    let addr = match a.transport {
+        Transport::Shm => format!("shm://avp-demo-{}-{}", std::process::id(), mode.name()),
+        Transport::Tcp => "tcp://127.0.0.1:0".into(),
+    };
+    let mut common = vec![
+        "--mode".into(),
+        mode.name().into(),
+        "--task".into(),
+        a.prompt.clone(),
+        "--model".into(),
+        a.model.clone(),
+        "--steps".into(),
+        a.steps.to_string(),
+        "--max-tokens".into(),
+        a.max_tokens.to_string(),
+    ];
+    if matches!(a.transport, Transport::Tcp) {
+        common.push("--no-shm-upgrade".into());
+    }
+    let with = |role: &str, addr: &str| {
+        let mut v = vec![role.to_owned(), "--addr".into(), addr.to_owned()];
+        v.extend(common.iter().cloned());
+        v
+    };
+    let mut solver = Agent::spawn(&with("solver", &addr))?;
+    let bound = solver.expect("READY")?;
+    let mut researcher = Agent::spawn(&with("researcher", &bound))?;
+    researcher.expect("READY")?;
+    writeln!(researcher.stdin.as_mut().expect("piped"), "go")?;
+    let r: Value = serde_json::from_str(&researcher.expect("RESULT")?)?;
+    let s: Value = serde_json::from_str(&solver.expect("RESULT")?)?;
+    let rr: ResearcherReport = serde_json::from_value(r.clone())?;
+    let sr: SolverReport = serde_json::from_value(s.clone())?;
+    let span = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1e6;
+    Ok(json!({
+        "mode": mode.name(),
+        "answer": sr.answer,
+        "a_prompt_tokens": rr.prompt_tokens,
+        "a_generated_tokens": rr.generated_tokens,
+        "a_latent_steps": rr.latent_steps,
+        "b_prefilled_tokens": sr.prefilled,
+        "b_reused_positions": sr.reused,
+        "b_generated_tokens": sr.generated_tokens,
+        "payload": sr.payload,
+        "bytes_moved": rr.bytes,
+        "a_work_ms": rr.work_ms,
+        "handoff_ms": span(rr.t_send_ns, sr.t_recv_ns),
+        "b_ttft_ms": sr.ttft_ms,
+        "end_to_end_ms": span(rr.t_start_ns, sr.t_done_ns),
+        "transport": r["transport"],
+        "transport_reason": r["transport_reason"],
+        "negotiated_mode": r["mode"],
+        "session": s["session"],
+    }))
+}
+
+fn direct(a: &Args) -> anyhow::Result<Value> {
+    let model = Model::load(&a.model, false)?;
+    let started = Instant::now();
+    let options = GenerateOptions {
+        max_tokens: a.max_tokens,
+        ..Default::default()
+    };
+    let g = model.generate(&direct_prompt(&a.prompt), None, &options, |_| {})?;
+    Ok(json!({
+        "mode": "direct",
+        "answer": g.text,
+        "a_prompt_tokens": 0,
+        "a_generated_tokens": 0,
+        "a_latent_steps": 0,
+        "b_prefilled_tokens": g.prefilled,
+        "b_reused_positions": 0,
+        "b_generated_tokens": g.tokens.len(),
+        "payload": "none",
+        "bytes_moved": 0,
+        "a_work_ms": 0.0,
+        "handoff_ms": 0.0,
+        "b_ttft_ms": ms(g.time_to_first_token),
+        "end_to_end_ms": ms(started.elapsed()),
+        "transport": "none",
+        "transport_reason": "one agent",
+        "negotiated_mode": "direct",
+        "session": "",
+    }))
+}
+
+pub fn run(a: Args) -> anyhow::Result<std::process::ExitCode> {
+    // Fetch (with a progress bar) before the agents start.
+    let path = avp_model::fetch::spec(&a.model)
+        .ok()
+        .map(|s| avp_model::fetch::fetch(s, !a.json))
+        .transpose()?;
+    if !a.json {
+        eprintln!(
+            "model {} ({}); task: {}",
+            a.model,
+            path.map_or(a.model.clone(), |p| p.display().to_string()),
+            a.prompt
+        );
+    }
+    let mut rows = Vec::new();
+    for mode in [Mode::Latent, Mode::Text] {
+        if !a.json {
+            eprintln!("running the {} pipeline ...", mode.name());
+        }
+        rows.push(pipeline(&a, mode)?);
+    }
+    if !a.json {
+        eprintln!("running the direct (single agent) baseline ...");
+    }
+    rows.push(direct(&a)?);
+    if a.json {
+        for r in &rows {
+            let mut line = json!({"bench": "demo", "steps": a.steps});
+            for (k, v) in r.as_object().expect("an object") {
+                line[k] = v.clone();
+            }
+            println!("{line}");
+        }
+    } else {
+        print_table(&rows);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn print_table(rows: &[Value]) {
+    let cell = |r: &Value, k: &str| -> String {
+        match &r[k] {
+            Value::String(s) => s.clone(),
+            Value::Number(n) if n.is_f64() => format!("{:.1}", n.as_f64().unwrap_or(0.0)),
+            v => v.to_string(),
+        }
+    };
+    let fields: [(&str, &str); 12] = [
+        ("answer", "answer"),
+        ("A: tokens generated", "a_generated_tokens"),
+        ("A: latent steps", "a_latent_steps"),
+        ("B: tokens prefilled", "b_prefilled_tokens"),
+        ("B: positions reused", "b_reused_positions"),
+        ("payload", "payload"),
+        ("bytes moved", "bytes_moved"),
+        ("handoff (ms)", "handoff_ms"),
+        ("B: time to 1st token (ms)", "b_ttft_ms"),
+        ("end to end (ms)", "end_to_end_ms"),
+        ("B: tokens generated", "b_generated_tokens"),
+        ("transport", "transport"),
+    ];
+    let width = 34;
+    print!("{:<27}", "");
+    for r in rows {
+        print!(" | {:<width$}", cell(r, "mode"));
+    }
+    println!();
+    println!("{}", "-".repeat(27 + rows.len() * (width + 3)));
+    for (label, key) in fields {
+        print!("{label:<27}");
+        for r in rows {
+            let mut c = cell(r, key).replace('\n', " ");
+            if c.chars().count() > width {
+                c = c.chars().take(width - 1).collect::<String>() + "…";
+            }
+            print!(" | {c:<width$}");
+        }
+        println!();
+    }
+    println!();
+    for r in rows {
+        println!("{} answer: {}", cell(r, "mode"), cell(r, "answer"));
+    }
+    for r in rows.iter().filter(|r| r["session"] != "") {
+        println!("{} session: {}", cell(r, "mode"), cell(r, "session"));
+    }
+}

@@ -1,0 +1,188 @@
+//! The two roles as functions over a connected endpoint, so they run in separate
+//! processes (`avp agent`, spawned by `avp demo`) or in tests.
+//!
+//! Times that cross processes are wall-clock nanoseconds since the Unix epoch (both
+//! agents run on one host in the demo); durations within a process are monotonic.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use avp_model::{Context, GenerateOptions, Model};
+use avp_transport::{Receiver, Sender};
+use avp_wire::{Envelope, MessageLayout, Payload, TextDesc, TextFormat};
+use serde::Serialize;
+
+use super::{Mode, researcher_prompt, solver_prompt};
+
+/// Wall-clock nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// What the researcher did.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct ResearcherReport {
+    /// When it started on the task (ns since the epoch).
+    pub t_start_ns: u64,
+    /// When it started sending (ns since the epoch).
+    pub t_send_ns: u64,
+    /// Tokens it read.
+    pub prompt_tokens: usize,
+    /// Tokens it generated (text mode).
+    pub generated_tokens: usize,
+    /// Latent steps it took (latent mode).
+    pub latent_steps: u32,
+    /// Bytes of the message it sent.
+    pub bytes: u64,
+    /// Its analysis (text mode).
+    pub analysis: String,
+    /// Milliseconds thinking or writing.
+    pub work_ms: f64,
+    /// Milliseconds from loaning the buffer to the message being sent.
+    pub send_ms: f64,
+}
+
+/// What the solver did.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct SolverReport {
+    /// When it held the validated message (ns since the epoch).
+    pub t_recv_ns: u64,
+    /// When it finished its answer (ns since the epoch).
+    pub t_done_ns: u64,
+    /// From holding the message to its first token, in ms (context decode and
+    /// prefill included).
+    pub ttft_ms: f64,
+    /// The answer.
+    pub answer: String,
+    /// Tokens it prefilled.
+    pub prefilled: usize,
+    /// Positions it took from the researcher's KV cache.
+    pub reused: usize,
+    /// Tokens it generated.
+    pub generated_tokens: usize,
+    /// The payload it received ("kv_cache", "text", ...).
+    pub payload: String,
+    /// Bytes it received.
+    pub bytes: u64,
+}
+
+/// Agent A: work on `task` and send the result through `tx`.
+pub fn research(
+    model: &Model,
+    tx: &mut Sender,
+    mode: Mode,
+    task: &str,
+    steps: u32,
+    max_tokens: usize,
+) -> anyhow::Result<ResearcherReport> {
+    let t_start_ns = now_ns();
+    let started = Instant::now();
+    let prompt = researcher_prompt(task, mode);
+    let envelope = Envelope {
+        session_id: tx.session().id.clone(),
+        model_id: model.name().to_owned(),
+        source_agent_id: "researcher".into(),
+        target_agent_id: "solver".into(),
+        ..Default::default()
+    };
+    let mut report = ResearcherReport {
+        t_start_ns,
+        t_send_ns: 0,
+        prompt_tokens: model.encode(&model.render(&prompt)?)?.len(),
+        generated_tokens: 0,
+        latent_steps: 0,
+        bytes: 0,
+        analysis: String::new(),
+        work_ms: 0.0,
+        send_ms: 0.0,
+    };
+    match mode {
+        Mode::Latent => {
+            let ctx = model.think(&prompt, steps, None)?;
+            report.latent_steps = ctx.num_steps;
+            report.work_ms = ms(started.elapsed());
+            report.t_send_ns = now_ns();
+            let sending = Instant::now();
+            let layout = ctx.layout(envelope)?;
+            report.bytes = layout.total_len() as u64;
+            // The KV cache is written straight into the transport's buffer.
+            let mut loan = tx.loan(&layout)?;
+            ctx.write_into(loan.writer())?;
+            loan.finish()?.send()?;
+            report.send_ms = ms(sending.elapsed());
+        }
+        Mode::Text => {
+            let options = GenerateOptions {
+                max_tokens,
+                ..Default::default()
+            };
+            let g = model.generate(&prompt, None, &options, |_| {})?;
+            report.generated_tokens = g.tokens.len();
+            report.analysis = g.text;
+            report.work_ms = ms(started.elapsed());
+            report.t_send_ns = now_ns();
+            let sending = Instant::now();
+            let text = report.analysis.as_bytes();
+            let payload = Payload::Text(TextDesc {
+                format: TextFormat::Plain,
+                len: text.len() as u64,
+            });
+            let layout = MessageLayout::new(&envelope, &payload)?;
+            report.bytes = layout.total_len() as u64;
+            tx.send_sections(&layout, &[text])?;
+            report.send_ms = ms(sending.elapsed());
+        }
+        Mode::Direct => bail!("the researcher has no part in direct mode"),
+    }
+    Ok(report)
+}
+
+/// Agent B: receive one message on `rx` and answer `task` from it.
+pub fn solve(
+    model: &Model,
+    rx: &Receiver,
+    task: &str,
+    max_tokens: usize,
+    timeout: Duration,
+) -> anyhow::Result<SolverReport> {
+    let guard = rx.recv(timeout).context("waiting for the researcher")?;
+    let t_recv_ns = now_ns();
+    let received = Instant::now();
+    let msg = guard.message();
+    let bytes = msg.total_len();
+    let payload = msg.payload();
+    let (context, analysis) = match &payload {
+        Payload::Text(_) => (None, Some(msg.text()?.as_str()?.to_owned())),
+        _ => {
+            let ctx = Context::from_message(msg, model.decoder(), &model.identity().model_hash)?;
+            (Some(ctx), None)
+        }
+    };
+    drop(guard);
+    let options = GenerateOptions {
+        max_tokens,
+        ..Default::default()
+    };
+    let prompt = solver_prompt(task, analysis.as_deref());
+    let before_generate = received.elapsed();
+    let g = model.generate(&prompt, context.as_ref(), &options, |_| {})?;
+    let ttft = before_generate + g.time_to_first_token;
+    Ok(SolverReport {
+        t_recv_ns,
+        t_done_ns: now_ns(),
+        ttft_ms: ms(ttft),
+        answer: g.text,
+        prefilled: g.prefilled,
+        reused: g.reused,
+        generated_tokens: g.tokens.len(),
+        payload: payload.kind_name().into(),
+        bytes,
+    })
+}
+
+/// Milliseconds of `d`.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
