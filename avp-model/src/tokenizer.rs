@@ -7,16 +7,23 @@
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, Value};
 
 /// GGUF token type of control tokens.
 const CONTROL: u64 = 3;
+/// GGUF token type of user-defined tokens (matched whole, not special).
+const USER_DEFINED: u64 = 4;
+
+/// Qwen2's pre-tokenizer split (as in its tokenizer.json).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn strings<'a>(g: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
     g.get(key)?
@@ -70,6 +77,21 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
     let pre_tokenizer: PreTokenizerWrapper = match pre {
         // SmolLM: single digits, then GPT-2's byte-level split.
         "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+        // Qwen2: NFC, its own split regex, then byte-level without the GPT-2 regex.
+        "qwen2" => {
+            tok.with_normalizer(Some(NFC)).map_err(err)?;
+            let split = Split::new(
+                SplitPattern::Regex(QWEN2_SPLIT.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(err)?;
+            Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into()
+        }
         _ => byte_level.into(),
     };
     tok.with_pre_tokenizer(Some(pre_tokenizer));
@@ -79,13 +101,16 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
         .get("tokenizer.ggml.token_type")
         .and_then(Value::as_array)
     {
-        let special: Vec<AddedToken> = types
-            .iter()
-            .zip(&tokens)
-            .filter(|(t, _)| t.as_u64() == Some(CONTROL))
-            .map(|(_, s)| AddedToken::from(s.to_string(), true))
-            .collect();
-        tok.add_special_tokens(special).map_err(err)?;
+        let typed = |ty: u64| -> Vec<AddedToken> {
+            types
+                .iter()
+                .zip(&tokens)
+                .filter(|(t, _)| t.as_u64() == Some(ty))
+                .map(|(_, s)| AddedToken::from(s.to_string(), ty == CONTROL))
+                .collect()
+        };
+        tok.add_special_tokens(typed(CONTROL)).map_err(err)?;
+        tok.add_tokens(typed(USER_DEFINED)).map_err(err)?;
     }
     Ok(tok)
 }

@@ -20,6 +20,9 @@ pub enum Bench {
     MemcpyOffsets(OffsetArgs),
     /// Transports: handoff latency and throughput for shm and tcp, against raw TCP and memcpy.
     Transport(super::bench_transport::TransportArgs),
+    /// Model: prefill/decode tokens per second, one latent step, and agent B's time
+    /// to first token from a KV handoff versus re-reading text.
+    Model(super::bench_model::ModelArgs),
 }
 
 /// Arguments of `avp bench wire`.
@@ -59,6 +62,7 @@ pub fn run(b: Bench) -> anyhow::Result<std::process::ExitCode> {
         Bench::Wire(a) => wire(a)?,
         Bench::MemcpyOffsets(a) => offsets(a)?,
         Bench::Transport(a) => super::bench_transport::run(a)?,
+        Bench::Model(a) => super::bench_model::run(a)?,
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

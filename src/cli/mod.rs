@@ -2,6 +2,7 @@
 
 mod agent;
 mod bench;
+mod bench_model;
 mod bench_transport;
 mod demo;
 mod generate;

@@ -29,9 +29,9 @@ pub fn run(m: Model) -> anyhow::Result<ExitCode> {
             let cached = fetch::list();
             for s in fetch::KNOWN {
                 match cached.iter().find(|(c, _)| c.name == s.name) {
-                    Some((_, p)) => println!("{:<10} cached  {}", s.name, p.display()),
+                    Some((_, p)) => println!("{:<20} cached  {}", s.name, p.display()),
                     None => println!(
-                        "{:<10} -       {} (avp model fetch {})",
+                        "{:<20} -       {} (avp model fetch {})",
                         s.name, s.description, s.name
                     ),
                 }
