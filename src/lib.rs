@@ -12,4 +12,5 @@ pub use avp_model as model;
 pub use avp_transport as transport;
 pub use avp_wire as wire;
 
+pub mod eval;
 pub mod pipeline;

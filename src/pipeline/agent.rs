@@ -12,7 +12,7 @@ use avp_transport::{Receiver, Sender};
 use avp_wire::{Envelope, MessageLayout, Payload, TextDesc, TextFormat};
 use serde::Serialize;
 
-use super::{Mode, researcher_prompt, solver_prompt};
+use super::{FINAL_ANSWER, Mode, researcher_prompt, solver_prompt};
 
 /// Wall-clock nanoseconds since the Unix epoch.
 pub fn now_ns() -> u64 {
@@ -165,7 +165,7 @@ pub fn solve(
         max_tokens,
         ..Default::default()
     };
-    let prompt = solver_prompt(task, analysis.as_deref());
+    let prompt = solver_prompt(task, analysis.as_deref(), FINAL_ANSWER);
     let before_generate = received.elapsed();
     let g = model.generate(&prompt, context.as_ref(), &options, |_| {})?;
     let ttft = before_generate + g.time_to_first_token;

