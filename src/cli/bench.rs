@@ -23,6 +23,10 @@ pub enum Bench {
     /// Model: prefill/decode tokens per second, one latent step, and agent B's time
     /// to first token from a KV handoff versus re-reading text.
     Model(super::bench_model::ModelArgs),
+    /// Every bench above (wire, transport, model) as JSON lines.
+    All(super::bench_report::AllArgs),
+    /// An HTML page with SVG plots of the benches (runs them, or reads --input).
+    Report(super::bench_report::ReportArgs),
 }
 
 /// Arguments of `avp bench wire`.
@@ -63,6 +67,8 @@ pub fn run(b: Bench) -> anyhow::Result<std::process::ExitCode> {
         Bench::MemcpyOffsets(a) => offsets(a)?,
         Bench::Transport(a) => super::bench_transport::run(a)?,
         Bench::Model(a) => super::bench_model::run(a)?,
+        Bench::All(a) => super::bench_report::all(a)?,
+        Bench::Report(a) => super::bench_report::report(a)?,
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
