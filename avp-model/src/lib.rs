@@ -19,6 +19,7 @@ pub mod gguf;
 pub mod hf;
 pub mod latent;
 pub mod model;
+pub mod project;
 pub mod quant;
 pub mod sampling;
 pub mod tokenizer;

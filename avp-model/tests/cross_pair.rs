@@ -1,0 +1,84 @@
+//! The real cross-model pair: SmolLM2-135M (Llama, vocab 49,152) and
+//! Qwen2.5-Coder-0.5B (Qwen2, vocab 151,936) share part of their byte-level BPE
+//! vocabularies; a SmolLM2 hidden state projects into Qwen's embedding space.
+
+use avp_model::Model;
+use avp_model::latent::mean_row_norm;
+use avp_model::project::{Method, ProjectionMap};
+
+#[test]
+fn smollm2_and_qwen_share_a_vocabulary_path_both_ways() {
+    let small = Model::load("smollm2", false).unwrap();
+    let qwen = Model::load("qwen2.5-coder-0.5b", false).unwrap();
+    let (sv, qv) = (
+        small.tokenizer().get_vocab(true),
+        qwen.tokenizer().get_vocab(true),
+    );
+    let there = ProjectionMap::build(
+        &small.identity().model_hash,
+        &sv,
+        &qwen.identity().model_hash,
+        &qv,
+    )
+    .unwrap();
+    let back = ProjectionMap::build(
+        &qwen.identity().model_hash,
+        &qv,
+        &small.identity().model_hash,
+        &sv,
+    )
+    .unwrap();
+    assert_eq!(there.method, Method::VocabOverlap);
+    let n = there.overlap_count();
+    eprintln!("SmolLM2 ∩ Qwen2.5 vocabulary: {n} shared tokens");
+    assert_eq!(n, back.overlap_count());
+    assert!(n > 20_000, "{n}");
+
+    // "The capital of France is" → SmolLM2's last hidden state → Qwen's space.
+    let ctx = small
+        .think_tokens(&small.encode("The capital of France is").unwrap(), 0, None)
+        .unwrap();
+    let h = avp_model::latent::tensor(ctx.last_hidden.unwrap(), 1, 576);
+    let target_norm = mean_row_norm(qwen.decoder().input_embeddings()).unwrap();
+    let e = there
+        .project(
+            h,
+            small.decoder().output_projection(),
+            qwen.decoder().input_embeddings(),
+            1.0,
+            target_norm,
+        )
+        .unwrap();
+    assert_eq!(e.dims(), [1, 896]);
+    let v: Vec<f32> = e.clone().into_data().try_to_vec().unwrap();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - target_norm).abs() < 1e-3 * target_norm);
+    // The projected vector points at Qwen's " Paris" more than at a typical token.
+    let paris = qwen.encode(" Paris").unwrap();
+    assert_eq!(paris.len(), 1);
+    let rows = |ids: &[u32]| -> Vec<Vec<f32>> {
+        let t = qwen.decoder().embed(ids).unwrap();
+        let flat: Vec<f32> = t.into_data().try_to_vec().unwrap();
+        flat.chunks(896).map(<[f32]>::to_vec).collect()
+    };
+    let cos = |a: &[f32], b: &[f32]| {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let n = |x: &[f32]| x.iter().map(|y| y * y).sum::<f32>().sqrt();
+        dot / (n(a) * n(b))
+    };
+    let to_paris = cos(&v, &rows(&paris)[0]);
+    let sample: Vec<u32> = there.target_ids.iter().step_by(997).copied().collect();
+    let typical: f32 = rows(&sample).iter().map(|r| cos(&v, r)).sum::<f32>() / sample.len() as f32;
+    eprintln!("cosine to \" Paris\" {to_paris:.3}, to a typical shared token {typical:.3}");
+    assert!(to_paris > typical + 0.1, "{to_paris} vs {typical}");
+
+    // Qwen reads the projected vector as one position and continues after it.
+    let mut cache = avp_model::KvCache::default();
+    qwen.decoder().forward_embeds(e, &mut cache).unwrap();
+    let logits = qwen
+        .decoder()
+        .forward(&qwen.encode(" Answer:").unwrap(), &mut cache)
+        .unwrap();
+    assert_eq!(cache.len(), 1 + 2);
+    assert!(logits.iter().all(|x| x.is_finite()));
+}
