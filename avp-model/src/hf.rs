@@ -157,26 +157,17 @@ impl Weights for HfDir {
             .ok_or_else(|| ModelError::Missing(hf.clone()))?;
         let st = SafeTensors::deserialize(&self.shards[shard]).map_err(|e| bad(e.to_string()))?;
         let t = st.tensor(&hf).map_err(|e| bad(format!("{hf}: {e}")))?;
-        let data = t.data();
-        let values: Vec<f32> = match t.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+        let dtype = match t.dtype() {
+            Dtype::F32 => avp_wire::DType::F32,
+            Dtype::F16 => avp_wire::DType::F16,
+            Dtype::BF16 => avp_wire::DType::Bf16,
             other => {
                 return Err(bad(format!(
                     "{hf}: dtype {other:?} is not supported (F32, F16, BF16)"
                 )));
             }
         };
+        let values = crate::decoder::decode_floats(t.data(), dtype)?;
         Ok(Loaded {
             values,
             shape: t.shape().to_vec(),
