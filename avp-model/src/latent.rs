@@ -157,11 +157,7 @@ fn read_cached(path: &Path, d: usize) -> Option<Vec<f32>> {
         tracing::warn!(path = %path.display(), "ignoring a realignment cache of the wrong shape");
         return None;
     }
-    let w: Vec<f32> = t
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let w = crate::decoder::decode_floats(t.data(), avp_wire::DType::F32).ok()?;
     w.iter().all(|x| x.is_finite()).then_some(w)
 }
 

@@ -90,7 +90,7 @@ pub fn research(
     let mut report = ResearcherReport {
         t_start_ns,
         t_send_ns: 0,
-        prompt_tokens: model.encode(&model.render(&prompt)?)?.len(),
+        prompt_tokens: 0,
         generated_tokens: 0,
         latent_steps: 0,
         bytes: 0,
@@ -102,6 +102,7 @@ pub fn research(
         Mode::Latent => {
             let ctx = model.think(&prompt, steps, None)?;
             report.latent_steps = ctx.num_steps;
+            report.prompt_tokens = ctx.prompt_tokens as usize;
             report.work_ms = ms(started.elapsed());
             report.t_send_ns = now_ns();
             let sending = Instant::now();
@@ -120,6 +121,7 @@ pub fn research(
             };
             let g = model.generate(&prompt, None, &options, |_| {})?;
             report.generated_tokens = g.tokens.len();
+            report.prompt_tokens = g.prefilled;
             report.analysis = g.text;
             report.work_ms = ms(started.elapsed());
             report.t_send_ns = now_ns();
