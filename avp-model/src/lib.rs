@@ -12,6 +12,7 @@
 pub mod chat;
 pub mod config;
 pub mod context;
+pub mod crossmodel;
 pub mod decoder;
 mod error;
 pub mod fetch;
@@ -20,6 +21,7 @@ pub mod hf;
 pub mod latent;
 pub mod model;
 pub mod project;
+pub mod quality;
 pub mod quant;
 pub mod sampling;
 pub mod tokenizer;

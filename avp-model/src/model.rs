@@ -102,6 +102,7 @@ pub struct Model {
     stop_ids: Vec<u32>,
     identity: avp_wire::ModelIdentity,
     latent: OnceLock<LatentMap>,
+    embed_norm: OnceLock<f32>,
 }
 
 impl Model {
@@ -181,6 +182,7 @@ impl Model {
             stop_ids,
             identity,
             latent: OnceLock::new(),
+            embed_norm: OnceLock::new(),
         }
     }
 
@@ -249,6 +251,16 @@ impl Model {
         let cache = LatentMap::cache_path(&crate::fetch::cache_dir(), &self.identity.model_hash);
         let m = LatentMap::for_decoder(&self.decoder, Some(&cache))?;
         Ok(self.latent.get_or_init(|| m))
+    }
+
+    /// The mean L2 norm of the input embedding rows (what projected and realigned
+    /// vectors are rescaled to), computed once.
+    pub fn embedding_norm(&self) -> Result<f32> {
+        if let Some(n) = self.embed_norm.get() {
+            return Ok(*n);
+        }
+        let n = crate::latent::mean_row_norm(self.decoder.input_embeddings())?;
+        Ok(*self.embed_norm.get_or_init(|| n))
     }
 
     /// Check `ctx` was made by this model.

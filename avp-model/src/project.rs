@@ -181,63 +181,172 @@ impl ProjectionMap {
         temperature: f32,
         target_norm: f32,
     ) -> Result<Tensor<2>> {
-        if !(temperature > 0.0 && temperature.is_finite()) {
-            return Err(ModelError::Invalid(format!(
-                "projection temperature must be > 0, found {temperature}"
-            )));
-        }
-        let [d_src, v_src] = source_output.dims();
-        let [v_tgt, d_tgt] = target_embed.dims();
+        let [d_src, _] = source_output.dims();
         if h.dims()[1] != d_src {
             return Err(ModelError::Invalid(format!(
                 "hidden states have {} values per row, the source model {d_src}",
                 h.dims()[1]
             )));
         }
-        let (w, e) = match self.method {
+        let logits = h.matmul(source_output.clone());
+        self.project_logits(logits, target_embed, temperature, target_norm)
+    }
+
+    /// The receiving half of [`Self::project`]: source next-token logits
+    /// (`[n, V_src]`, i.e. `h·W_src`) to target input embeddings (`[n, D_tgt]`).
+    /// This is what runs on the target's side of a cross-model handoff: the sender
+    /// computes its logits with its own weights, the receiver needs only its own.
+    pub fn project_logits(
+        &self,
+        logits: Tensor<2>,
+        target_embed: &Tensor<2>,
+        temperature: f32,
+        target_norm: f32,
+    ) -> Result<Tensor<2>> {
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            return Err(ModelError::Invalid(format!(
+                "projection temperature must be > 0, found {temperature}"
+            )));
+        }
+        let (z, e) = self.restrict(logits, target_embed)?;
+        let p = softmax(z / temperature as f64, 1);
+        Ok(rescale(p.matmul(e), target_norm))
+    }
+
+    /// The source logits over the shared tokens and the target embedding rows of
+    /// the same tokens, in the same order.
+    fn restrict(
+        &self,
+        logits: Tensor<2>,
+        target_embed: &Tensor<2>,
+    ) -> Result<(Tensor<2>, Tensor<2>)> {
+        let [n, v_src] = logits.dims();
+        let [v_tgt, d_tgt] = target_embed.dims();
+        Ok(match self.method {
             Method::VocabMediated => {
                 let v = v_src.min(v_tgt);
                 (
-                    source_output.clone().slice([0..d_src, 0..v]),
+                    logits.slice([0..n, 0..v]),
                     target_embed.clone().slice([0..v, 0..d_tgt]),
                 )
             }
-            Method::VocabOverlap => {
-                let device = source_output.device();
-                let index = |ids: &[u32], bound: usize| -> Result<Tensor<1, Int>> {
-                    if let Some(bad) = ids.iter().find(|&&i| i as usize >= bound) {
-                        return Err(ModelError::Invalid(format!(
-                            "map index {bad} is outside a vocabulary of {bound}"
-                        )));
-                    }
-                    Ok(Tensor::from_data(
-                        TensorData::new(
-                            ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-                            [ids.len()],
-                        ),
-                        &device,
-                    ))
-                };
-                (
-                    source_output
-                        .clone()
-                        .select(1, index(&self.source_ids, v_src)?),
-                    target_embed
-                        .clone()
-                        .select(0, index(&self.target_ids, v_tgt)?),
-                )
+            Method::VocabOverlap => (
+                logits.select(1, self.index(&self.source_ids, v_src, target_embed)?),
+                target_embed
+                    .clone()
+                    .select(0, self.index(&self.target_ids, v_tgt, target_embed)?),
+            ),
+        })
+    }
+
+    /// The shared ids as an index tensor, each checked against `bound`.
+    fn index(&self, ids: &[u32], bound: usize, like: &Tensor<2>) -> Result<Tensor<1, Int>> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= bound) {
+            return Err(ModelError::Invalid(format!(
+                "map {} index {bad} is outside a vocabulary of {bound}",
+                self.id()
+            )));
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(
+                ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                [ids.len()],
+            ),
+            &like.device(),
+        ))
+    }
+
+    /// For one row of source logits: which shared token it ranks first (its target
+    /// id), that token's probability and the distribution's entropy (nats), after
+    /// the same restriction and temperature as the projection.
+    pub fn top_token(&self, logits: &[f32], target_vocab: usize, temperature: f32) -> TopToken {
+        let pairs: Box<dyn Iterator<Item = (f32, u32)>> = match self.method {
+            Method::VocabMediated => {
+                let v = logits.len().min(target_vocab);
+                Box::new(logits[..v].iter().copied().zip(0u32..))
             }
+            Method::VocabOverlap => Box::new(
+                self.source_ids
+                    .iter()
+                    .zip(&self.target_ids)
+                    .filter_map(|(&s, &t)| logits.get(s as usize).map(|&z| (z, t))),
+            ),
         };
-        let p = softmax(h.matmul(w) / temperature as f64, 1);
-        Ok(rescale(p.matmul(e), target_norm))
+        let z: Vec<(f64, u32)> = pairs
+            .map(|(z, t)| (z as f64 / temperature as f64, t))
+            .collect();
+        let max = z.iter().map(|x| x.0).fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = z.iter().map(|x| (x.0 - max).exp()).sum();
+        let mut best = (f64::NEG_INFINITY, 0u32);
+        let mut entropy = 0.0;
+        for &(zi, t) in &z {
+            let p = (zi - max).exp() / sum;
+            if p > 0.0 {
+                entropy -= p * p.ln();
+            }
+            if zi > best.0 {
+                best = (zi, t);
+            }
+        }
+        TopToken {
+            target_id: best.1,
+            prob: ((best.0 - max).exp() / sum) as f32,
+            entropy: entropy as f32,
+        }
+    }
+
+    /// The map between two models: read from `cache_dir`, else built from the two
+    /// vocabularies and written there. `source_vocab` may be `None` when the map is
+    /// known to be cached (or the two models share one tokenizer: pass the target's).
+    pub fn obtain(
+        cache_dir: &Path,
+        source_hash: &str,
+        source_vocab: Option<&HashMap<String, u32>>,
+        target_hash: &str,
+        target_vocab: &HashMap<String, u32>,
+    ) -> Result<ProjectionMap> {
+        if let Some(m) = Self::load(cache_dir, source_hash, target_hash) {
+            return Ok(m);
+        }
+        let source_vocab = source_vocab.ok_or_else(|| {
+            ModelError::Invalid(format!(
+                "no map {} under {} and the source's vocabulary is not known",
+                map_id(source_hash, target_hash),
+                cache_dir.display()
+            ))
+        })?;
+        let map = Self::build(source_hash, source_vocab, target_hash, target_vocab)?;
+        if let Err(e) = map.save(cache_dir) {
+            tracing::warn!("could not cache projection map {}: {e}", map.id());
+        }
+        Ok(map)
     }
 }
 
-/// `<first 16 hex of the source hash>_<first 16 of the target's>`.
-pub fn map_id(source_hash: &str, target_hash: &str) -> String {
-    let short = |h: &str| h.chars().take(16).collect::<String>();
-    format!("{}_{}", short(source_hash), short(target_hash))
+/// A source distribution's first choice, seen from the target (see
+/// [`ProjectionMap::top_token`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TopToken {
+    /// The target id of the most likely shared token.
+    pub target_id: u32,
+    /// Its probability.
+    pub prob: f32,
+    /// Entropy of the distribution over the shared tokens, in nats.
+    pub entropy: f32,
 }
+
+/// Projection maps cached under a directory, as the handshake's rule 4 looks them
+/// up: a map counts only when it reads back valid.
+#[derive(Clone, Debug)]
+pub struct MapCache(pub PathBuf);
+
+impl avp_wire::MapLookup for MapCache {
+    fn find_map(&self, source_hash: &str, target_hash: &str) -> Option<String> {
+        ProjectionMap::load(&self.0, source_hash, target_hash).map(|m| m.id())
+    }
+}
+
+pub use avp_wire::map_id;
 
 #[cfg(test)]
 mod tests {
@@ -321,6 +430,74 @@ mod tests {
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
         }
+    }
+
+    #[test]
+    fn projecting_logits_equals_projecting_hidden_states_and_top_token_is_the_argmax() {
+        let w = words(120, "q");
+        let v = vocab(&w.iter().map(String::as_str).collect::<Vec<_>>());
+        // Target ids reversed: a full overlap under other ids.
+        let rev: HashMap<String, u32> = v.iter().map(|(t, &i)| (t.clone(), 119 - i)).collect();
+        let map = ProjectionMap::build("a", &v, "b", &rev).unwrap();
+        let w_src = tensor(
+            (0..480)
+                .map(|i| ((i * 29 % 23) as f32 - 11.0) / 6.0)
+                .collect(),
+            4,
+            120,
+        );
+        let e_tgt = tensor(
+            (0..240)
+                .map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0)
+                .collect(),
+            120,
+            2,
+        );
+        let h = tensor(vec![0.2, 1.0, -0.7, 0.4], 1, 4);
+        let logits = h.clone().matmul(w_src.clone());
+        let a = to_vec(map.project(h, &w_src, &e_tgt, 0.8, 3.0).unwrap()).unwrap();
+        let z = to_vec(logits.clone()).unwrap();
+        let b = to_vec(map.project_logits(logits, &e_tgt, 0.8, 3.0).unwrap()).unwrap();
+        assert_eq!(a, b);
+        let best = z
+            .iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .map(|(i, _)| i as u32)
+            .unwrap();
+        let top = map.top_token(&z, 120, 0.8);
+        assert_eq!(
+            top.target_id,
+            119 - best,
+            "the argmax, named by its target id"
+        );
+        assert!(top.prob > 0.0 && top.prob <= 1.0);
+        assert!(top.entropy >= 0.0 && top.entropy <= (120f32).ln() + 1e-4);
+        // Huge logits: still a distribution.
+        let mut huge = vec![-1e30f32; 120];
+        huge[7] = 1e30;
+        let top = map.top_token(&huge, 120, 1.0);
+        assert_eq!((top.target_id, top.prob), (112, 1.0));
+    }
+
+    #[test]
+    fn obtain_builds_once_then_reads_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = words(200, "o");
+        let v = vocab(&w.iter().map(String::as_str).collect::<Vec<_>>());
+        let other: HashMap<String, u32> = v.iter().map(|(t, &i)| (t.clone(), i + 1)).collect();
+        let (s, t) = ("5".repeat(64), "6".repeat(64));
+        assert!(ProjectionMap::obtain(dir.path(), &s, None, &t, &other).is_err());
+        let built = ProjectionMap::obtain(dir.path(), &s, Some(&v), &t, &other).unwrap();
+        let cached = ProjectionMap::obtain(dir.path(), &s, None, &t, &other).unwrap();
+        assert_eq!(built, cached);
+        use avp_wire::MapLookup;
+        let lookup = MapCache(dir.path().to_path_buf());
+        assert_eq!(lookup.find_map(&s, &t), Some(built.id()));
+        assert_eq!(lookup.find_map(&t, &s), None);
+        // A corrupt file is not a map.
+        std::fs::write(ProjectionMap::path(dir.path(), &s, &t), b"junk").unwrap();
+        assert_eq!(lookup.find_map(&s, &t), None);
     }
 
     #[test]

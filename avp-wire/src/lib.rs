@@ -71,7 +71,7 @@ pub use payload::{
     HiddenStateDesc, KvCacheDesc, LayerRange, Payload, SectionRole, TextDesc, TextFormat,
 };
 pub use resolver::{
-    MIN_VOCAB_OVERLAP, MapDir, MapLookup, Mode, Resolution, ResolutionPath, Resolver,
+    MIN_VOCAB_OVERLAP, MapLookup, Mode, Resolution, ResolutionPath, Resolver, map_id,
 };
 
 /// The wire version of a message, read from its first three bytes.

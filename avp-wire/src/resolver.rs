@@ -10,12 +10,13 @@
 //! 4. a calibrated map for (local, remote) exists → cross-model, map id
 //!    `<local[..16]>_<remote[..16]>` (`avp_map_file`);
 //! 5. the vocabularies share at least [`MIN_VOCAB_OVERLAP`] token strings →
-//!    cross-model, map id `vocab_overlap:<count>` (`vocab_overlap`);
+//!    cross-model, map id `<local[..16]>_<remote[..16]>` (the reference wrote
+//!    `vocab_overlap:<count>`; we name the map both ends build, and put the count in
+//!    the reason) (`vocab_overlap`);
 //! 6. otherwise → JSON text (`json_fallback`).
 
 use std::collections::HashSet;
 use std::fmt;
-use std::path::PathBuf;
 
 use crate::identity::ModelIdentity;
 
@@ -116,22 +117,10 @@ pub trait MapLookup {
     fn find_map(&self, source_hash: &str, target_hash: &str) -> Option<String>;
 }
 
-/// Maps stored as files `<dir>/<source[..16]>_<target[..16]>.avpmap`.
-#[derive(Clone, Debug)]
-pub struct MapDir(pub PathBuf);
-
-impl MapDir {
-    /// The map id of a (source, target) pair of model hashes.
-    pub fn map_id(source_hash: &str, target_hash: &str) -> String {
-        format!("{}_{}", prefix16(source_hash), prefix16(target_hash))
-    }
-}
-
-impl MapLookup for MapDir {
-    fn find_map(&self, source_hash: &str, target_hash: &str) -> Option<String> {
-        let id = Self::map_id(source_hash, target_hash);
-        self.0.join(format!("{id}.avpmap")).is_file().then_some(id)
-    }
+/// The id of the projection map from `source_hash`'s model to `target_hash`'s:
+/// `<source[..16]>_<target[..16]>` (the reference's file stem).
+pub fn map_id(source_hash: &str, target_hash: &str) -> String {
+    format!("{}_{}", prefix16(source_hash), prefix16(target_hash))
 }
 
 fn prefix16(s: &str) -> &str {
@@ -230,9 +219,13 @@ impl<'m> Resolver<'m> {
             return res(Mode::CrossModel, id, ResolutionPath::AvpMapFile, reason);
         }
         if let Some(n) = overlap.filter(|&n| n >= MIN_VOCAB_OVERLAP) {
+            let id = match both_hashed {
+                true => map_id(&local.model_hash, &remote.model_hash),
+                false => format!("vocab_overlap:{n}"),
+            };
             return res(
                 Mode::CrossModel,
-                format!("vocab_overlap:{n}"),
+                id,
                 ResolutionPath::VocabOverlap,
                 format!("vocabularies share {n} tokens (at least {MIN_VOCAB_OVERLAP} needed)"),
             );
@@ -278,7 +271,7 @@ mod tests {
     struct Fixed;
     impl MapLookup for Fixed {
         fn find_map(&self, s: &str, t: &str) -> Option<String> {
-            Some(MapDir::map_id(s, t))
+            Some(map_id(s, t))
         }
     }
 
@@ -339,7 +332,17 @@ mod tests {
         let r = Resolver::new().resolve(&a, &b, Some(150));
         assert_eq!(
             (r.path, r.map_id.as_str()),
-            (ResolutionPath::VocabOverlap, "vocab_overlap:150")
+            (
+                ResolutionPath::VocabOverlap,
+                "1111111111111111_2222222222222222"
+            )
+        );
+        assert!(r.reason.contains("150"), "{}", r.reason);
+        a.model_hash.clear();
+        let r = Resolver::new().resolve(&a, &b, Some(150));
+        assert_eq!(
+            r.map_id, "vocab_overlap:150",
+            "no hash, no map file to name"
         );
         let r = Resolver::new().resolve(&a, &b, Some(50));
         assert_eq!(r.mode, Mode::Json);
@@ -350,19 +353,6 @@ mod tests {
     fn empty_identities_fall_back() {
         let r = Resolver::new().resolve(&ModelIdentity::default(), &ModelIdentity::default(), None);
         assert_eq!(r.mode, Mode::Json);
-    }
-
-    #[test]
-    fn map_dir_finds_files() {
-        let dir = std::env::temp_dir().join(format!("avp-mapdir-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (s, t) = ("a".repeat(64), "b".repeat(64));
-        let maps = MapDir(dir.clone());
-        assert_eq!(maps.find_map(&s, &t), None);
-        std::fs::write(dir.join(format!("{}.avpmap", MapDir::map_id(&s, &t))), b"x").unwrap();
-        assert_eq!(maps.find_map(&s, &t), Some(MapDir::map_id(&s, &t)));
-        assert_eq!(maps.find_map(&t, &s), None, "direction matters");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
