@@ -41,6 +41,13 @@ pub struct Hello {
     pub auth_required: bool,
     /// The transport the connecting side chose and why (client only).
     pub transport_reason: Option<String>,
+    /// Tokens in the vocabulary the agent can send (0: none). Older peers omit it.
+    #[serde(default)]
+    pub vocab_tokens: u32,
+    /// The listener asks for the peer's vocabulary (no other latent path was found,
+    /// so the vocabularies' overlap decides between cross-model and JSON).
+    #[serde(default)]
+    pub want_vocabulary: bool,
 }
 
 /// The listener's answer when it accepts a session.
@@ -83,6 +90,17 @@ pub enum Frame {
     Refuse {
         /// Why.
         reason: String,
+    },
+    /// Part of the connecting side's vocabulary, sent after `Auth` when the
+    /// listener asked for it: token strings of ids `first..first + tokens.len()`
+    /// ("" for an id without a token).
+    Vocabulary {
+        /// Id of the first token in this part.
+        first: u32,
+        /// Token strings, by id.
+        tokens: Vec<String>,
+        /// Whether this is the last part.
+        last: bool,
     },
     /// The connecting side leaves this TCP connection for the listener's shared memory.
     Switch {

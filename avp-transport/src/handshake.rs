@@ -13,9 +13,10 @@
 //! `mac_c = HMAC(token, "avp-auth-v1 client" ‖ nonce_c ‖ nonce_s)`, `mac_s` the same
 //! with "server". Nothing else is accepted before `Accept`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use avp_wire::{ModelIdentity, Resolver};
+use avp_wire::{Mode, ModelIdentity, Resolver};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -97,6 +98,11 @@ pub fn hello(
         nonce: random_hex(32),
         auth_required: opts.token.is_some(),
         transport_reason: reason,
+        vocab_tokens: opts
+            .vocabulary
+            .as_ref()
+            .map_or(0, |v| v.len().min(u32::MAX as usize) as u32),
+        want_vocabulary: false,
     }
 }
 
@@ -166,6 +172,11 @@ pub fn client_finish(
         },
         &[],
     )?;
+    if theirs.want_vocabulary
+        && let Some(vocab) = &opts.vocabulary
+    {
+        send_vocabulary(io, vocab)?;
+    }
     let (f, _) = io.recv_frame(timeout)?;
     let accept = match f {
         Frame::Accept(a) => a,
@@ -215,6 +226,85 @@ fn session_from(
         max_message: a.max_message,
         ttl: Duration::from_millis(a.ttl_ms),
         started: Instant::now(),
+        peer_vocabulary: None,
+    }
+}
+
+/// Most tokens a peer's vocabulary may hold (the largest real ones are ~260K).
+pub const MAX_VOCAB_TOKENS: u32 = 4 << 20;
+/// Bytes of token strings per `Vocabulary` frame (JSON escaping stays under
+/// [`crate::frame::MAX_FRAME`]).
+const VOCAB_PART_BYTES: usize = 40 << 10;
+
+/// Send `vocab` as `Vocabulary` frames.
+fn send_vocabulary(io: &mut dyn FrameIo, vocab: &[String]) -> Result<()> {
+    let mut first = 0usize;
+    while first < vocab.len() || first == 0 {
+        let mut end = first;
+        let mut bytes = 0;
+        // A token's JSON form is at most 6x its bytes (\u00XX) plus quotes and a comma.
+        while end < vocab.len() && bytes + 6 * vocab[end].len() + 3 <= VOCAB_PART_BYTES {
+            bytes += 6 * vocab[end].len() + 3;
+            end += 1;
+        }
+        if end == first && end < vocab.len() {
+            return Err(TransportError::Protocol(format!(
+                "token {first} is {} bytes, too long to send",
+                vocab[first].len()
+            )));
+        }
+        io.send_frame(
+            &Frame::Vocabulary {
+                first: first as u32,
+                tokens: vocab[first..end].to_vec(),
+                last: end == vocab.len(),
+            },
+            &[],
+        )?;
+        if end == vocab.len() {
+            return Ok(());
+        }
+        first = end;
+    }
+    Ok(())
+}
+
+/// Receive the peer's vocabulary of `announced` tokens, in order.
+fn recv_vocabulary(io: &mut dyn FrameIo, announced: u32, timeout: Duration) -> Result<Vec<String>> {
+    if announced > MAX_VOCAB_TOKENS {
+        return Err(TransportError::Protocol(format!(
+            "peer announces a vocabulary of {announced} tokens, at most {MAX_VOCAB_TOKENS} are accepted"
+        )));
+    }
+    let deadline = Instant::now() + timeout;
+    let mut vocab: Vec<String> = Vec::with_capacity(announced as usize);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match io.recv_frame(left)?.0 {
+            Frame::Vocabulary {
+                first,
+                tokens,
+                last,
+            } => {
+                if first as usize != vocab.len() || vocab.len() + tokens.len() > announced as usize
+                {
+                    return Err(TransportError::Protocol(format!(
+                        "vocabulary part at {first} with {} tokens does not follow {} of {announced} announced",
+                        tokens.len(),
+                        vocab.len()
+                    )));
+                }
+                vocab.extend(tokens);
+                if last {
+                    return Ok(vocab);
+                }
+            }
+            other => {
+                return Err(TransportError::Protocol(format!(
+                    "expected the peer's vocabulary, got {other:?}"
+                )));
+            }
+        }
     }
 }
 
@@ -229,7 +319,15 @@ pub fn server(
 ) -> Result<Option<Session>> {
     let (f, _) = io.recv_frame(timeout)?;
     let theirs = expect_hello(f)?;
-    let ours = hello(identity, opts, shm_socket, None);
+    let resolver = match &opts.maps {
+        Some(m) => Resolver::with_maps(m.as_ref()),
+        None => Resolver::new(),
+    };
+    let mut ours = hello(identity, opts, shm_socket, None);
+    // Only the vocabularies' overlap can still find a latent path: ask for the peer's.
+    ours.want_vocabulary = opts.vocabulary.is_some()
+        && theirs.vocab_tokens > 0
+        && resolver.decide(&theirs.identity, identity, None).mode == Mode::Json;
     io.send_frame(&Frame::Hello(ours.clone()), &[])?;
     let (f, _) = io.recv_frame(timeout)?;
     let (client_mac, why) = match f {
@@ -259,8 +357,21 @@ pub fn server(
             theirs.agent_id
         )));
     }
+    let peer_vocabulary = match ours.want_vocabulary {
+        true => Some(Arc::new(recv_vocabulary(io, theirs.vocab_tokens, timeout)?)),
+        false => None,
+    };
+    let overlap = peer_vocabulary
+        .as_ref()
+        .zip(opts.vocabulary.as_ref())
+        .map(|(a, b)| {
+            Resolver::vocab_overlap(
+                a.iter().map(String::as_str).filter(|t| !t.is_empty()),
+                b.iter().map(String::as_str).filter(|t| !t.is_empty()),
+            )
+        });
     // The connecting side sends (source), the listener receives (target).
-    let r = Resolver::new().resolve(&theirs.identity, identity, None);
+    let r = resolver.resolve(&theirs.identity, identity, overlap);
     let accept = Accept {
         session_id: random_hex(16),
         mode: r.mode,
@@ -278,7 +389,8 @@ pub fn server(
     let reason = why
         .or_else(|| theirs.transport_reason.clone())
         .unwrap_or_else(|| format!("peer connected over {}", transport.name()));
-    let s = session_from(accept, &theirs, transport, reason);
+    let mut s = session_from(accept, &theirs, transport, reason);
+    s.peer_vocabulary = peer_vocabulary;
     tracing::info!("{}", s.explain());
     Ok(Some(s))
 }

@@ -1,6 +1,9 @@
 //! Settings of an endpoint.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use avp_wire::MapLookup;
 
 /// How an endpoint behaves. `Options::default()` suits most uses.
 #[derive(Clone, Debug)]
@@ -31,6 +34,13 @@ pub struct Options {
     /// (messages with an empty session id are always accepted). Turn off to relay
     /// recorded messages.
     pub check_session_ids: bool,
+    /// This agent's vocabulary (token strings by id). A listener with one asks a
+    /// connecting peer for its vocabulary when no other latent path exists, and the
+    /// overlap decides between cross-model and JSON; a connecting agent with one
+    /// sends it when asked. `None`: no vocabulary-overlap path.
+    pub vocabulary: Option<Arc<Vec<String>>>,
+    /// Where a listener looks up cached cross-model maps (the resolver's rule 4).
+    pub maps: Option<Arc<dyn MapLookup>>,
     /// TLS for TCP sessions (feature `tls`): a client config to connect with and/or
     /// a server config to accept with. Shared-memory sessions never leave the host.
     #[cfg(feature = "tls")]
@@ -63,6 +73,8 @@ impl Default for Options {
             session_ttl: Duration::from_secs(24 * 3600),
             allow_shm_upgrade: true,
             check_session_ids: true,
+            vocabulary: None,
+            maps: None,
             #[cfg(feature = "tls")]
             tls: None,
         }

@@ -1,5 +1,6 @@
 //! A negotiated session: who the peer is, which mode and transport, and for how long.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use avp_wire::{Mode, ModelIdentity, ResolutionPath};
@@ -53,6 +54,8 @@ pub struct Session {
     pub ttl: Duration,
     /// When the session was established (local clock).
     pub started: Instant,
+    /// The connecting peer's vocabulary, when the listener asked for it.
+    pub peer_vocabulary: Option<Arc<Vec<String>>>,
 }
 
 impl Session {

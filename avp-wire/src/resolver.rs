@@ -112,7 +112,7 @@ pub struct Resolution {
 }
 
 /// Where calibrated cross-model maps are found.
-pub trait MapLookup {
+pub trait MapLookup: fmt::Debug + Send + Sync {
     /// The map id of a calibrated map from `source_hash`'s model to `target_hash`'s, if one exists.
     fn find_map(&self, source_hash: &str, target_hash: &str) -> Option<String>;
 }
@@ -166,7 +166,9 @@ impl<'m> Resolver<'m> {
         r
     }
 
-    fn decide(
+    /// [`Self::resolve`] without the log line (for asking "would anything but the
+    /// overlap decide?").
+    pub fn decide(
         &self,
         local: &ModelIdentity,
         remote: &ModelIdentity,
@@ -268,6 +270,7 @@ mod tests {
         }
     }
 
+    #[derive(Debug)]
     struct Fixed;
     impl MapLookup for Fixed {
         fn find_map(&self, s: &str, t: &str) -> Option<String> {
