@@ -92,6 +92,8 @@ fn manual_tcp_session(addr: &str) -> TcpStream {
         nonce: "00".repeat(32),
         auth_required: false,
         transport_reason: None,
+        vocab_tokens: 0,
+        want_vocabulary: false,
     };
     io.send_frame(&Frame::Hello(hello), &[]).unwrap();
     io.recv_frame(T).unwrap();

@@ -31,6 +31,8 @@
 //! # Ok::<(), avp_model::ModelError>(())
 //! ```
 
+use std::collections::HashMap;
+
 use avp_wire::{DType, Envelope, HiddenStateDesc, Message, MessageLayout, Payload};
 
 use crate::context::Context;
@@ -244,6 +246,51 @@ pub struct Imported {
 }
 
 impl Model {
+    /// This model's vocabulary as token strings by id ("" for an id without a
+    /// token): what the handshake sends when the peer asks.
+    pub fn vocabulary(&self) -> Vec<String> {
+        let vocab = self.tokenizer().get_vocab(true);
+        let len = vocab.values().max().map_or(0, |&m| m as usize + 1);
+        let mut v = vec![String::new(); len];
+        for (t, i) in vocab {
+            v[i as usize] = t;
+        }
+        v
+    }
+
+    /// The map from `source`'s model into this one: read from the avp cache, else
+    /// built from `source_vocab` (token strings by id, as the handshake brings
+    /// them) and cached. Models sharing this model's tokenizer need no vocabulary.
+    pub fn projection_map(
+        &self,
+        source: &avp_wire::ModelIdentity,
+        source_vocab: Option<&[String]>,
+    ) -> Result<ProjectionMap> {
+        let own = self.tokenizer().get_vocab(true);
+        let theirs: Option<HashMap<String, u32>> = match source_vocab {
+            Some(v) => Some(
+                v.iter()
+                    .enumerate()
+                    .filter(|(_, t)| !t.is_empty())
+                    .map(|(i, t)| (t.clone(), i as u32))
+                    .collect(),
+            ),
+            None if !source.tokenizer_hash.is_empty()
+                && source.tokenizer_hash == self.identity().tokenizer_hash =>
+            {
+                Some(own.clone())
+            }
+            None => None,
+        };
+        ProjectionMap::obtain(
+            &crate::fetch::cache_dir(),
+            &source.model_hash,
+            theirs.as_ref(),
+            &self.identity().model_hash,
+            &own,
+        )
+    }
+
     /// Receiving half of a cross-model handoff: project `src` through `map` into
     /// this model's input embeddings, judge it with the gate, and run the projected
     /// rows as the first positions of a new context.

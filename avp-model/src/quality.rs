@@ -22,7 +22,7 @@
 //! ```
 
 use nalgebra::DMatrix;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Thresholds of the gate, and whether a failing transfer is dropped.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,7 +53,7 @@ impl Default for QualityGate {
 }
 
 /// The gate's verdict on one transfer.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Quality {
     /// Whether every check passed.
     pub recommend_latent: bool,

@@ -7,12 +7,17 @@
 
 use std::io::BufRead;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use avp::pipeline::{Mode, agent};
 use avp_model::Model;
+use avp_model::crossmodel::CrossOptions;
+use avp_model::project::MapCache;
+use avp_model::quality::QualityGate;
 use avp_transport::{Endpoint, Options};
+use avp_wire::MapLookup;
 
 /// Arguments of `avp agent`.
 #[derive(clap::Args, Debug)]
@@ -41,6 +46,10 @@ pub struct Args {
     /// Stay on TCP even on one host.
     #[arg(long)]
     no_shm_upgrade: bool,
+    /// Drop a cross-model context that fails the quality gate (the solver then
+    /// answers from its prompt alone) instead of using it with a warning.
+    #[arg(long)]
+    enforce_quality: bool,
     /// Seconds to wait for the peer.
     #[arg(long, default_value_t = 120.0)]
     timeout: f64,
@@ -56,8 +65,14 @@ enum Role {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let model = Model::load(&a.model, false).with_context(|| format!("load {}", a.model))?;
     let timeout = Duration::from_secs_f64(a.timeout);
+    // The vocabulary lets the handshake find a cross-model path to another model;
+    // cached maps let it skip the exchange.
+    let vocabulary = Some(Arc::new(model.vocabulary()));
+    let maps: Arc<dyn MapLookup> = Arc::new(MapCache(avp_model::fetch::cache_dir()));
     let options = |agent: &str| Options {
         agent_id: agent.into(),
+        vocabulary: vocabulary.clone(),
+        maps: Some(maps.clone()),
         allow_shm_upgrade: !a.no_shm_upgrade,
         connect_timeout: timeout,
         loan_timeout: timeout,
@@ -69,7 +84,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             println!("READY {}", listener.local_addr());
             let rx = listener.accept(timeout)?;
             let session = rx.session().explain();
-            let report = agent::solve(&model, &rx, &a.task, a.max_tokens, timeout)?;
+            let cross = CrossOptions {
+                gate: QualityGate {
+                    enforce: a.enforce_quality,
+                    ..QualityGate::default()
+                },
+                ..CrossOptions::default()
+            };
+            let report = agent::solve(&model, &rx, &a.task, a.max_tokens, timeout, &cross)?;
             let mut v = serde_json::to_value(&report)?;
             v["session"] = session.into();
             println!("RESULT {v}");
@@ -86,6 +108,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             v["transport"] = session.transport.name().into();
             v["transport_reason"] = session.transport_reason.clone().into();
             v["mode"] = session.mode.to_string().into();
+            v["mode_path"] = session.path.to_string().into();
+            v["mode_reason"] = session.mode_reason.clone().into();
             println!("RESULT {v}");
             // Stay until the solver has the message (it closes the session).
             let _ = std::io::stdin().lock().read_line(&mut go);

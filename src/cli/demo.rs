@@ -29,6 +29,13 @@ pub struct Args {
     /// Model name or path (GGUF file or Hugging Face directory).
     #[arg(long, default_value = "smollm2")]
     model: String,
+    /// The researcher's model, when it differs from the solver's (`--model`): the
+    /// handshake then negotiates a cross-model projection or the JSON fallback.
+    #[arg(long)]
+    source_model: Option<String>,
+    /// Drop a cross-model context that fails the quality gate.
+    #[arg(long)]
+    enforce_quality: bool,
     /// The task.
     #[arg(long, default_value = DEFAULT_TASK)]
     prompt: String,
@@ -103,8 +110,6 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
         mode.name().into(),
         "--task".into(),
         a.prompt.clone(),
-        "--model".into(),
-        a.model.clone(),
         "--steps".into(),
         a.steps.to_string(),
         "--max-tokens".into(),
@@ -113,8 +118,21 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
     if matches!(a.transport, Transport::Tcp) {
         common.push("--no-shm-upgrade".into());
     }
+    if a.enforce_quality {
+        common.push("--enforce-quality".into());
+    }
     let with = |role: &str, addr: &str| {
-        let mut v = vec![role.to_owned(), "--addr".into(), addr.to_owned()];
+        let model = match role {
+            "researcher" => a.source_model.as_ref().unwrap_or(&a.model),
+            _ => &a.model,
+        };
+        let mut v = vec![
+            role.to_owned(),
+            "--addr".into(),
+            addr.to_owned(),
+            "--model".into(),
+            model.clone(),
+        ];
         v.extend(common.iter().cloned());
         v
     };
@@ -146,6 +164,13 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
         "transport": r["transport"],
         "transport_reason": r["transport_reason"],
         "negotiated_mode": r["mode"],
+        "mode_path": r["mode_path"],
+        "mode_reason": r["mode_reason"],
+        "sent": rr.sent,
+        "quality": sr.quality,
+        "source_top_token": sr.source_top_token,
+        "researcher_model": a.source_model.as_ref().unwrap_or(&a.model),
+        "solver_model": a.model,
         "session": s["session"],
     }))
 }
@@ -181,23 +206,33 @@ fn direct(a: &Args) -> anyhow::Result<Value> {
         "transport": "none",
         "transport_reason": "one agent",
         "negotiated_mode": "direct",
+        "mode_path": "",
+        "mode_reason": "one agent",
+        "sent": "none",
+        "quality": null,
+        "source_top_token": null,
+        "researcher_model": "",
+        "solver_model": a.model,
         "session": "",
     }))
 }
 
 pub fn run(a: Args) -> anyhow::Result<std::process::ExitCode> {
     // Fetch (with a progress bar) before the agents start.
-    let path = avp_model::fetch::spec(&a.model)
-        .ok()
-        .map(|s| avp_model::fetch::fetch(s, !a.json))
-        .transpose()?;
+    for name in a.source_model.iter().chain([&a.model]) {
+        let path = avp_model::fetch::spec(name)
+            .ok()
+            .map(|s| avp_model::fetch::fetch(s, !a.json))
+            .transpose()?;
+        if !a.json {
+            eprintln!(
+                "model {name} ({})",
+                path.map_or(name.clone(), |p| p.display().to_string()),
+            );
+        }
+    }
     if !a.json {
-        eprintln!(
-            "model {} ({}); task: {}",
-            a.model,
-            path.map_or(a.model.clone(), |p| p.display().to_string()),
-            a.prompt
-        );
+        eprintln!("task: {}", a.prompt);
     }
     let mut rows = Vec::new();
     for mode in [Mode::Latent, Mode::Text] {
@@ -232,8 +267,10 @@ fn print_table(rows: &[Value]) {
             v => v.to_string(),
         }
     };
-    let fields: [(&str, &str); 12] = [
+    let fields: [(&str, &str); 14] = [
         ("answer", "answer"),
+        ("negotiated mode", "negotiated_mode"),
+        ("A sent", "sent"),
         ("A: tokens generated", "a_generated_tokens"),
         ("A: latent steps", "a_latent_steps"),
         ("B: tokens prefilled", "b_prefilled_tokens"),
@@ -270,5 +307,23 @@ fn print_table(rows: &[Value]) {
     }
     for r in rows.iter().filter(|r| r["session"] != "") {
         println!("{} session: {}", cell(r, "mode"), cell(r, "session"));
+    }
+    if let Some(r) = rows.iter().find(|r| r["mode"] == "latent") {
+        println!(
+            "negotiated: {} ({}: {}); researcher {}, solver {}",
+            cell(r, "negotiated_mode"),
+            cell(r, "mode_path"),
+            cell(r, "mode_reason"),
+            cell(r, "researcher_model"),
+            cell(r, "solver_model")
+        );
+        if let Value::Object(q) = &r["quality"] {
+            println!(
+                "cross-model quality gate: {} (next-token cosine {:.3}, source's top token {})",
+                q["reason"].as_str().unwrap_or(""),
+                q["next_token_cosine"].as_f64().unwrap_or(0.0),
+                r["source_top_token"]
+            );
+        }
     }
 }

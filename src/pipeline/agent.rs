@@ -7,12 +7,14 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
+use avp_model::crossmodel::{CrossOptions, SOURCE_LOGITS, SourceLogits};
+use avp_model::quality::Quality;
 use avp_model::{Context, GenerateOptions, Model};
 use avp_transport::{Receiver, Sender};
-use avp_wire::{Envelope, MessageLayout, Payload, TextDesc, TextFormat};
+use avp_wire::{Envelope, MessageLayout, Mode as WireMode, Payload, TextDesc, TextFormat};
 use serde::Serialize;
 
-use super::{FINAL_ANSWER, Mode, researcher_prompt, solver_prompt};
+use super::{FINAL_ANSWER, JsonMessage, Mode, researcher_prompt, solver_prompt};
 
 /// Wall-clock nanoseconds since the Unix epoch.
 pub fn now_ns() -> u64 {
@@ -42,6 +44,11 @@ pub struct ResearcherReport {
     pub work_ms: f64,
     /// Milliseconds from loaning the buffer to the message being sent.
     pub send_ms: f64,
+    /// What it sent: "kv_cache" (latent), "source_logits" (cross-model), "json"
+    /// (the fallback) or "text" (text mode).
+    pub sent: String,
+    /// The session's mode and why, as negotiated.
+    pub negotiated: String,
 }
 
 /// What the solver did.
@@ -66,9 +73,19 @@ pub struct SolverReport {
     pub payload: String,
     /// Bytes it received.
     pub bytes: u64,
+    /// The cross-model quality gate's verdict, when it projected.
+    pub quality: Option<Quality>,
+    /// The token the source ranked first, seen in this model's vocabulary
+    /// (cross-model).
+    pub source_top_token: Option<String>,
 }
 
 /// Agent A: work on `task` and send the result through `tx`.
+///
+/// In latent mode what goes out follows the session's negotiated mode: the KV
+/// cache (same model), the logits of the last hidden state (cross-model: the solver
+/// projects them into its own embeddings), or an analysis as a JSON text message
+/// (no latent path). Text mode always writes and sends an analysis.
 pub fn research(
     model: &Model,
     tx: &mut Sender,
@@ -79,10 +96,11 @@ pub fn research(
 ) -> anyhow::Result<ResearcherReport> {
     let t_start_ns = now_ns();
     let started = Instant::now();
-    let prompt = researcher_prompt(task, mode);
+    let session = tx.session().clone();
     let envelope = Envelope {
-        session_id: tx.session().id.clone(),
+        session_id: session.id.clone(),
         model_id: model.name().to_owned(),
+        tokenizer_hash: model.identity().tokenizer_hash.clone(),
         source_agent_id: "researcher".into(),
         target_agent_id: "solver".into(),
         ..Default::default()
@@ -97,57 +115,96 @@ pub fn research(
         analysis: String::new(),
         work_ms: 0.0,
         send_ms: 0.0,
+        sent: String::new(),
+        negotiated: format!(
+            "{} ({}: {})",
+            session.mode, session.path, session.mode_reason
+        ),
     };
-    match mode {
-        Mode::Latent => {
-            let ctx = model.think(&prompt, steps, None)?;
-            report.latent_steps = ctx.num_steps;
-            report.prompt_tokens = ctx.prompt_tokens as usize;
-            report.work_ms = ms(started.elapsed());
-            report.t_send_ns = now_ns();
-            let sending = Instant::now();
-            let layout = ctx.layout(envelope)?;
-            report.bytes = layout.total_len() as u64;
-            // The KV cache is written straight into the transport's buffer.
-            let mut loan = tx.loan(&layout)?;
-            ctx.write_into(loan.writer())?;
-            loan.finish()?.send()?;
-            report.send_ms = ms(sending.elapsed());
-        }
-        Mode::Text => {
-            let options = GenerateOptions {
-                max_tokens,
-                ..Default::default()
-            };
-            let g = model.generate(&prompt, None, &options, |_| {})?;
-            report.generated_tokens = g.tokens.len();
-            report.prompt_tokens = g.prefilled;
-            report.analysis = g.text;
-            report.work_ms = ms(started.elapsed());
-            report.t_send_ns = now_ns();
-            let sending = Instant::now();
-            let text = report.analysis.as_bytes();
-            let payload = Payload::Text(TextDesc {
-                format: TextFormat::Plain,
-                len: text.len() as u64,
-            });
-            let layout = MessageLayout::new(&envelope, &payload)?;
-            report.bytes = layout.total_len() as u64;
-            tx.send_sections(&layout, &[text])?;
-            report.send_ms = ms(sending.elapsed());
-        }
-        Mode::Direct => bail!("the researcher has no part in direct mode"),
+    let latent = mode == Mode::Latent && session.mode != WireMode::Json;
+    if mode == Mode::Direct {
+        bail!("the researcher has no part in direct mode");
     }
+    if latent {
+        let prompt = researcher_prompt(task, mode);
+        let ctx = model.think(&prompt, steps, None)?;
+        report.latent_steps = ctx.num_steps;
+        report.prompt_tokens = ctx.prompt_tokens as usize;
+        let logits = match session.mode {
+            WireMode::CrossModel => Some(SourceLogits::from_context(model, &ctx, &session.map_id)?),
+            _ => None,
+        };
+        report.work_ms = ms(started.elapsed());
+        report.t_send_ns = now_ns();
+        let sending = Instant::now();
+        // Written straight into the transport's buffer.
+        match &logits {
+            None => {
+                let layout = ctx.layout(envelope)?;
+                report.bytes = layout.total_len() as u64;
+                let mut loan = tx.loan(&layout)?;
+                ctx.write_into(loan.writer())?;
+                loan.finish()?.send()?;
+                report.sent = "kv_cache".into();
+            }
+            Some(l) => {
+                let layout = l.layout(envelope)?;
+                report.bytes = layout.total_len() as u64;
+                let mut loan = tx.loan(&layout)?;
+                l.write_into(loan.writer())?;
+                loan.finish()?.send()?;
+                report.sent = SOURCE_LOGITS.into();
+            }
+        }
+        report.send_ms = ms(sending.elapsed());
+        return Ok(report);
+    }
+    // Text: the analysis as plain text (text mode) or as the JSON fallback message.
+    let prompt = researcher_prompt(task, Mode::Text);
+    let options = GenerateOptions {
+        max_tokens,
+        ..Default::default()
+    };
+    let g = model.generate(&prompt, None, &options, |_| {})?;
+    report.generated_tokens = g.tokens.len();
+    report.prompt_tokens = g.prefilled;
+    report.analysis = g.text;
+    report.work_ms = ms(started.elapsed());
+    report.t_send_ns = now_ns();
+    let sending = Instant::now();
+    let (format, body) = match mode {
+        Mode::Latent => {
+            let m = JsonMessage::new(&envelope, &report.analysis);
+            (TextFormat::Json, serde_json::to_vec(&m)?)
+        }
+        _ => (TextFormat::Plain, report.analysis.as_bytes().to_vec()),
+    };
+    report.sent = match format {
+        TextFormat::Json => "json".into(),
+        _ => "text".into(),
+    };
+    let payload = Payload::Text(TextDesc {
+        format,
+        len: body.len() as u64,
+    });
+    let layout = MessageLayout::new(&envelope, &payload)?;
+    report.bytes = layout.total_len() as u64;
+    tx.send_sections(&layout, &[&body])?;
+    report.send_ms = ms(sending.elapsed());
     Ok(report)
 }
 
-/// Agent B: receive one message on `rx` and answer `task` from it.
+/// Agent B: receive one message on `rx` and answer `task` from it. A KV cache or
+/// hidden state of this model continues directly; source logits of another model
+/// are projected (map built from the vocabulary the handshake brought, or read
+/// from the cache) and judged by `cross.gate`; text is pasted into the prompt.
 pub fn solve(
     model: &Model,
     rx: &Receiver,
     task: &str,
     max_tokens: usize,
     timeout: Duration,
+    cross: &CrossOptions,
 ) -> anyhow::Result<SolverReport> {
     let guard = rx.recv(timeout).context("waiting for the researcher")?;
     let t_recv_ns = now_ns();
@@ -155,14 +212,53 @@ pub fn solve(
     let msg = guard.message();
     let bytes = msg.total_len();
     let payload = msg.payload();
+    let mut quality = None;
+    let mut source_top_token = None;
+    let mut kind = payload.kind_name().to_owned();
     let (context, analysis) = match &payload {
-        Payload::Text(_) => (None, Some(msg.text()?.as_str()?.to_owned())),
+        Payload::Text(t) => {
+            let text = msg.text()?.as_str()?;
+            let analysis = match t.format {
+                TextFormat::Json => {
+                    kind = "json".into();
+                    serde_json::from_str::<JsonMessage>(text)
+                        .context("reading the JSON fallback message")?
+                        .content
+                }
+                _ => text.to_owned(),
+            };
+            (None, Some(analysis))
+        }
+        _ if SourceLogits::is_source_logits(msg) => {
+            kind = SOURCE_LOGITS.into();
+            let src = SourceLogits::from_message(msg)?;
+            drop(guard);
+            let session = rx.session();
+            if src.map_id != session.map_id {
+                bail!(
+                    "the logits name map {:?}, the session negotiated {:?}",
+                    src.map_id,
+                    session.map_id
+                );
+            }
+            let map = model.projection_map(
+                &session.peer_identity,
+                session.peer_vocabulary.as_deref().map(Vec::as_slice),
+            )?;
+            let imported = model.import(&src, &map, cross)?;
+            source_top_token = imported
+                .top_tokens
+                .first()
+                .map(|&t| model.decode(&[t]))
+                .transpose()?;
+            quality = Some(imported.quality);
+            (imported.context, None)
+        }
         _ => {
             let ctx = Context::from_message(msg, model.decoder(), &model.identity().model_hash)?;
             (Some(ctx), None)
         }
     };
-    drop(guard);
     let options = GenerateOptions {
         max_tokens,
         ..Default::default()
@@ -179,8 +275,10 @@ pub fn solve(
         prefilled: g.prefilled,
         reused: g.reused,
         generated_tokens: g.tokens.len(),
-        payload: payload.kind_name().into(),
+        payload: kind,
         bytes,
+        quality,
+        source_top_token,
     })
 }
 

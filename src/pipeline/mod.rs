@@ -60,3 +60,70 @@ pub fn solver_prompt(task: &str, analysis: Option<&str>, finish: &str) -> String
 pub fn direct_prompt(task: &str, finish: &str) -> String {
     format!("{finish}\n\nProblem: {task}")
 }
+
+/// The JSON fallback message (the reference's `JSONMessage`): what a researcher
+/// sends when the handshake found no latent path.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct JsonMessage {
+    /// The protocol version the reference writes ("0.6.2").
+    pub avp_version: String,
+    /// Session id.
+    pub session_id: String,
+    /// Sender.
+    pub source_agent_id: String,
+    /// Receiver.
+    pub target_agent_id: String,
+    /// The text.
+    pub content: String,
+    /// Free fields (omitted when empty, as the reference does).
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Default for JsonMessage {
+    fn default() -> Self {
+        JsonMessage {
+            avp_version: "0.6.2".into(),
+            session_id: String::new(),
+            source_agent_id: String::new(),
+            target_agent_id: String::new(),
+            content: String::new(),
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+impl JsonMessage {
+    /// `content` addressed as `envelope` says.
+    pub fn new(envelope: &avp_wire::Envelope, content: &str) -> JsonMessage {
+        JsonMessage {
+            session_id: envelope.session_id.clone(),
+            source_agent_id: envelope.source_agent_id.clone(),
+            target_agent_id: envelope.target_agent_id.clone(),
+            content: content.into(),
+            ..JsonMessage::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_message_has_the_reference_shape() {
+        let m = JsonMessage {
+            content: "x".into(),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["avp_version"], "0.6.2");
+        assert!(v.get("extra").is_none(), "extra only when non-empty");
+        let back: JsonMessage = serde_json::from_str(r#"{"content":"hi"}"#).unwrap();
+        assert_eq!(
+            (back.content.as_str(), back.avp_version.as_str()),
+            ("hi", "0.6.2")
+        );
+    }
+}
