@@ -117,3 +117,47 @@ fn eval_cli_reports_every_mode() {
         assert!(s["accuracy"].as_f64().is_some());
     }
 }
+
+#[test]
+fn eval_across_two_models_uses_the_cross_model_handoff() {
+    let out = Command::new(env!("CARGO_BIN_EXE_avp"))
+        .args([
+            "eval",
+            "--task",
+            "gsm8k",
+            "--n",
+            "1",
+            "--max-tokens",
+            "8",
+            "--steps",
+            "2",
+            "--mode",
+            "latent",
+            "--source-model",
+            "smollm2",
+            "--model",
+            "qwen2.5-coder-0.5b",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let latent = lines.iter().find(|l| l["bench"] == "eval").unwrap();
+    assert_eq!(latent["handoff"], "source_logits", "{latent}");
+    assert_eq!(latent["latent_steps"], 2);
+    assert!(latent["quality_ok"].is_boolean());
+    let bytes = latent["bytes"].as_u64().unwrap();
+    assert!((49_152 * 4..49_152 * 4 + 4096).contains(&bytes), "{bytes}");
+    let summary = lines.iter().find(|l| l["bench"] == "eval_summary").unwrap();
+    assert_eq!(summary["source_model"], "smollm2");
+    assert_eq!(summary["shared_tokens"], 39_237);
+}

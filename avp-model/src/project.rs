@@ -391,6 +391,44 @@ mod tests {
     }
 
     #[test]
+    fn a_hand_computed_case_and_identity_at_low_temperature() {
+        // E = [[1,0],[0,1],[1,1]], tied (W_src = Eᵀ), h = [ln 2, 0]:
+        // logits = [ln 2, 0, ln 2], p = [2/5, 1/5, 2/5], p·E = [0.8, 0.6] (norm 1),
+        // rescaled to the mean row norm (2 + √2) / 3.
+        let v = vocab(&["a", "b", "c"]);
+        let map = ProjectionMap::build("s", &v, "t", &v).unwrap();
+        let e = tensor(vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0], 3, 2);
+        let norm = (2.0 + 2f32.sqrt()) / 3.0;
+        let h = tensor(vec![2f32.ln(), 0.0], 1, 2);
+        let got = to_vec(
+            map.project(h, &e.clone().transpose(), &e, 1.0, norm)
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            (got[0] - 0.8 * norm).abs() < 1e-6 && (got[1] - 0.6 * norm).abs() < 1e-6,
+            "{got:?}"
+        );
+        // Same vocabulary and weights, a near-zero temperature: the projection of a
+        // token's own embedding is that embedding (rescaled to its own norm here).
+        // Each row's dot with itself is the largest: [1,0], [0,1], [0.6,0.6].
+        let e = tensor(vec![1.0, 0.0, 0.0, 1.0, 0.6, 0.6], 3, 2);
+        for row in 0..3 {
+            let r = to_vec(e.clone().slice([row..row + 1, 0..2])).unwrap();
+            let n = (r[0] * r[0] + r[1] * r[1]).sqrt();
+            let out = to_vec(
+                map.project(tensor(r.clone(), 1, 2), &e.clone().transpose(), &e, 1e-3, n)
+                    .unwrap(),
+            )
+            .unwrap();
+            assert!(
+                (out[0] - r[0]).abs() < 1e-4 && (out[1] - r[1]).abs() < 1e-4,
+                "row {row}: {out:?} vs {r:?}"
+            );
+        }
+    }
+
+    #[test]
     fn overlap_equals_mediated_at_full_overlap() {
         let w = words(150, "w");
         let tokens: Vec<&str> = w.iter().map(String::as_str).collect();

@@ -22,6 +22,10 @@ pub struct Args {
     /// Model name or path.
     #[arg(long, default_value = "smollm2")]
     model: String,
+    /// The researcher's model, when it differs from the solver's (`--model`):
+    /// latent mode is then the cross-model handoff.
+    #[arg(long)]
+    source_model: Option<String>,
     /// Which pipelines to run.
     #[arg(long, value_enum, default_value = "all")]
     mode: EvalMode,
@@ -58,6 +62,16 @@ enum EvalMode {
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let model = Model::load(&a.model, !a.json).with_context(|| format!("load {}", a.model))?;
+    let source = a
+        .source_model
+        .as_ref()
+        .map(|m| Model::load(m, !a.json).with_context(|| format!("load {m}")))
+        .transpose()?;
+    let agents = eval::Agents::new(source.as_ref().unwrap_or(&model), &model)?;
+    let pair = match &source {
+        Some(s) => format!("{} -> {}", s.name(), model.name()),
+        None => model.name().to_owned(),
+    };
     let problems = eval::subset(dataset::load(&a.task, !a.json)?, a.n, a.seed);
     let modes: Vec<Mode> = match a.mode {
         EvalMode::Direct => vec![Mode::Direct],
@@ -78,7 +92,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if !a.json {
         eprintln!(
             "{} on {} problems of {} (seed {}): {}",
-            model.name(),
+            pair,
             problems.len(),
             a.task,
             a.seed,
@@ -88,7 +102,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mut outcomes = Vec::new();
     for p in &problems {
         for &mode in &modes {
-            let out = eval::run_one(&model, p, mode, &o)?;
+            let out = eval::run_one(&agents, p, mode, &o)?;
             if a.json {
                 let mut v = serde_json::to_value(&out)?;
                 v["bench"] = "eval".into();
@@ -96,9 +110,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 println!("{v}");
             } else {
                 eprintln!(
-                    "  {:<14} {:<6} {} ({} tokens, {:.1} s)",
+                    "  {:<14} {:<6} {:<13} {} ({} tokens, {:.1} s)",
                     out.id,
                     mode.name(),
+                    out.handoff,
                     if out.correct { "correct" } else { "wrong" },
                     out.generated_tokens,
                     out.wall_ms / 1e3
@@ -118,6 +133,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 ("bench", json!("eval_summary")),
                 ("task", json!(a.task)),
                 ("model", json!(model.name())),
+                ("source_model", json!(source.as_ref().map(|s| s.name()))),
+                (
+                    "shared_tokens",
+                    json!(agents.map.as_ref().map(|m| m.overlap_count())),
+                ),
                 ("seed", json!(a.seed)),
                 ("steps", json!(a.steps)),
                 ("ids", json!(ids)),
@@ -130,7 +150,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         println!(
             "{} · {} · n={} · seed {} · latent steps {} · max tokens {}",
             a.task,
-            model.name(),
+            pair,
             problems.len(),
             a.seed,
             a.steps,

@@ -5,12 +5,20 @@
 //! (and thinks in latent space, or writes an analysis), a solver answers. In latent
 //! mode the researcher's context goes through the v2 codec (encode, parse, verify,
 //! decode), as it would between processes.
+//!
+//! With two different models (`--source-model` for the researcher) latent mode is
+//! the cross-model handoff: the researcher's last-hidden-state logits go through
+//! the codec and the solver projects them with the map between the two
+//! vocabularies; with no projection path it falls back to text, as the handshake
+//! would.
 
 pub mod dataset;
 pub mod score;
 
 use std::time::{Duration, Instant};
 
+use avp_model::crossmodel::{CrossOptions, SourceLogits};
+use avp_model::project::ProjectionMap;
 use avp_model::{Context, GenerateOptions, Model, SamplingOptions};
 use avp_wire::Envelope;
 use rand::SeedableRng;
@@ -62,6 +70,11 @@ pub struct Outcome {
     pub wall_ms: f64,
     /// Why a HumanEval program failed, if it did.
     pub detail: String,
+    /// What the researcher handed over: "kv_cache", "source_logits", "json",
+    /// "text" or "none".
+    pub handoff: String,
+    /// The cross-model quality gate's verdict (cross-model only).
+    pub quality_ok: Option<bool>,
 }
 
 /// The problems an eval runs: `n` of `all`, chosen by a shuffle seeded with `seed`.
@@ -85,13 +98,58 @@ fn task_text(p: &Problem) -> (String, &'static str) {
     }
 }
 
+/// The two agents of an eval: the same model twice, or a researcher of one model
+/// and a solver of another.
+pub struct Agents<'a> {
+    /// Agent A.
+    pub researcher: &'a Model,
+    /// Agent B (and the single agent of direct mode).
+    pub solver: &'a Model,
+    /// A → B projection, when the models differ and a path exists.
+    pub map: Option<ProjectionMap>,
+    /// How the solver projects and gates.
+    pub cross: CrossOptions,
+}
+
+impl<'a> Agents<'a> {
+    /// The agents, with the map between them built (or read from the cache) when
+    /// they differ. No projection path leaves `map` empty: latent mode then falls
+    /// back to text.
+    pub fn new(researcher: &'a Model, solver: &'a Model) -> anyhow::Result<Agents<'a>> {
+        let same = researcher.identity().model_hash == solver.identity().model_hash;
+        let map = match same {
+            true => None,
+            false => {
+                match solver.projection_map(researcher.identity(), Some(&researcher.vocabulary())) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::warn!("no projection path, latent mode falls back to text: {e}");
+                        None
+                    }
+                }
+            }
+        };
+        Ok(Agents {
+            researcher,
+            solver,
+            map,
+            cross: CrossOptions::default(),
+        })
+    }
+
+    fn same_model(&self) -> bool {
+        self.researcher.identity().model_hash == self.solver.identity().model_hash
+    }
+}
+
 /// Run `problem` in `mode`.
 pub fn run_one(
-    model: &Model,
+    agents: &Agents<'_>,
     problem: &Problem,
     mode: Mode,
     o: &EvalOptions,
 ) -> anyhow::Result<Outcome> {
+    let (researcher, solver) = (agents.researcher, agents.solver);
     let started = Instant::now();
     let (task, finish) = task_text(problem);
     let options = GenerateOptions {
@@ -114,27 +172,60 @@ pub fn run_one(
         bytes: 0,
         wall_ms: 0.0,
         detail: String::new(),
+        handoff: "none".into(),
+        quality_ok: None,
+    };
+    let text_chain = |out: &mut Outcome| -> anyhow::Result<avp_model::Generation> {
+        let a = researcher.generate(
+            &researcher_prompt(&task, Mode::Text),
+            None,
+            &options,
+            |_| {},
+        )?;
+        out.generated_tokens += a.tokens.len();
+        out.prefilled_tokens += a.prefilled;
+        out.bytes = a.text.len() as u64;
+        let prompt = solver_prompt(&task, Some(&a.text), finish);
+        Ok(solver.generate(&prompt, None, &options, |_| {})?)
     };
     let answer = match mode {
-        Mode::Direct => model.generate(&direct_prompt(&task, finish), None, &options, |_| {})?,
-        Mode::Latent => {
-            let ctx = model.think(&researcher_prompt(&task, mode), o.steps, None)?;
+        Mode::Direct => solver.generate(&direct_prompt(&task, finish), None, &options, |_| {})?,
+        Mode::Latent if agents.same_model() || agents.map.is_some() => {
+            let ctx = researcher.think(&researcher_prompt(&task, mode), o.steps, None)?;
             out.latent_steps = ctx.num_steps;
             out.prefilled_tokens += ctx.prompt_tokens as usize;
-            let bytes = ctx.to_bytes(Envelope::default())?;
-            out.bytes = bytes.len() as u64;
-            let received =
-                Context::from_bytes(&bytes, model.decoder(), &model.identity().model_hash)?;
+            let received = match &agents.map {
+                None => {
+                    let bytes = ctx.to_bytes(Envelope::default())?;
+                    out.bytes = bytes.len() as u64;
+                    out.handoff = "kv_cache".into();
+                    Some(Context::from_bytes(
+                        &bytes,
+                        solver.decoder(),
+                        &solver.identity().model_hash,
+                    )?)
+                }
+                Some(map) => {
+                    let bytes = SourceLogits::from_context(researcher, &ctx, &map.id())?
+                        .to_bytes(Envelope::default())?;
+                    out.bytes = bytes.len() as u64;
+                    out.handoff = "source_logits".into();
+                    let imported =
+                        solver.import(&SourceLogits::from_bytes(&bytes)?, map, &agents.cross)?;
+                    out.quality_ok = Some(imported.quality.recommend_latent);
+                    imported.context
+                }
+            };
             let prompt = solver_prompt(&task, None, finish);
-            model.generate(&prompt, Some(&received), &options, |_| {})?
+            solver.generate(&prompt, received.as_ref(), &options, |_| {})?
+        }
+        Mode::Latent => {
+            out.handoff = "json".into();
+            text_chain(&mut out)?
         }
         Mode::Text => {
-            let a = model.generate(&researcher_prompt(&task, mode), None, &options, |_| {})?;
-            out.generated_tokens += a.tokens.len();
-            out.prefilled_tokens += a.prefilled;
-            out.bytes = a.text.len() as u64;
-            let prompt = solver_prompt(&task, Some(&a.text), finish);
-            model.generate(&prompt, None, &options, |_| {})?
+            out.handoff = "text".into();
+            text_chain(&mut out)?
         }
     };
     out.generated_tokens += answer.tokens.len();
