@@ -3,6 +3,7 @@
 //! vocabularies; a SmolLM2 hidden state projects into Qwen's embedding space.
 
 use avp_model::Model;
+use avp_model::crossmodel::{CrossOptions, SourceLogits};
 use avp_model::latent::mean_row_norm;
 use avp_model::project::{Method, ProjectionMap};
 
@@ -38,7 +39,7 @@ fn smollm2_and_qwen_share_a_vocabulary_path_both_ways() {
     let ctx = small
         .think_tokens(&small.encode("The capital of France is").unwrap(), 0, None)
         .unwrap();
-    let h = avp_model::latent::tensor(ctx.last_hidden.unwrap(), 1, 576);
+    let h = avp_model::latent::tensor(ctx.last_hidden.clone().unwrap(), 1, 576);
     let target_norm = mean_row_norm(qwen.decoder().input_embeddings()).unwrap();
     let e = there
         .project(
@@ -81,4 +82,60 @@ fn smollm2_and_qwen_share_a_vocabulary_path_both_ways() {
         .unwrap();
     assert_eq!(cache.len(), 1 + 2);
     assert!(logits.iter().all(|x| x.is_finite()));
+
+    // The same through the wire as the agents do it: SmolLM2 sends the logits of
+    // two hidden states (two virtual tokens), Qwen imports them.
+    let ctx2 = small
+        .think_tokens(&small.encode("The capital of Italy is").unwrap(), 0, None)
+        .unwrap();
+    let mut hidden = ctx.last_hidden.clone().unwrap();
+    hidden.extend(ctx2.last_hidden.clone().unwrap());
+    let src = SourceLogits::from_hidden(&small, &hidden, &there.id()).unwrap();
+    assert_eq!((src.rows, src.vocab), (2, 49_152));
+    let bytes = src.to_bytes(avp_wire::Envelope::default()).unwrap();
+    let got = SourceLogits::from_bytes(&bytes).unwrap();
+    assert_eq!(got, src);
+    let imported = qwen.import(&got, &there, &CrossOptions::default()).unwrap();
+    let names: Vec<String> = imported
+        .top_tokens
+        .iter()
+        .map(|&t| qwen.decode(&[t]).unwrap())
+        .collect();
+    eprintln!("top tokens {names:?}, quality {:?}", imported.quality);
+    assert_eq!(names, [" Paris", " Rome"]);
+    assert!(
+        imported.quality.next_token_cosine > 0.5,
+        "{:?}",
+        imported.quality
+    );
+    let qctx = imported.context.expect("advisory gate keeps the context");
+    assert_eq!(qctx.seq_len(), 2);
+    // The projection agrees with the in-process one for the first row.
+    let row0 = qwen
+        .import(
+            &SourceLogits::from_hidden(&small, ctx.last_hidden.as_ref().unwrap(), &there.id())
+                .unwrap(),
+            &there,
+            &CrossOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(row0.top_tokens, vec![imported.top_tokens[0]]);
+    // A map for another pair is refused.
+    assert!(
+        small
+            .import(&got, &there, &CrossOptions::default())
+            .is_err()
+    );
+
+    // And back: Qwen's logits into SmolLM2.
+    let qctx = qwen
+        .think_tokens(&qwen.encode("The capital of France is").unwrap(), 0, None)
+        .unwrap();
+    let back_src = SourceLogits::from_context(&qwen, &qctx, &back.id()).unwrap();
+    assert_eq!(back_src.vocab, 151_936);
+    let home = small
+        .import(&back_src, &back, &CrossOptions::default())
+        .unwrap();
+    assert_eq!(small.decode(&home.top_tokens).unwrap(), " Paris");
+    assert_eq!(home.context.unwrap().seq_len(), 1);
 }
