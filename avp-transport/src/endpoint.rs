@@ -499,7 +499,13 @@ impl Sender {
         // least `len` bytes, and its memory (pool mapping, dedicated mapping or heap
         // buffer) does not move and outlives the loan.
         let bytes = unsafe { std::slice::from_raw_parts_mut(mem.ptr(), len) };
-        let writer = layout.writer(bytes)?;
+        let mut writer = layout.writer(bytes)?;
+        if matches!(self.inner, SenderInner::Shm(_)) && checksum::max_threads() == 0 {
+            // The receiver waits awake on this host: copies and checksums leave it
+            // a core (on 2 cores, helper threads would preempt it and add
+            // microseconds to every large handoff).
+            writer.set_max_threads(checksum::cores().saturating_sub(1).max(1));
+        }
         Ok(Loan {
             sender: &mut self.inner,
             mem: Some(mem),

@@ -38,16 +38,34 @@ pub fn set_max_threads(n: usize) {
     MAX_THREADS.store(n, Ordering::Relaxed);
 }
 
-/// Number of worker threads for `bytes` of checksum work.
-fn workers(bytes: usize) -> usize {
+/// Cores available to this process, read once (`available_parallelism` reads
+/// cgroup files on every call: tens of microseconds).
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(NonZeroUsize::get)
+            .unwrap_or(1)
+    })
+}
+
+/// The process-wide cap set by [`set_max_threads`] (0: none set).
+pub fn max_threads() -> usize {
+    MAX_THREADS.load(Ordering::Relaxed)
+}
+
+/// Number of worker threads for `bytes` of checksum work under `cap` (0: the
+/// process-wide setting).
+fn workers(bytes: usize, cap: usize) -> usize {
     if bytes < PARALLEL_MIN_BYTES {
         return 1;
     }
-    let cores = std::thread::available_parallelism()
-        .map(NonZeroUsize::get)
-        .unwrap_or(1)
-        .min(8);
-    match MAX_THREADS.load(Ordering::Relaxed) {
+    let cores = cores().min(8);
+    let cap = match cap {
+        0 => MAX_THREADS.load(Ordering::Relaxed),
+        n => n,
+    };
+    match cap {
         0 => cores,
         n => n.min(cores),
     }
@@ -108,8 +126,13 @@ fn join(count: usize, results: Vec<Vec<(usize, crc32fast::Hasher)>>) -> Vec<u32>
 
 /// CRC32 of each slice, using several threads when the total is large.
 pub fn crc_many(slices: &[&[u8]]) -> Vec<u32> {
+    crc_many_capped(slices, 0)
+}
+
+/// [`crc_many`] on at most `cap` threads (0: the process-wide setting).
+pub fn crc_many_capped(slices: &[&[u8]], cap: usize) -> Vec<u32> {
     let lens: Vec<usize> = slices.iter().map(|s| s.len()).collect();
-    let n = workers(lens.iter().sum());
+    let n = workers(lens.iter().sum(), cap);
     if n == 1 {
         return slices.iter().map(|s| crc32fast::hash(s)).collect();
     }
@@ -144,9 +167,14 @@ type CopyPiece<'d, 's> = (usize, &'d mut [u8], &'s [u8]);
 /// Copy each `srcs[i]` into `dsts[i]` and return each CRC32, using several threads
 /// when the total is large. Lengths must match pairwise.
 pub fn copy_many_with_crc(dsts: Vec<&mut [u8]>, srcs: &[&[u8]]) -> Vec<u32> {
+    copy_many_with_crc_capped(dsts, srcs, 0)
+}
+
+/// [`copy_many_with_crc`] on at most `cap` threads (0: the process-wide setting).
+pub fn copy_many_with_crc_capped(dsts: Vec<&mut [u8]>, srcs: &[&[u8]], cap: usize) -> Vec<u32> {
     assert_eq!(dsts.len(), srcs.len(), "copy_many_with_crc: count mismatch");
     let lens: Vec<usize> = srcs.iter().map(|s| s.len()).collect();
-    let n = workers(lens.iter().sum());
+    let n = workers(lens.iter().sum(), cap);
     if n == 1 {
         return dsts
             .into_iter()
@@ -212,6 +240,20 @@ mod tests {
         let got = crc_many(&slices);
         let want: Vec<u32> = slices.iter().map(|s| crc32fast::hash(s)).collect();
         assert_eq!(got, want);
+        for cap in [1, 2, 3, 64] {
+            assert_eq!(crc_many_capped(&slices, cap), want, "cap {cap}");
+        }
+        assert_eq!(
+            workers(PARALLEL_MIN_BYTES, 1),
+            1,
+            "a cap of 1 keeps the caller's thread"
+        );
+        assert!(workers(PARALLEL_MIN_BYTES, 64) <= cores().min(8));
+        assert_eq!(
+            workers(PARALLEL_MIN_BYTES - 1, 64),
+            1,
+            "small work stays serial"
+        );
     }
 
     #[test]
@@ -225,6 +267,10 @@ mod tests {
             assert_eq!(dst_owned[i], srcs_owned[i]);
             assert_eq!(crcs[i], crc32fast::hash(srcs[i]));
         }
+        let mut capped: Vec<Vec<u8>> = srcs.iter().map(|s| vec![0u8; s.len()]).collect();
+        let dsts: Vec<&mut [u8]> = capped.iter_mut().map(|v| &mut v[..]).collect();
+        assert_eq!(copy_many_with_crc_capped(dsts, &srcs, 1), crcs);
+        assert_eq!(capped, dst_owned);
     }
 
     #[test]

@@ -202,6 +202,7 @@ impl MessageLayout {
             buf,
             crcs: vec![None; n],
             written: vec![false; n],
+            max_threads: 0,
         })
     }
 
@@ -270,9 +271,17 @@ pub struct MessageWriter<'b> {
     buf: &'b mut [u8],
     crcs: Vec<Option<u32>>,
     written: Vec<bool>,
+    max_threads: usize,
 }
 
 impl<'b> MessageWriter<'b> {
+    /// Cap the threads this writer's copies and checksums use (0, the default: the
+    /// process-wide [`checksum::set_max_threads`] setting). A transport sets it to
+    /// leave a core to a receiver waiting on the same host.
+    pub fn set_max_threads(&mut self, n: usize) {
+        self.max_threads = n;
+    }
+
     /// The layout being written.
     pub fn layout(&self) -> &MessageLayout {
         self.layout
@@ -335,8 +344,9 @@ impl<'b> MessageWriter<'b> {
                 });
             }
         }
+        let cap = self.max_threads;
         let dsts = self.split_mut();
-        let crcs = checksum::copy_many_with_crc(dsts, srcs);
+        let crcs = checksum::copy_many_with_crc_capped(dsts, srcs, cap);
         for (i, c) in crcs.into_iter().enumerate() {
             self.crcs[i] = Some(c);
             self.written[i] = true;
@@ -390,7 +400,10 @@ impl<'b> MessageWriter<'b> {
                     &buf[s.offset as usize..(s.offset + s.len) as usize]
                 })
                 .collect();
-            for (&i, c) in pending.iter().zip(checksum::crc_many(&slices)) {
+            for (&i, c) in pending
+                .iter()
+                .zip(checksum::crc_many_capped(&slices, self.max_threads))
+            {
                 crcs[i] = Some(c);
             }
         }
