@@ -512,6 +512,9 @@ impl ShmReceiver {
             if now < spin_until {
                 std::hint::spin_loop();
                 n = n.wrapping_add(1);
+                if n.is_multiple_of(16) && self.ctrl.producing() {
+                    self.keep_warm();
+                }
                 // In long spins, look for a dead peer now and then.
                 if n.is_multiple_of(100_000)
                     && self.io.borrow().peer_closed()
@@ -563,6 +566,22 @@ impl ShmReceiver {
         }
     }
 
+    /// While a large message is being written, keep what receiving it will touch
+    /// cached: the translation of the slot's first page (where the header will be;
+    /// after a large write, a cold page walk under nested paging costs
+    /// microseconds) and the parse path (a write larger than the last-level cache
+    /// evicts its code and data).
+    fn keep_warm(&self) {
+        let slot = self.ctrl.writing_slot();
+        if slot < self.slots {
+            // SAFETY: slot < slots, so the byte lies inside the read-only data mapping.
+            let _ = unsafe {
+                std::ptr::read_volatile(self.data.ptr().add(slot as usize * self.slot_size))
+            };
+        }
+        std::hint::black_box(avp_wire::Message::parse(std::hint::black_box(&self.warm)).is_ok());
+    }
+
     /// While the sender is writing, poll the ring with `sched_yield` between looks
     /// (the core stays available to others). `None` when writing stopped unpublished.
     fn await_production(
@@ -575,22 +594,7 @@ impl ShmReceiver {
             if let Some(m) = self.pop()? {
                 return Ok(Some(m));
             }
-            // Keep the translation of the slot's first page (where the header will
-            // be) hot: after a large write, a cold page walk under nested paging
-            // costs microseconds.
-            let slot = self.ctrl.writing_slot();
-            if slot < self.slots {
-                // SAFETY: slot < slots, so the byte lies inside the read-only data mapping.
-                let _ = unsafe {
-                    std::ptr::read_volatile(self.data.ptr().add(slot as usize * self.slot_size))
-                };
-            }
-            // After a write larger than the last-level cache, everything the
-            // receive path touches (code and data) would come from DRAM: run it on
-            // a tiny message now and then so it stays cached.
-            std::hint::black_box(
-                avp_wire::Message::parse(std::hint::black_box(&self.warm)).is_ok(),
-            );
+            self.keep_warm();
             // Look often (a sched_yield costs about a microsecond in a VM), and
             // give the core away now and then.
             n = n.wrapping_add(1);
