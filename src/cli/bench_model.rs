@@ -27,6 +27,11 @@ pub struct ModelArgs {
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// A Python with torch and transformers: also measure Hugging Face
+    /// transformers (CPU, f32) on the same GGUF and workload
+    /// (`benches/transformers_decode.py`; `scripts/bench-transformers` sets one up).
+    #[arg(long)]
+    python: Option<String>,
 }
 
 /// Text agent A has read: real prose, repeated to any length.
@@ -101,6 +106,21 @@ pub fn run(a: ModelArgs) -> anyhow::Result<()> {
         "latent_step_ms": latent,
     });
     emit(&a, &line);
+    if let Some(python) = &a.python {
+        let reference = transformers(&a, python, reps)?;
+        emit(&a, &reference);
+        let ratio =
+            |k: &str| line[k].as_f64().unwrap_or(0.0) / reference[k].as_f64().unwrap_or(f64::NAN);
+        emit(
+            &a,
+            &json!({
+                "bench": "model_vs_transformers",
+                "model": model.name(),
+                "decode_ratio": ratio("decode_tok_s"),
+                "prefill_ratio": ratio("prefill_tok_s"),
+            }),
+        );
+    }
 
     for &n in &a.contexts {
         let (latent_ms, text_ms, bytes) = handoff(&model, n, reps)?;
@@ -119,6 +139,42 @@ pub fn run(a: ModelArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Run `benches/transformers_decode.py` on the model's GGUF file with `python`.
+fn transformers(a: &ModelArgs, python: &str, reps: usize) -> anyhow::Result<serde_json::Value> {
+    let path = match avp_model::fetch::spec(&a.model) {
+        Ok(spec) => avp_model::fetch::fetch(spec, false)?,
+        Err(_) => std::path::PathBuf::from(&a.model),
+    };
+    anyhow::ensure!(
+        path.is_file(),
+        "the transformers comparison needs a GGUF file, {} is not one",
+        path.display()
+    );
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/transformers_decode.py"
+    );
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(&path)
+        .args(["--reps", &reps.to_string()])
+        .output()
+        .with_context(|| format!("run {python}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{python} {script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = String::from_utf8(out.stdout)?
+        .lines()
+        .last()
+        .map(str::to_owned)
+        .context("the transformers script printed nothing")?;
+    let mut v: serde_json::Value = serde_json::from_str(&last)?;
+    v["model"] = json!(a.model);
+    Ok(v)
 }
 
 fn emit(a: &ModelArgs, line: &serde_json::Value) {
