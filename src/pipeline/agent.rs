@@ -232,7 +232,6 @@ pub fn solve(
         _ if SourceLogits::is_source_logits(msg) => {
             kind = SOURCE_LOGITS.into();
             let src = SourceLogits::from_message(msg)?;
-            drop(guard);
             let session = rx.session();
             if src.map_id != session.map_id {
                 bail!(
@@ -259,6 +258,8 @@ pub fn solve(
             (Some(ctx), None)
         }
     };
+    // Everything needed is decoded: give the slot back before generating.
+    drop(guard);
     let options = GenerateOptions {
         max_tokens,
         ..Default::default()
