@@ -6,26 +6,15 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::{Value, json};
 
+mod common;
+
 fn demo(args: &[&str]) -> Vec<Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_avp"))
-        .args(["demo", "--json", "--source-model", "smollm2"])
-        .args(args)
-        .output()
-        .expect("run avp demo");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let mut all = vec!["demo", "--json", "--source-model", "smollm2"];
+    all.extend_from_slice(args);
+    common::avp_json(&all)
 }
 
 /// Words of the synthetic vocabulary: 40 plain English words (SmolLM2 has most of

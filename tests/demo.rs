@@ -1,26 +1,14 @@
 //! `avp demo` as a newcomer runs it: two agent processes, a latent handoff, a text
 //! chain and a single agent, on the real default model.
 
-use std::process::Command;
-
 use serde_json::Value;
 
+mod common;
+
 fn demo(args: &[&str]) -> Vec<Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_avp"))
-        .args(["demo", "--json", "--steps", "3", "--max-tokens", "6"])
-        .args(args)
-        .output()
-        .expect("run avp demo");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let mut all = vec!["demo", "--json", "--steps", "3", "--max-tokens", "6"];
+    all.extend_from_slice(args);
+    common::avp_json(&all)
 }
 
 fn check(rows: &[Value], transport: &str) {

