@@ -77,10 +77,7 @@ impl Context {
         let mut e = base;
         e.model_hash = self.model_hash.clone();
         e.model_family = self.model_family.clone();
-        e.extra
-            .insert("num_steps".into(), self.num_steps.to_string());
-        e.extra
-            .insert("prompt_tokens".into(), self.prompt_tokens.to_string());
+        put_counters(&mut e, self.num_steps, self.prompt_tokens);
         e
     }
 
@@ -97,9 +94,7 @@ impl Context {
             return kv.write_into(writer);
         }
         let h = self.last_hidden.as_ref().expect("payload checked");
-        let bytes: Vec<u8> = h.iter().flat_map(|x| x.to_le_bytes()).collect();
-        writer.write_section(0, &bytes)?;
-        Ok(())
+        write_f32s(writer, 0, h)
     }
 
     /// This context as an encoded v2 message.
@@ -131,11 +126,7 @@ impl Context {
                 model_hash: model_hash.into(),
             });
         }
-        let counter = |k: &str| {
-            env.extra_get(k)
-                .and_then(|v| v.parse::<u32>().ok())
-                .unwrap_or(0)
-        };
+        let (num_steps, prompt_tokens) = counters(&env);
         let (kv, last_hidden) = match msg.payload() {
             Payload::KvCache(_) => (Some(KvCache::from_message(msg, decoder)?), None),
             Payload::HiddenState(d) => {
@@ -161,8 +152,8 @@ impl Context {
             model_family: env.model_family().into(),
             kv,
             last_hidden,
-            num_steps: counter("num_steps"),
-            prompt_tokens: counter("prompt_tokens"),
+            num_steps,
+            prompt_tokens,
         })
     }
 
@@ -190,4 +181,41 @@ pub(crate) fn encode(
     write(&mut w)?;
     w.finish()?;
     Ok(buf)
+}
+
+/// Put the `num_steps` and `prompt_tokens` counters into `e`'s extras.
+pub(crate) fn put_counters(e: &mut Envelope, num_steps: u32, prompt_tokens: u32) {
+    e.extra.insert("num_steps".into(), num_steps.to_string());
+    e.extra
+        .insert("prompt_tokens".into(), prompt_tokens.to_string());
+}
+
+/// The `num_steps` and `prompt_tokens` counters of an envelope (0 when absent).
+pub(crate) fn counters(env: &avp_wire::EnvelopeRef<'_>) -> (u32, u32) {
+    let get = |k: &str| {
+        env.extra_get(k)
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    (get("num_steps"), get("prompt_tokens"))
+}
+
+/// Write `values` as little-endian f32 straight into section `index`.
+pub(crate) fn write_f32s(
+    writer: &mut MessageWriter<'_>,
+    index: usize,
+    values: &[f32],
+) -> Result<()> {
+    let dst = writer.section_mut(index)?;
+    if dst.len() != values.len() * 4 {
+        return Err(ModelError::Invalid(format!(
+            "section {index} holds {} bytes, {} f32 values given",
+            dst.len(),
+            values.len()
+        )));
+    }
+    for (d, x) in dst.chunks_exact_mut(4).zip(values) {
+        d.copy_from_slice(&x.to_le_bytes());
+    }
+    Ok(())
 }

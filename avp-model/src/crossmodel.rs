@@ -35,7 +35,7 @@ use std::collections::HashMap;
 
 use avp_wire::{DType, Envelope, HiddenStateDesc, Message, MessageLayout, Payload};
 
-use crate::context::Context;
+use crate::context::{Context, counters, put_counters, write_f32s};
 use crate::decoder::{KvCache, decode_floats, matrix, to_vec};
 use crate::error::{ModelError, Result};
 use crate::model::Model;
@@ -129,10 +129,7 @@ impl SourceLogits {
         e.model_hash = self.model_hash.clone();
         e.model_family = self.model_family.clone();
         e.extra.insert(SPACE_KEY.into(), SOURCE_LOGITS.into());
-        e.extra
-            .insert("num_steps".into(), self.num_steps.to_string());
-        e.extra
-            .insert("prompt_tokens".into(), self.prompt_tokens.to_string());
+        put_counters(&mut e, self.num_steps, self.prompt_tokens);
         e
     }
 
@@ -143,9 +140,7 @@ impl SourceLogits {
 
     /// Write the one section of a message laid out by [`Self::layout`].
     pub fn write_into(&self, writer: &mut avp_wire::MessageWriter<'_>) -> Result<()> {
-        let bytes: Vec<u8> = self.logits.iter().flat_map(|x| x.to_le_bytes()).collect();
-        writer.write_section(0, &bytes)?;
-        Ok(())
+        write_f32s(writer, 0, &self.logits)
     }
 
     /// An encoded v2 message.
@@ -185,11 +180,7 @@ impl SourceLogits {
         if logits.iter().any(|x| x.is_nan()) {
             return Err(ModelError::Invalid("source logits contain NaN".into()));
         }
-        let counter = |k: &str| {
-            env.extra_get(k)
-                .and_then(|v| v.parse::<u32>().ok())
-                .unwrap_or(0)
-        };
+        let (num_steps, prompt_tokens) = counters(&env);
         Ok(SourceLogits {
             model_hash: env.model_hash().into(),
             model_family: env.model_family().into(),
@@ -197,8 +188,8 @@ impl SourceLogits {
             rows: d.rows as usize,
             vocab: d.dim as usize,
             logits,
-            num_steps: counter("num_steps"),
-            prompt_tokens: counter("prompt_tokens"),
+            num_steps,
+            prompt_tokens,
         })
     }
 
@@ -262,25 +253,19 @@ impl Model {
         source_vocab: Option<&[String]>,
     ) -> Result<ProjectionMap> {
         let own = self.tokenizer().get_vocab(true);
-        let theirs: Option<HashMap<String, u32>> = match source_vocab {
-            Some(v) => Some(
-                v.iter()
-                    .enumerate()
-                    .filter(|(_, t)| !t.is_empty())
-                    .map(|(i, t)| (t.clone(), i as u32))
-                    .collect(),
-            ),
-            None if !source.tokenizer_hash.is_empty()
-                && source.tokenizer_hash == self.identity().tokenizer_hash =>
-            {
-                Some(own.clone())
-            }
-            None => None,
-        };
+        let theirs: Option<HashMap<String, u32>> = source_vocab.map(|v| {
+            v.iter()
+                .enumerate()
+                .filter(|(_, t)| !t.is_empty())
+                .map(|(i, t)| (t.clone(), i as u32))
+                .collect()
+        });
+        let shared_tokenizer = !source.tokenizer_hash.is_empty()
+            && source.tokenizer_hash == self.identity().tokenizer_hash;
         ProjectionMap::obtain(
             &crate::fetch::cache_dir(),
             &source.model_hash,
-            theirs.as_ref(),
+            theirs.as_ref().or(shared_tokenizer.then_some(&own)),
             &self.identity().model_hash,
             &own,
         )

@@ -239,7 +239,7 @@ const VOCAB_PART_BYTES: usize = 40 << 10;
 /// Send `vocab` as `Vocabulary` frames.
 fn send_vocabulary(io: &mut dyn FrameIo, vocab: &[String]) -> Result<()> {
     let mut first = 0usize;
-    while first < vocab.len() || first == 0 {
+    loop {
         let mut end = first;
         let mut bytes = 0;
         // A token's JSON form is at most 6x its bytes (\u00XX) plus quotes and a comma.
@@ -266,7 +266,6 @@ fn send_vocabulary(io: &mut dyn FrameIo, vocab: &[String]) -> Result<()> {
         }
         first = end;
     }
-    Ok(())
 }
 
 /// Receive the peer's vocabulary of `announced` tokens, in order.

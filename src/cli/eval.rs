@@ -67,7 +67,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .as_ref()
         .map(|m| Model::load(m, !a.json).with_context(|| format!("load {m}")))
         .transpose()?;
-    let agents = eval::Agents::new(source.as_ref().unwrap_or(&model), &model)?;
+    let agents = eval::Agents::new(source.as_ref().unwrap_or(&model), &model);
     let pair = match &source {
         Some(s) => format!("{} -> {}", s.name(), model.name()),
         None => model.name().to_owned(),

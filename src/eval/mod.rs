@@ -115,7 +115,7 @@ impl<'a> Agents<'a> {
     /// The agents, with the map between them built (or read from the cache) when
     /// they differ. No projection path leaves `map` empty: latent mode then falls
     /// back to text.
-    pub fn new(researcher: &'a Model, solver: &'a Model) -> anyhow::Result<Agents<'a>> {
+    pub fn new(researcher: &'a Model, solver: &'a Model) -> Agents<'a> {
         let same = researcher.identity().model_hash == solver.identity().model_hash;
         let map = match same {
             true => None,
@@ -129,12 +129,12 @@ impl<'a> Agents<'a> {
                 }
             }
         };
-        Ok(Agents {
+        Agents {
             researcher,
             solver,
             map,
             cross: CrossOptions::default(),
-        })
+        }
     }
 
     fn same_model(&self) -> bool {
