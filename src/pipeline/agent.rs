@@ -4,6 +4,7 @@
 //! Times that cross processes are wall-clock nanoseconds since the Unix epoch (both
 //! agents run on one host in the demo); durations within a process are monotonic.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
@@ -172,17 +173,14 @@ pub fn research(
     report.work_ms = ms(started.elapsed());
     report.t_send_ns = now_ns();
     let sending = Instant::now();
-    let (format, body) = match mode {
+    let (format, body, sent): (_, Cow<'_, [u8]>, _) = match mode {
         Mode::Latent => {
             let m = JsonMessage::new(&envelope, &report.analysis);
-            (TextFormat::Json, serde_json::to_vec(&m)?)
+            (TextFormat::Json, serde_json::to_vec(&m)?.into(), "json")
         }
-        _ => (TextFormat::Plain, report.analysis.as_bytes().to_vec()),
+        _ => (TextFormat::Plain, report.analysis.as_bytes().into(), "text"),
     };
-    report.sent = match format {
-        TextFormat::Json => "json".into(),
-        _ => "text".into(),
-    };
+    report.sent = sent.into();
     let payload = Payload::Text(TextDesc {
         format,
         len: body.len() as u64,

@@ -582,8 +582,8 @@ impl ShmReceiver {
         std::hint::black_box(avp_wire::Message::parse(std::hint::black_box(&self.warm)).is_ok());
     }
 
-    /// While the sender is writing, poll the ring with `sched_yield` between looks
-    /// (the core stays available to others). `None` when writing stopped unpublished.
+    /// While the sender is writing, poll the ring, keeping the receive path warm
+    /// and yielding the core every 64 looks. `None` when writing stopped unpublished.
     fn await_production(
         &self,
         start: Instant,
