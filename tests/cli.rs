@@ -185,6 +185,30 @@ fn generate_answers_with_the_default_model() {
     assert_eq!(sampled.stdout, again.stdout, "same seed, same text");
 }
 
+/// `--device` (or `AVP_DEVICE`): a GPU that this build or machine cannot use is a
+/// clear error before any model loads; a name that is no device is a usage error.
+#[test]
+fn a_device_that_cannot_run_here_is_refused_with_the_reason() {
+    let out = avp(&["generate", "--device", "cuda", "--prompt", "hi"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let why = if cfg!(feature = "cuda") {
+        "libcuda"
+    } else {
+        "--features cuda"
+    };
+    assert!(err.contains("cuda:0") && err.contains(why), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_avp"))
+        .args(["think", "--prompt", "hi", "--out", "unused.avp"])
+        .env("AVP_DEVICE", "tpu")
+        .output()
+        .expect("run avp");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
+}
+
 #[test]
 fn think_writes_a_context_that_generate_continues_in_another_process() {
     let dir = tempfile::tempdir().unwrap();

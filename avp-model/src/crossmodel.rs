@@ -80,7 +80,7 @@ impl SourceLogits {
             )));
         }
         let rows = hidden.len() / d;
-        let h = matrix(hidden.to_vec(), rows, d, model.decoder().device());
+        let h = matrix(hidden.to_vec(), rows, d, model.decoder().burn_device());
         let logits = to_vec(h.matmul(model.decoder().output_projection().clone()))?;
         Ok(SourceLogits {
             model_hash: model.identity().model_hash.clone(),
@@ -302,7 +302,12 @@ impl Model {
         let decoder = self.decoder();
         let d = self.config().hidden as usize;
         let v_tgt = self.config().vocab_size as usize;
-        let z = matrix(src.logits.clone(), src.rows, src.vocab, decoder.device());
+        let z = matrix(
+            src.logits.clone(),
+            src.rows,
+            src.vocab,
+            decoder.burn_device(),
+        );
         let e = map.project_logits(
             z,
             decoder.input_embeddings(),

@@ -1,4 +1,4 @@
-//! The decoder: a Llama / Qwen2 transformer on burn (CPU backend `flex`), with a KV
+//! The decoder: a Llama / Qwen2 transformer on burn (on a [`Device`]), with a KV
 //! cache laid out as avp moves it (`[kv_heads, seq, head_dim]` per layer, HND).
 //!
 //! RMSNorm, rotary position embeddings (rotate-half, the config's θ), grouped-query
@@ -11,7 +11,9 @@
 //! final-normed hidden state, from which [`Decoder::logits`] projects.
 
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, TensorData};
+
+use crate::device::{BurnDevice, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -41,7 +43,9 @@ pub struct Decoder {
     norm: Tensor<1>,
     layers: Vec<Layer>,
     inv_freq: Vec<f32>,
-    device: Device,
+    device: BurnDevice,
+    /// Where the tensors live.
+    kind: Device,
 }
 
 /// The attention state of a sequence: per layer K and V, `[1, kv_heads, seq, head_dim]`.
@@ -164,23 +168,23 @@ pub(crate) fn decode_floats(bytes: &[u8], dtype: avp_wire::DType) -> Result<Vec<
 /// The values of a tensor, row-major.
 pub(crate) fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
     t.into_data()
-        .try_to_vec::<f32>()
+        .to_vec::<f32>()
         .map_err(|e| ModelError::Tensor(format!("{e:?}")))
 }
 
-pub(crate) fn matrix(v: Vec<f32>, rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+pub(crate) fn matrix(v: Vec<f32>, rows: usize, cols: usize, device: &BurnDevice) -> Tensor<2> {
     Tensor::from_data(TensorData::new(v, [rows, cols]), device)
 }
 
 /// `t` transposed and laid out contiguously once, at load: a transposed view would
 /// be re-strided by every matmul (decode measured ~25% slower that way).
-fn transposed(t: Tensor<2>, device: &Device) -> Tensor<2> {
+fn transposed(t: Tensor<2>, device: &BurnDevice) -> Tensor<2> {
     Tensor::from_data(t.transpose().into_data(), device)
 }
 
 impl Decoder {
-    /// Load a model from a GGUF file.
-    pub fn load(g: &GgufFile) -> Result<Decoder> {
+    /// Load a model from a GGUF file onto `device`.
+    pub fn load(g: &GgufFile, device: Device) -> Result<Decoder> {
         let config = ModelConfig::from_gguf(g)?;
         Self::from_weights(
             config.clone(),
@@ -188,12 +192,18 @@ impl Decoder {
                 file: g,
                 config: &config,
             },
+            device,
         )
     }
 
-    /// Build a decoder for `config` from `weights` (GGUF names, Hugging Face order).
-    pub fn from_weights(config: ModelConfig, weights: &dyn Weights) -> Result<Decoder> {
-        let device = Device::flex();
+    /// Build a decoder for `config` from `weights` (GGUF names, Hugging Face order)
+    /// with its tensors on `device`.
+    pub fn from_weights(
+        config: ModelConfig,
+        weights: &dyn Weights,
+        kind: Device,
+    ) -> Result<Decoder> {
+        let device = kind.burn()?;
         let (hidden, vocab) = (config.hidden as usize, config.vocab_size as usize);
         let load = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
             let t = weights.load(name)?;
@@ -273,6 +283,7 @@ impl Decoder {
             inv_freq,
             config,
             device,
+            kind,
         })
     }
 
@@ -347,7 +358,12 @@ impl Decoder {
     }
 
     /// The device tensors live on.
-    pub fn device(&self) -> &Device {
+    pub fn device(&self) -> Device {
+        self.kind
+    }
+
+    /// burn's handle for [`Decoder::device`].
+    pub(crate) fn burn_device(&self) -> &BurnDevice {
         &self.device
     }
 

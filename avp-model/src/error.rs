@@ -59,6 +59,10 @@ pub enum ModelError {
     /// The tensor backend failed.
     #[error("tensor backend: {0}")]
     Tensor(String),
+    /// The requested device cannot be used (unknown name, a build without the
+    /// `cuda` feature, or no CUDA driver).
+    #[error("{0}")]
+    Device(String),
     /// A downloaded file does not have the pinned checksum.
     #[error(
         "{path}: sha256 is {actual}, expected {expected}; the download is corrupt or not the pinned release"

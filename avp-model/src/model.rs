@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use burn::tensor::Tensor;
+use crate::device::{Device, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::chat::{ChatMessage, render};
@@ -107,26 +107,33 @@ pub struct Model {
 
 impl Model {
     /// Load a model by name (`smollm2`, `qwen2.5-coder-0.5b`: fetched and cached on
-    /// first use), or from the path of a GGUF file or a Hugging Face directory.
+    /// first use), or from the path of a GGUF file or a Hugging Face directory, onto
+    /// the CPU.
     pub fn load(name_or_path: &str, progress: bool) -> Result<Model> {
+        Self::load_on(name_or_path, progress, Device::Cpu)
+    }
+
+    /// [`Model::load`] onto `device` (`Device::Cuda` needs the `cuda` feature).
+    pub fn load_on(name_or_path: &str, progress: bool, device: Device) -> Result<Model> {
+        device.check()?;
         let path = Path::new(name_or_path);
         if path.is_dir() {
-            return Self::from_hf_dir(path);
+            return Self::from_hf_dir(path, device);
         }
         if path.is_file() {
             let name = path
                 .file_stem()
                 .map_or(name_or_path.into(), |s| s.to_string_lossy().into_owned());
-            return Self::from_gguf(&GgufFile::open(path)?, &name);
+            return Self::from_gguf(&GgufFile::open(path)?, &name, device);
         }
         let spec = crate::fetch::spec(name_or_path)?;
         let file = crate::fetch::fetch(spec, progress)?;
-        Self::from_gguf(&GgufFile::open(&file)?, spec.name)
+        Self::from_gguf(&GgufFile::open(&file)?, spec.name, device)
     }
 
     /// Build from an opened GGUF file; `name` is the model id in its identity.
-    pub fn from_gguf(g: &GgufFile, name: &str) -> Result<Model> {
-        let decoder = Decoder::load(g)?;
+    pub fn from_gguf(g: &GgufFile, name: &str, device: Device) -> Result<Model> {
+        let decoder = Decoder::load(g, device)?;
         let tokenizer = crate::tokenizer::from_gguf(g)?;
         let chat_template = g
             .metadata
@@ -142,9 +149,9 @@ impl Model {
     }
 
     /// Load a Hugging Face directory (config.json, safetensors, tokenizer.json).
-    pub fn from_hf_dir(path: &Path) -> Result<Model> {
+    pub fn from_hf_dir(path: &Path, device: Device) -> Result<Model> {
         let dir = HfDir::open(path)?;
-        let decoder = Decoder::from_weights(dir.config()?, &dir)?;
+        let decoder = Decoder::from_weights(dir.config()?, &dir, device)?;
         let tokenizer = dir.tokenizer()?;
         let eos = dir
             .eos_token()
@@ -295,7 +302,7 @@ impl Model {
                 h.len()
             )));
         }
-        let h = crate::decoder::matrix(h.clone(), 1, d, self.decoder.device());
+        let h = crate::decoder::matrix(h.clone(), 1, d, self.decoder.burn_device());
         let e = self.latent_map()?.apply(&self.decoder, h);
         let mut cache = KvCache::default();
         self.decoder.forward_embeds(e, &mut cache)?;

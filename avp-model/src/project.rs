@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::activation::softmax;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, TensorData};
+
+use crate::device::Tensor;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};

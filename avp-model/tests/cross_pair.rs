@@ -51,7 +51,7 @@ fn smollm2_and_qwen_share_a_vocabulary_path_both_ways() {
         )
         .unwrap();
     assert_eq!(e.dims(), [1, 896]);
-    let v: Vec<f32> = e.clone().into_data().try_to_vec().unwrap();
+    let v: Vec<f32> = e.clone().into_data().to_vec().unwrap();
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     assert!((norm - target_norm).abs() < 1e-3 * target_norm);
     // The projected vector points at Qwen's " Paris" more than at a typical token.
@@ -59,7 +59,7 @@ fn smollm2_and_qwen_share_a_vocabulary_path_both_ways() {
     assert_eq!(paris.len(), 1);
     let rows = |ids: &[u32]| -> Vec<Vec<f32>> {
         let t = qwen.decoder().embed(ids).unwrap();
-        let flat: Vec<f32> = t.into_data().try_to_vec().unwrap();
+        let flat: Vec<f32> = t.into_data().to_vec().unwrap();
         flat.chunks(896).map(<[f32]>::to_vec).collect()
     };
     let cos = |a: &[f32], b: &[f32]| {

@@ -66,7 +66,7 @@ fn a_hugging_face_directory_loads_as_the_same_model() {
     let g = GgufFile::open(&path).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = write_hf_dir(&g, dir.path());
-    let from_gguf = Model::from_gguf(&g, "smollm2").unwrap();
+    let from_gguf = Model::from_gguf(&g, "smollm2", avp_model::Device::Cpu).unwrap();
     drop(g);
     let from_dir = Model::load(dir.path().to_str().unwrap(), false).unwrap();
     assert_eq!(from_dir.config(), &config);

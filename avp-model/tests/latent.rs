@@ -77,12 +77,12 @@ fn the_soft_embedding_points_at_the_likely_next_token() {
         .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
         .unwrap();
     let e = m.latent_map().unwrap().apply(dec, ht);
-    let e: Vec<f32> = e.into_data().try_to_vec().unwrap();
+    let e: Vec<f32> = e.into_data().to_vec().unwrap();
     let row: Vec<f32> = dec
         .embed(&[top as u32])
         .unwrap()
         .into_data()
-        .try_to_vec()
+        .to_vec()
         .unwrap();
     let cos = |a: &[f32], b: &[f32]| {
         let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();

@@ -64,13 +64,9 @@ fn latent_steps_use_a_cached_realignment() {
     let a: Vec<f32> = map
         .apply(m.decoder(), h.clone())
         .into_data()
-        .try_to_vec()
+        .to_vec()
         .unwrap();
-    let b: Vec<f32> = again
-        .apply(m.decoder(), h)
-        .into_data()
-        .try_to_vec()
-        .unwrap();
+    let b: Vec<f32> = again.apply(m.decoder(), h).into_data().to_vec().unwrap();
     assert_eq!(a, b);
     let ctx = m.think("def add(a, b):", 3, None).unwrap();
     assert_eq!(ctx.num_steps, 3, "no NaN stop");

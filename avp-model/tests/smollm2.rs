@@ -204,7 +204,7 @@ fn chat_ids(g: &GgufFile, tok: &tokenizers::Tokenizer, question: &str) -> Vec<u3
 fn greedy_answer_is_the_reference_answer() {
     let g = model();
     let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
-    let m = avp_model::Decoder::load(&g).unwrap();
+    let m = avp_model::Decoder::load(&g, avp_model::Device::Cpu).unwrap();
     let ids = chat_ids(&g, &tok, "What is the capital of France?");
     let mut cache = avp_model::KvCache::default();
     let out = m.greedy(&ids, &mut cache, 16, 2).unwrap();
@@ -222,7 +222,11 @@ fn decoder_and_two_prompts() -> (avp_model::Decoder, Vec<u32>, Vec<u32>) {
     let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
     let ids = |s: &str| tok.encode(s, false).unwrap().get_ids().to_vec();
     let (a, b) = (ids("The quick brown fox"), ids(" jumps over the"));
-    (avp_model::Decoder::load(&g).unwrap(), a, b)
+    (
+        avp_model::Decoder::load(&g, avp_model::Device::Cpu).unwrap(),
+        a,
+        b,
+    )
 }
 
 #[test]
@@ -283,7 +287,7 @@ fn first_forward_logits_match_an_independent_decoder() {
         serde_json::from_str(include_str!("data/reference_logits.json")).unwrap();
     let g = model();
     let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
-    let m = avp_model::Decoder::load(&g).unwrap();
+    let m = avp_model::Decoder::load(&g, avp_model::Device::Cpu).unwrap();
     let ids = tok
         .encode(reference["prompt"].as_str().unwrap(), false)
         .unwrap()

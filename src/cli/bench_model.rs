@@ -18,6 +18,10 @@ pub struct ModelArgs {
     /// Model name or path.
     #[arg(long, default_value = "smollm2")]
     model: String,
+    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with the `cuda`
+    /// feature and an NVIDIA driver).
+    #[arg(long, env = "AVP_DEVICE", default_value = "cpu")]
+    device: avp_model::Device,
     /// Print JSON lines (the default output is a table).
     #[arg(long)]
     json: bool,
@@ -50,7 +54,8 @@ fn context_tokens(model: &Model, n: usize) -> anyhow::Result<Vec<u32>> {
 }
 
 pub fn run(a: ModelArgs) -> anyhow::Result<()> {
-    let model = Model::load(&a.model, !a.json).with_context(|| format!("load {}", a.model))?;
+    let model =
+        Model::load_on(&a.model, !a.json, a.device).with_context(|| format!("load {}", a.model))?;
     let reps = a.reps.max(1);
     let decoder = model.decoder();
 

@@ -29,6 +29,10 @@ pub struct Args {
     /// Model name or path (GGUF file or Hugging Face directory).
     #[arg(long, default_value = "smollm2")]
     model: String,
+    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with the `cuda`
+    /// feature and an NVIDIA driver).
+    #[arg(long, env = "AVP_DEVICE", default_value = "cpu")]
+    device: avp_model::Device,
     /// The researcher's model, when it differs from the solver's (`--model`): the
     /// handshake then negotiates a cross-model projection or the JSON fallback.
     #[arg(long)]
@@ -114,6 +118,8 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
         a.steps.to_string(),
         "--max-tokens".into(),
         a.max_tokens.to_string(),
+        "--device".into(),
+        a.device.to_string(),
     ];
     if matches!(a.transport, Transport::Tcp) {
         common.push("--no-shm-upgrade".into());
@@ -176,7 +182,7 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
 }
 
 fn direct(a: &Args) -> anyhow::Result<Value> {
-    let model = Model::load(&a.model, false)?;
+    let model = Model::load_on(&a.model, false, a.device)?;
     let started = Instant::now();
     let options = GenerateOptions {
         max_tokens: a.max_tokens,

@@ -1,0 +1,157 @@
+//! Where the decoder runs: the CPU (burn's pure-Rust `flex` backend, always built)
+//! or an NVIDIA GPU (burn-cuda, with the `cuda` feature).
+//!
+//! burn 0.21's `Dispatch` backend picks its kernels from the device at run time, so
+//! one build serves both and the model code carries no backend type parameter:
+//! [`Tensor`] is burn's tensor on that backend, and a [`Device`] chosen when the model
+//! loads decides where every tensor of that model lives.
+//!
+//! ```
+//! use avp_model::Device;
+//!
+//! let cpu: Device = "cpu".parse()?;
+//! assert_eq!(cpu, Device::Cpu);
+//! assert_eq!("cuda:1".parse::<Device>()?, Device::Cuda(1));
+//! assert!("tpu".parse::<Device>().is_err());
+//! # Ok::<(), avp_model::ModelError>(())
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::tensor::Float;
+
+use crate::error::{ModelError, Result};
+
+/// The burn backend every model tensor uses (run-time dispatch between CPU and GPU).
+pub type Backend = burn::Dispatch;
+
+/// A burn tensor on [`Backend`]: `Tensor<2>` is a float matrix, `Tensor<1, Int>` an
+/// index vector.
+pub type Tensor<const D: usize, K = Float> = burn::tensor::Tensor<Backend, D, K>;
+
+/// burn's device handle for [`Backend`].
+pub(crate) type BurnDevice = burn::DispatchDevice;
+
+/// The hardware a model runs on. Parses from `cpu`, `cuda` (GPU 0) and `cuda:N`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// The CPU (burn `flex`: SIMD kernels and gemm, all cores).
+    #[default]
+    Cpu,
+    /// The NVIDIA GPU with this ordinal (needs the `cuda` feature and libcuda).
+    Cuda(usize),
+}
+
+impl Device {
+    /// burn's handle for this device, after checking that it can be used here: a
+    /// CUDA device needs a build with the `cuda` feature and the CUDA driver library.
+    pub(crate) fn burn(self) -> Result<BurnDevice> {
+        match self {
+            Device::Cpu => Ok(BurnDevice::Flex(burn::backend::flex::FlexDevice)),
+            Device::Cuda(index) => cuda_device(index),
+        }
+    }
+
+    /// Whether this device can run a model here; the error says why not.
+    pub fn check(self) -> Result<()> {
+        self.burn().map(drop)
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(index: usize) -> Result<BurnDevice> {
+    // SAFETY: the check only tries to dlopen the driver library (cudarc's
+    // `fallback-dynamic-loading`); without it, burn-cuda would panic at first use.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(ModelError::Device(format!(
+            "cuda:{index} needs the CUDA driver library (libcuda.so), which is not installed here"
+        )));
+    }
+    Ok(BurnDevice::Cuda(burn::backend::cuda::CudaDevice { index }))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(index: usize) -> Result<BurnDevice> {
+    Err(ModelError::Device(format!(
+        "cuda:{index} needs avp built with the `cuda` feature (cargo build --features cuda)"
+    )))
+}
+
+impl FromStr for Device {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Device> {
+        let bad = || {
+            ModelError::Device(format!(
+                "unknown device {s:?}: expected cpu, cuda or cuda:N"
+            ))
+        };
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => {
+                let n = s.strip_prefix("cuda:").ok_or_else(bad)?;
+                n.parse().map(Device::Cuda).map_err(|_| bad())
+            }
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints() {
+        for (text, device) in [
+            ("cpu", Device::Cpu),
+            ("cuda:0", Device::Cuda(0)),
+            ("cuda:3", Device::Cuda(3)),
+        ] {
+            assert_eq!(text.parse::<Device>().unwrap(), device);
+            assert_eq!(device.to_string(), text);
+        }
+        assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+        for bad in ["", "gpu", "cuda:", "cuda:x", "cuda:-1", "CPU"] {
+            let err = bad.parse::<Device>().unwrap_err().to_string();
+            assert!(
+                err.contains("expected cpu, cuda or cuda:N"),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn cpu_is_always_there() {
+        Device::Cpu.check().unwrap();
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_get_it() {
+        let err = Device::Cuda(0).check().unwrap_err().to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_without_a_driver_is_an_error_not_a_panic() {
+        // SAFETY: as in `cuda_device`: only a dlopen attempt.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            eprintln!("skipped: libcuda is present (the GPU tests cover this machine)");
+            return;
+        }
+        let err = Device::Cuda(0).check().unwrap_err().to_string();
+        assert!(err.contains("libcuda"), "{err}");
+    }
+}
