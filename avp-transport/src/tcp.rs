@@ -218,6 +218,9 @@ pub struct TcpReceiver {
     pool: RefCell<BufPool>,
     max_message: u64,
     stall: Duration,
+    /// Whether the socket's read timeout is `stall` already (set once: a system
+    /// call per message would be pure overhead).
+    stall_set: std::cell::Cell<bool>,
     broken: RefCell<Option<String>>,
 }
 
@@ -230,6 +233,7 @@ impl TcpReceiver {
             pool: RefCell::new(BufPool::default()),
             max_message,
             stall,
+            stall_set: std::cell::Cell::new(false),
             broken: RefCell::new(None),
         }
     }
@@ -254,10 +258,13 @@ impl TcpReceiver {
         }
         let mut stream = self.stream.borrow_mut();
         stream.wait_readable(timeout, "a message")?;
-        stream
-            .tcp()
-            .set_read_timeout(Some(self.stall))
-            .map_err(TransportError::io("set timeout"))?;
+        if !self.stall_set.get() {
+            stream
+                .tcp()
+                .set_read_timeout(Some(self.stall))
+                .map_err(TransportError::io("set timeout"))?;
+            self.stall_set.set(true);
+        }
         let mut pre = [0u8; PREAMBLE_LEN];
         if let Err(e) = stream.read_exact(&mut pre) {
             drop(stream);
