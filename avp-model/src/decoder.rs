@@ -55,6 +55,18 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// This cache with every tensor on `device` (a copy only where it lives elsewhere),
+    /// so a context made by a model on one device continues on another.
+    pub(crate) fn to_device(&self, device: &BurnDevice) -> KvCache {
+        let on = |t: &Tensor<4>| match t.device() == *device {
+            true => t.clone(),
+            false => t.clone().to_device(device),
+        };
+        KvCache {
+            layers: self.layers.iter().map(|(k, v)| (on(k), on(v))).collect(),
+        }
+    }
+
     /// The cache's shape as avp-wire describes it: f32, HND, every layer.
     pub fn desc(&self) -> Option<avp_wire::KvCacheDesc> {
         let (k, _) = self.layers.first()?;
@@ -176,10 +188,23 @@ pub(crate) fn matrix(v: Vec<f32>, rows: usize, cols: usize, device: &BurnDevice)
     Tensor::from_data(TensorData::new(v, [rows, cols]), device)
 }
 
-/// `t` transposed and laid out contiguously once, at load: a transposed view would
-/// be re-strided by every matmul (decode measured ~25% slower that way).
-fn transposed(t: Tensor<2>, device: &BurnDevice) -> Tensor<2> {
-    Tensor::from_data(t.transpose().into_data(), device)
+/// A `[rows, cols]` row-major matrix transposed to `[cols, rows]` on the host, so it
+/// is uploaded once and laid out contiguously: a transposed view would be
+/// re-strided by every matmul (decode measured ~25% slower that way).
+fn transpose_host(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    // Blocks keep both sides cache-friendly on the 151K-row embedding tables.
+    const B: usize = 64;
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    out[c * rows + r] = v[r * cols + c];
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Decoder {
@@ -217,10 +242,8 @@ impl Decoder {
         };
         // Stored [out, in]; kept as [in, out].
         let weight = |name: &str, out: usize, inp: usize| -> Result<Tensor<2>> {
-            Ok(transposed(
-                matrix(load(name, &[out, inp])?, out, inp, &device),
-                &device,
-            ))
+            let v = load(name, &[out, inp])?;
+            Ok(matrix(transpose_host(&v, out, inp), inp, out, &device))
         };
         let vector = |name: &str, n: usize| -> Result<Tensor<1>> {
             Ok(Tensor::from_data(
@@ -233,17 +256,18 @@ impl Decoder {
             (config.kv_heads * config.head_dim) as usize,
         );
         let ffn = config.intermediate as usize;
-        let embed = matrix(
-            load("token_embd.weight", &[vocab, hidden])?,
-            vocab,
-            hidden,
-            &device,
-        );
+        let embed_values = load("token_embd.weight", &[vocab, hidden])?;
         let output = if config.tied_embeddings {
-            transposed(embed.clone(), &device)
+            matrix(
+                transpose_host(&embed_values, vocab, hidden),
+                hidden,
+                vocab,
+                &device,
+            )
         } else {
             weight("output.weight", vocab, hidden)?
         };
+        let embed = matrix(embed_values, vocab, hidden, &device);
         let layers = (0..config.layers)
             .map(|l| {
                 let n = |s: &str| format!("blk.{l}.{s}.weight");
@@ -360,6 +384,12 @@ impl Decoder {
     /// The device tensors live on.
     pub fn device(&self) -> Device {
         self.kind
+    }
+
+    /// A `[rows, cols]` matrix of row-major `values` on this decoder's device (for
+    /// callers that build hidden states by hand).
+    pub fn matrix(&self, values: Vec<f32>, rows: usize, cols: usize) -> Tensor<2> {
+        matrix(values, rows, cols, &self.device)
     }
 
     /// burn's handle for [`Decoder::device`].

@@ -53,7 +53,9 @@ impl Device {
         }
     }
 
-    /// Whether this device can run a model here; the error says why not.
+    /// Whether a model can be loaded onto this device here: the feature is built
+    /// in and, for CUDA, the driver and NVRTC libraries load, the driver starts and
+    /// the ordinal exists. The error says which of these is missing.
     pub fn check(self) -> Result<()> {
         self.burn().map(drop)
     }
@@ -61,11 +63,28 @@ impl Device {
 
 #[cfg(feature = "cuda")]
 fn cuda_device(index: usize) -> Result<BurnDevice> {
-    // SAFETY: the check only tries to dlopen the driver library (cudarc's
-    // `fallback-dynamic-loading`); without it, burn-cuda would panic at first use.
+    let unusable = |why: String| ModelError::Device(format!("cuda:{index} cannot be used: {why}"));
+    // burn-cuda panics on each of these at first use; ask first. SAFETY: the two
+    // checks only try to dlopen the libraries (cudarc's `fallback-dynamic-loading`).
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(ModelError::Device(format!(
-            "cuda:{index} needs the CUDA driver library (libcuda.so), which is not installed here"
+        return Err(unusable(
+            "the CUDA driver library (libcuda.so) is not installed here".into(),
+        ));
+    }
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(unusable(
+            "the CUDA runtime compiler (libnvrtc.so, which burn-cuda builds its kernels \
+             with) is not installed here"
+                .into(),
+        ));
+    }
+    cudarc::driver::result::init()
+        .map_err(|e| unusable(format!("the CUDA driver did not start: {e:?}")))?;
+    let count = cudarc::driver::result::device::get_count()
+        .map_err(|e| unusable(format!("counting CUDA devices failed: {e:?}")))?;
+    if index >= count.max(0) as usize {
+        return Err(unusable(format!(
+            "this machine has {count} CUDA device(s) (check CUDA_VISIBLE_DEVICES)"
         )));
     }
     Ok(BurnDevice::Cuda(burn::backend::cuda::CudaDevice { index }))
@@ -91,8 +110,15 @@ impl FromStr for Device {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
             _ => {
+                // Plain decimal only, so that parsing and printing round-trip.
                 let n = s.strip_prefix("cuda:").ok_or_else(bad)?;
-                n.parse().map(Device::Cuda).map_err(|_| bad())
+                let canonical = !n.is_empty()
+                    && n.bytes().all(|b| b.is_ascii_digit())
+                    && (n == "0" || !n.starts_with('0'));
+                match canonical {
+                    true => n.parse().map(Device::Cuda).map_err(|_| bad()),
+                    false => Err(bad()),
+                }
             }
         }
     }
@@ -122,7 +148,9 @@ mod tests {
             assert_eq!(device.to_string(), text);
         }
         assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
-        for bad in ["", "gpu", "cuda:", "cuda:x", "cuda:-1", "CPU"] {
+        for bad in [
+            "", "gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:+1", "cuda:01", " cuda", "CPU",
+        ] {
             let err = bad.parse::<Device>().unwrap_err().to_string();
             assert!(
                 err.contains("expected cpu, cuda or cuda:N"),
@@ -153,5 +181,12 @@ mod tests {
         }
         let err = Device::Cuda(0).check().unwrap_err().to_string();
         assert!(err.contains("libcuda"), "{err}");
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn an_ordinal_that_does_not_exist_is_an_error() {
+        let err = Device::Cuda(1000).check().unwrap_err().to_string();
+        assert!(err.starts_with("cuda:1000 cannot be used"), "{err}");
     }
 }

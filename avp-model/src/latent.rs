@@ -13,7 +13,6 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::TensorData;
 use burn::tensor::activation::softmax;
 
 use crate::device::Tensor;
@@ -174,11 +173,12 @@ fn write_cached(path: &Path, w: &[f32], d: usize) -> std::result::Result<(), Str
     std::fs::rename(&tmp, path).map_err(|e| e.to_string())
 }
 
-/// A `[rows, cols]` tensor of `values` on the flex device (for tests and callers
-/// that build small inputs).
-pub fn tensor(values: Vec<f32>, rows: usize, cols: usize) -> Tensor<2> {
+/// A `[rows, cols]` tensor of `values` on the CPU (unit tests; callers use
+/// [`Decoder::matrix`], which puts it on the model's device).
+#[cfg(test)]
+pub(crate) fn tensor(values: Vec<f32>, rows: usize, cols: usize) -> Tensor<2> {
     Tensor::from_data(
-        TensorData::new(values, [rows, cols]),
+        burn::tensor::TensorData::new(values, [rows, cols]),
         &crate::device::BurnDevice::Flex(burn::backend::flex::FlexDevice),
     )
 }

@@ -290,7 +290,8 @@ impl Model {
         };
         self.check(ctx)?;
         if let Some(kv) = &ctx.kv {
-            return Ok((kv.clone(), 0));
+            // A context from this model on another device (same model hash) moves here.
+            return Ok((kv.to_device(self.decoder.burn_device()), 0));
         }
         let h = ctx.last_hidden.as_ref().ok_or_else(|| {
             ModelError::Invalid("the context has neither a KV cache nor a hidden state".into())

@@ -39,7 +39,9 @@ fn smollm2_and_qwen_share_a_vocabulary_path_both_ways() {
     let ctx = small
         .think_tokens(&small.encode("The capital of France is").unwrap(), 0, None)
         .unwrap();
-    let h = avp_model::latent::tensor(ctx.last_hidden.clone().unwrap(), 1, 576);
+    let h = small
+        .decoder()
+        .matrix(ctx.last_hidden.clone().unwrap(), 1, 576);
     let target_norm = mean_row_norm(qwen.decoder().input_embeddings()).unwrap();
     let e = there
         .project(

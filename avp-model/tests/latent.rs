@@ -71,7 +71,7 @@ fn the_soft_embedding_points_at_the_likely_next_token() {
     let ctx = m.think("What is the capital of France?", 0, None).unwrap();
     let h = ctx.last_hidden.unwrap();
     let dec = m.decoder();
-    let ht = avp_model::latent::tensor(h.clone(), 1, 576);
+    let ht = dec.matrix(h.clone(), 1, 576);
     let logits = dec.logits(&ht).unwrap();
     let top = (0..logits.len())
         .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))

@@ -60,7 +60,7 @@ fn latent_steps_use_a_cached_realignment() {
     assert!(cache.is_file(), "{} written", cache.display());
     // Read back from the cache, the map is the same.
     let again = LatentMap::for_decoder(m.decoder(), Some(&cache)).unwrap();
-    let h = avp_model::latent::tensor(vec![0.01; 896], 1, 896);
+    let h = m.decoder().matrix(vec![0.01; 896], 1, 896);
     let a: Vec<f32> = map
         .apply(m.decoder(), h.clone())
         .into_data()

@@ -54,6 +54,11 @@ fn context_tokens(model: &Model, n: usize) -> anyhow::Result<Vec<u32>> {
 }
 
 pub fn run(a: ModelArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.python.is_none() || a.device == avp_model::Device::Cpu,
+        "--python compares with transformers on the CPU; it needs --device cpu, not {}",
+        a.device
+    );
     let model =
         Model::load_on(&a.model, !a.json, a.device).with_context(|| format!("load {}", a.model))?;
     let reps = a.reps.max(1);
@@ -105,6 +110,7 @@ pub fn run(a: ModelArgs) -> anyhow::Result<()> {
     let line = json!({
         "bench": "model",
         "model": model.name(),
+        "device": a.device.to_string(),
         "prefill_tokens": prompt.len(),
         "prefill_tok_s": prompt.len() as f64 / (prefill / 1e3),
         "decode_tok_s": decode_n as f64 / (decode / 1e3),
@@ -134,6 +140,7 @@ pub fn run(a: ModelArgs) -> anyhow::Result<()> {
             &json!({
                 "bench": "handoff",
                 "model": model.name(),
+                "device": a.device.to_string(),
                 "context_tokens": n,
                 "transport": "shm",
                 "kv_bytes": bytes,

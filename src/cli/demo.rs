@@ -224,6 +224,8 @@ fn direct(a: &Args) -> anyhow::Result<Value> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<std::process::ExitCode> {
+    // A device that cannot run here fails now, not as an agent's error later.
+    a.device.check()?;
     // Fetch (with a progress bar) before the agents start.
     for name in a.source_model.iter().chain([&a.model]) {
         let path = avp_model::fetch::spec(name)
