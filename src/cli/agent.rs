@@ -37,10 +37,8 @@ pub struct Args {
     /// Model name or path.
     #[arg(long, default_value = "smollm2")]
     model: String,
-    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with the `cuda`
-    /// feature and an NVIDIA driver).
-    #[arg(long, env = "AVP_DEVICE", default_value = "cpu")]
-    device: avp_model::Device,
+    #[command(flatten)]
+    run_on: super::RunOn,
     /// The researcher's latent steps.
     #[arg(long, default_value_t = 10)]
     steps: u32,
@@ -67,8 +65,8 @@ enum Role {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let model =
-        Model::load_on(&a.model, false, a.device).with_context(|| format!("load {}", a.model))?;
+    let model = Model::load_on(&a.model, false, a.run_on.device)
+        .with_context(|| format!("load {}", a.model))?;
     let timeout = Duration::from_secs_f64(a.timeout);
     // The vocabulary lets the handshake find a cross-model path to another model;
     // cached maps let it skip the exchange.

@@ -18,10 +18,8 @@ pub struct ModelArgs {
     /// Model name or path.
     #[arg(long, default_value = "smollm2")]
     model: String,
-    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with the `cuda`
-    /// feature and an NVIDIA driver).
-    #[arg(long, env = "AVP_DEVICE", default_value = "cpu")]
-    device: avp_model::Device,
+    #[command(flatten)]
+    run_on: super::RunOn,
     /// Print JSON lines (the default output is a table).
     #[arg(long)]
     json: bool,
@@ -55,12 +53,12 @@ fn context_tokens(model: &Model, n: usize) -> anyhow::Result<Vec<u32>> {
 
 pub fn run(a: ModelArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        a.python.is_none() || a.device == avp_model::Device::Cpu,
+        a.python.is_none() || a.run_on.device == avp_model::Device::Cpu,
         "--python compares with transformers on the CPU; it needs --device cpu, not {}",
-        a.device
+        a.run_on.device
     );
-    let model =
-        Model::load_on(&a.model, !a.json, a.device).with_context(|| format!("load {}", a.model))?;
+    let model = Model::load_on(&a.model, !a.json, a.run_on.device)
+        .with_context(|| format!("load {}", a.model))?;
     let reps = a.reps.max(1);
     let decoder = model.decoder();
 
@@ -110,7 +108,7 @@ pub fn run(a: ModelArgs) -> anyhow::Result<()> {
     let line = json!({
         "bench": "model",
         "model": model.name(),
-        "device": a.device.to_string(),
+        "device": a.run_on.device.to_string(),
         "prefill_tokens": prompt.len(),
         "prefill_tok_s": prompt.len() as f64 / (prefill / 1e3),
         "decode_tok_s": decode_n as f64 / (decode / 1e3),
@@ -140,7 +138,7 @@ pub fn run(a: ModelArgs) -> anyhow::Result<()> {
             &json!({
                 "bench": "handoff",
                 "model": model.name(),
-                "device": a.device.to_string(),
+                "device": a.run_on.device.to_string(),
                 "context_tokens": n,
                 "transport": "shm",
                 "kv_bytes": bytes,

@@ -29,10 +29,8 @@ pub struct Args {
     /// Model name or path (GGUF file or Hugging Face directory).
     #[arg(long, default_value = "smollm2")]
     model: String,
-    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with the `cuda`
-    /// feature and an NVIDIA driver).
-    #[arg(long, env = "AVP_DEVICE", default_value = "cpu")]
-    device: avp_model::Device,
+    #[command(flatten)]
+    run_on: super::RunOn,
     /// The researcher's model, when it differs from the solver's (`--model`): the
     /// handshake then negotiates a cross-model projection or the JSON fallback.
     #[arg(long)]
@@ -119,7 +117,7 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
         "--max-tokens".into(),
         a.max_tokens.to_string(),
         "--device".into(),
-        a.device.to_string(),
+        a.run_on.device.to_string(),
     ];
     if matches!(a.transport, Transport::Tcp) {
         common.push("--no-shm-upgrade".into());
@@ -182,7 +180,7 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
 }
 
 fn direct(a: &Args) -> anyhow::Result<Value> {
-    let model = Model::load_on(&a.model, false, a.device)?;
+    let model = Model::load_on(&a.model, false, a.run_on.device)?;
     let started = Instant::now();
     let options = GenerateOptions {
         max_tokens: a.max_tokens,
@@ -225,7 +223,7 @@ fn direct(a: &Args) -> anyhow::Result<Value> {
 
 pub fn run(a: Args) -> anyhow::Result<std::process::ExitCode> {
     // A device that cannot run here fails now, not as an agent's error later.
-    a.device.check()?;
+    a.run_on.device.check()?;
     // Fetch (with a progress bar) before the agents start.
     for name in a.source_model.iter().chain([&a.model]) {
         let path = avp_model::fetch::spec(name)

@@ -22,10 +22,8 @@ pub struct Args {
     /// Model name or path.
     #[arg(long, default_value = "smollm2")]
     model: String,
-    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with the `cuda`
-    /// feature and an NVIDIA driver).
-    #[arg(long, env = "AVP_DEVICE", default_value = "cpu")]
-    device: avp_model::Device,
+    #[command(flatten)]
+    run_on: super::RunOn,
     /// The researcher's model, when it differs from the solver's (`--model`):
     /// latent mode is then the cross-model handoff.
     #[arg(long)]
@@ -65,12 +63,12 @@ enum EvalMode {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let model =
-        Model::load_on(&a.model, !a.json, a.device).with_context(|| format!("load {}", a.model))?;
+    let model = Model::load_on(&a.model, !a.json, a.run_on.device)
+        .with_context(|| format!("load {}", a.model))?;
     let source = a
         .source_model
         .as_ref()
-        .map(|m| Model::load_on(m, !a.json, a.device).with_context(|| format!("load {m}")))
+        .map(|m| Model::load_on(m, !a.json, a.run_on.device).with_context(|| format!("load {m}")))
         .transpose()?;
     let agents = eval::Agents::new(source.as_ref().unwrap_or(&model), &model);
     let pair = match &source {

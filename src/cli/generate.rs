@@ -14,10 +14,8 @@ pub struct Args {
     /// A known model name (`avp model list`), a GGUF file or a Hugging Face directory.
     #[arg(long, default_value = "smollm2")]
     model: String,
-    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with the `cuda`
-    /// feature and an NVIDIA driver).
-    #[arg(long, env = "AVP_DEVICE", default_value = "cpu")]
-    device: avp_model::Device,
+    #[command(flatten)]
+    run_on: super::RunOn,
     /// The user's message (or the raw text with --raw).
     #[arg(long)]
     prompt: String,
@@ -45,8 +43,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let model =
-        Model::load_on(&a.model, true, a.device).with_context(|| format!("load {}", a.model))?;
+    let model = Model::load_on(&a.model, true, a.run_on.device)
+        .with_context(|| format!("load {}", a.model))?;
     let context = match &a.context {
         Some(path) => {
             let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;

@@ -17,6 +17,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// `--device` of the commands that load a model.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct RunOn {
+    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with the `cuda`
+    /// feature and an NVIDIA driver).
+    #[arg(long, env = "AVP_DEVICE", default_value = "cpu")]
+    pub device: avp_model::Device,
+}
+
 /// Agent Vector Protocol: move KV caches and hidden states between agents.
 #[derive(Parser, Debug)]
 #[command(name = "avp", version, about)]

@@ -15,10 +15,8 @@ pub struct Args {
     /// A known model name (`avp model list`), a GGUF file or a Hugging Face directory.
     #[arg(long, default_value = "smollm2")]
     model: String,
-    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with the `cuda`
-    /// feature and an NVIDIA driver).
-    #[arg(long, env = "AVP_DEVICE", default_value = "cpu")]
-    device: avp_model::Device,
+    #[command(flatten)]
+    run_on: super::RunOn,
     /// What the agent reads and thinks about.
     #[arg(long)]
     prompt: String,
@@ -37,8 +35,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let model =
-        Model::load_on(&a.model, true, a.device).with_context(|| format!("load {}", a.model))?;
+    let model = Model::load_on(&a.model, true, a.run_on.device)
+        .with_context(|| format!("load {}", a.model))?;
     let started = std::time::Instant::now();
     let mut ctx = model.think(&a.prompt, a.steps, None)?;
     let took = started.elapsed();
