@@ -188,23 +188,11 @@ pub(crate) fn matrix(v: Vec<f32>, rows: usize, cols: usize, device: &BurnDevice)
     Tensor::from_data(TensorData::new(v, [rows, cols]), device)
 }
 
-/// A `[rows, cols]` row-major matrix transposed to `[cols, rows]` on the host, so it
-/// is uploaded once and laid out contiguously: a transposed view would be
-/// re-strided by every matmul (decode measured ~25% slower that way).
-fn transpose_host(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
-    // Blocks keep both sides cache-friendly on the 151K-row embedding tables.
-    const B: usize = 64;
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    out[c * rows + r] = v[r * cols + c];
-                }
-            }
-        }
-    }
-    out
+/// `t` (on the CPU) transposed and laid out contiguously (burn-flex's tiled copy),
+/// then placed on `device` in one upload: a transposed view would be re-strided by
+/// every matmul (decode measured ~25% slower that way).
+fn transposed(t: Tensor<2>, device: &BurnDevice) -> Tensor<2> {
+    Tensor::from_data(t.transpose().into_data(), device)
 }
 
 impl Decoder {
@@ -241,9 +229,11 @@ impl Decoder {
             Ok(t.values)
         };
         // Stored [out, in]; kept as [in, out].
+        // Matrices are read onto the CPU, transposed there, and uploaded once.
+        let cpu = Device::Cpu.burn()?;
         let weight = |name: &str, out: usize, inp: usize| -> Result<Tensor<2>> {
-            let v = load(name, &[out, inp])?;
-            Ok(matrix(transpose_host(&v, out, inp), inp, out, &device))
+            let t = matrix(load(name, &[out, inp])?, out, inp, &cpu);
+            Ok(transposed(t, &device))
         };
         let vector = |name: &str, n: usize| -> Result<Tensor<1>> {
             Ok(Tensor::from_data(
@@ -256,18 +246,22 @@ impl Decoder {
             (config.kv_heads * config.head_dim) as usize,
         );
         let ffn = config.intermediate as usize;
-        let embed_values = load("token_embd.weight", &[vocab, hidden])?;
+        let embed = matrix(
+            load("token_embd.weight", &[vocab, hidden])?,
+            vocab,
+            hidden,
+            &cpu,
+        );
         let output = if config.tied_embeddings {
-            matrix(
-                transpose_host(&embed_values, vocab, hidden),
-                hidden,
-                vocab,
-                &device,
-            )
+            transposed(embed.clone(), &device)
         } else {
             weight("output.weight", vocab, hidden)?
         };
-        let embed = matrix(embed_values, vocab, hidden, &device);
+        // (burn-flex's `to_device` copies even onto the device a tensor is on.)
+        let embed = match device == cpu {
+            true => embed,
+            false => embed.to_device(&device),
+        };
         let layers = (0..config.layers)
             .map(|l| {
                 let n = |s: &str| format!("blk.{l}.{s}.weight");
@@ -321,7 +315,8 @@ impl Decoder {
         x * (mean_sq + self.config.rms_eps as f64).sqrt().recip() * w.clone().unsqueeze_dim::<2>(0)
     }
 
-    /// cos and sin, `[seq, head_dim]`, for positions `start..start + seq`.
+    /// cos and sin for positions `start..start + seq`, shaped to broadcast over the
+    /// heads of a token-major `[1, seq, heads, head_dim]` tensor.
     fn rope_tables(&self, start: usize, seq: usize) -> (Tensor<4>, Tensor<4>) {
         let hd = self.config.head_dim as usize;
         let (mut cos, mut sin) = (Vec::with_capacity(seq * hd), Vec::with_capacity(seq * hd));
@@ -332,15 +327,19 @@ impl Decoder {
                 sin.push(a.sin());
             }
         }
+        // `[1, seq, 1, head_dim]`: broadcast over the heads of `[1, seq, heads, hd]`.
         let t = |v| {
             matrix(v, seq, hd, &self.device)
-                .unsqueeze_dim::<3>(0)
+                .unsqueeze_dim::<3>(1)
                 .unsqueeze_dim::<4>(0)
         };
         (t(cos), t(sin))
     }
 
-    /// Rotate-half RoPE on `[1, heads, seq, head_dim]`.
+    /// Rotate-half RoPE on token-major `[1, seq, heads, head_dim]` (contiguous, as the
+    /// projections produce it: rotating before the heads are swapped to the front
+    /// keeps these element-wise ops off strided views, which burn-flex 0.21 copies
+    /// element by element).
     fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
         let [b, h, s, hd] = x.dims();
         let first = x.clone().slice([0..b, 0..h, 0..s, 0..hd / 2]);
@@ -438,7 +437,7 @@ impl Decoder {
         });
         for (l, layer) in self.layers.iter().enumerate() {
             let xn = self.rms_norm(x.clone(), &layer.attn_norm);
-            let heads_of = |t: Tensor<2>, n: usize| t.reshape([1, seq, n, hd]).swap_dims(1, 2);
+            let tokens_of = |t: Tensor<2>, n: usize| t.reshape([1, seq, n, hd]);
             let (mut q, mut k, mut v) = (
                 xn.clone().matmul(layer.wq.clone()),
                 xn.clone().matmul(layer.wk.clone()),
@@ -449,9 +448,10 @@ impl Decoder {
                 k = k + bk.clone();
                 v = v + bv.clone();
             }
-            let q = Self::rope(heads_of(q, h), &cos, &sin);
-            let k = Self::rope(heads_of(k, kvh), &cos, &sin);
-            let v = heads_of(v, kvh);
+            // Heads to the front only now: [1, heads, seq, hd].
+            let q = Self::rope(tokens_of(q, h), &cos, &sin).swap_dims(1, 2);
+            let k = Self::rope(tokens_of(k, kvh), &cos, &sin).swap_dims(1, 2);
+            let v = tokens_of(v, kvh).swap_dims(1, 2);
             let (k, v) = match cache.layers.get(l) {
                 Some((pk, pv)) => (
                     Tensor::cat(vec![pk.clone(), k], 2),
