@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use avp_wire::{DType, Envelope, HiddenStateDesc, Message, MessageLayout, Payload};
 
 use crate::context::{Context, counters, put_counters, write_f32s};
-use crate::decoder::{KvCache, decode_floats, matrix, to_vec};
+use crate::decoder::{KvCache, decode_floats, to_vec};
 use crate::error::{ModelError, Result};
 use crate::model::Model;
 use crate::project::ProjectionMap;
@@ -80,7 +80,7 @@ impl SourceLogits {
             )));
         }
         let rows = hidden.len() / d;
-        let h = matrix(hidden.to_vec(), rows, d, model.decoder().burn_device());
+        let h = model.decoder().matrix(hidden.to_vec(), rows, d);
         let logits = to_vec(h.matmul(model.decoder().output_projection().clone()))?;
         Ok(SourceLogits {
             model_hash: model.identity().model_hash.clone(),
@@ -302,12 +302,7 @@ impl Model {
         let decoder = self.decoder();
         let d = self.config().hidden as usize;
         let v_tgt = self.config().vocab_size as usize;
-        let z = matrix(
-            src.logits.clone(),
-            src.rows,
-            src.vocab,
-            decoder.burn_device(),
-        );
+        let z = decoder.matrix(src.logits.clone(), src.rows, src.vocab);
         let e = map.project_logits(
             z,
             decoder.input_embeddings(),

@@ -58,10 +58,7 @@ impl KvCache {
     /// This cache with every tensor on `device` (a copy only where it lives elsewhere),
     /// so a context made by a model on one device continues on another.
     pub(crate) fn to_device(&self, device: &BurnDevice) -> KvCache {
-        let on = |t: &Tensor<4>| match t.device() == *device {
-            true => t.clone(),
-            false => t.clone().to_device(device),
-        };
+        let on = |t: &Tensor<4>| placed(t.clone(), device);
         KvCache {
             layers: self.layers.iter().map(|(k, v)| (on(k), on(v))).collect(),
         }
@@ -184,7 +181,16 @@ pub(crate) fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
         .map_err(|e| ModelError::Tensor(format!("{e:?}")))
 }
 
-pub(crate) fn matrix(v: Vec<f32>, rows: usize, cols: usize, device: &BurnDevice) -> Tensor<2> {
+/// `t` on `device`: itself when it is there already (burn-flex's `to_device` copies
+/// even onto the device a tensor is on), else moved.
+fn placed<const D: usize>(t: Tensor<D>, device: &BurnDevice) -> Tensor<D> {
+    match t.device() == *device {
+        true => t,
+        false => t.to_device(device),
+    }
+}
+
+fn matrix(v: Vec<f32>, rows: usize, cols: usize, device: &BurnDevice) -> Tensor<2> {
     Tensor::from_data(TensorData::new(v, [rows, cols]), device)
 }
 
@@ -257,11 +263,7 @@ impl Decoder {
         } else {
             weight("output.weight", vocab, hidden)?
         };
-        // (burn-flex's `to_device` copies even onto the device a tensor is on.)
-        let embed = match device == cpu {
-            true => embed,
-            false => embed.to_device(&device),
-        };
+        let embed = placed(embed, &device);
         let layers = (0..config.layers)
             .map(|l| {
                 let n = |s: &str| format!("blk.{l}.{s}.weight");

@@ -18,7 +18,7 @@ use burn::tensor::activation::softmax;
 use crate::device::Tensor;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::decoder::{Decoder, matrix, to_vec};
+use crate::decoder::{Decoder, to_vec};
 use crate::error::{ModelError, Result};
 
 /// The ridge λ of the realignment solve.
@@ -56,7 +56,7 @@ impl LatentMap {
         {
             tracing::debug!(path = %path.display(), "realignment matrix from cache");
             return Ok(LatentMap::Realign {
-                w: Box::new(matrix(w, d, d, decoder.burn_device())),
+                w: Box::new(decoder.matrix(w, d, d)),
                 target_norm,
             });
         }
@@ -72,7 +72,7 @@ impl LatentMap {
             tracing::warn!(path = %path.display(), "could not cache the realignment matrix: {e}");
         }
         Ok(LatentMap::Realign {
-            w: Box::new(matrix(w, d, d, decoder.burn_device())),
+            w: Box::new(decoder.matrix(w, d, d)),
             target_norm,
         })
     }
@@ -179,7 +179,7 @@ fn write_cached(path: &Path, w: &[f32], d: usize) -> std::result::Result<(), Str
 pub(crate) fn tensor(values: Vec<f32>, rows: usize, cols: usize) -> Tensor<2> {
     Tensor::from_data(
         burn::tensor::TensorData::new(values, [rows, cols]),
-        &crate::device::BurnDevice::Flex(burn::backend::flex::FlexDevice),
+        &crate::Device::Cpu.burn().expect("the CPU is always there"),
     )
 }
 

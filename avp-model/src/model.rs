@@ -303,7 +303,7 @@ impl Model {
                 h.len()
             )));
         }
-        let h = crate::decoder::matrix(h.clone(), 1, d, self.decoder.burn_device());
+        let h = self.decoder.matrix(h.clone(), 1, d);
         let e = self.latent_map()?.apply(&self.decoder, h);
         let mut cache = KvCache::default();
         self.decoder.forward_embeds(e, &mut cache)?;
