@@ -25,11 +25,10 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::Endpoint;
-use crate::endpoint::{
-    HeldMem, Listener, Loan, LoanMem, Ready, Receiver, RecvGuard, RecvInner, Sender, SenderInner,
-};
+use crate::endpoint::{Listener, Loan, LoanMem, Ready, Sender, SenderInner};
 use crate::error::{Result, TransportError};
 use crate::options::Options;
+use crate::receiver::{HeldMem, Receiver, RecvGuard, RecvInner};
 
 fn dup(fd: RawFd) -> Result<OwnedFd> {
     // SAFETY: `fd` is open for the duration of this call (owned by the endpoint).
@@ -110,7 +109,7 @@ impl Receiver {
         let deadline = Instant::now() + timeout;
         match &self.inner {
             RecvInner::Shm(s) => loop {
-                if let Some((h, p, l)) = s.try_recv()? {
+                if let Some((h, p, l)) = s.try_recv(Instant::now(), &|| self.rehearse())? {
                     return self.guard(HeldMem::Shm(h), p, l);
                 }
                 if s.sender_writing() {
@@ -119,7 +118,7 @@ impl Receiver {
                     continue;
                 }
                 s.set_waiting(true);
-                let again = s.try_recv();
+                let again = s.try_recv_checked();
                 if !matches!(again, Ok(None)) || s.sender_writing() {
                     s.set_waiting(false);
                     if let Some((h, p, l)) = again? {

@@ -19,8 +19,9 @@ use crate::error::{Result, TransportError};
 use crate::frame::{Frame, FrameIo, PacketIo, StreamIo};
 use crate::handshake::{self, ClientStep};
 use crate::options::Options;
+use crate::receiver::{Receiver, RecvInner};
 use crate::session::{Session, TransportKind};
-use crate::shm::{Held, Region, ShmReceiver, ShmSender};
+use crate::shm::{Region, ShmReceiver, ShmSender};
 use crate::tcp::{Conn, TcpReceiver, TcpSender};
 
 /// Entry points.
@@ -374,11 +375,8 @@ impl Listener {
                     {
                         Some(session) => {
                             let max = session.max_message;
-                            return Ok(Receiver {
-                                session,
-                                inner: RecvInner::Tcp(TcpReceiver::new(io.stream, max, t)),
-                                check_session_ids: self.options.check_session_ids,
-                            });
+                            let tcp = TcpReceiver::new(io.stream, max, t);
+                            return Ok(Receiver::new(session, RecvInner::Tcp(tcp), &self.options));
                         }
                         None => continue, // the peer moves to our shared-memory socket
                     }
@@ -407,11 +405,7 @@ impl Listener {
                         )
                     })?;
                     let shm = ShmReceiver::new(io, t, self.options.spin, session.max_message)?;
-                    return Ok(Receiver {
-                        session,
-                        inner: RecvInner::Shm(shm),
-                        check_session_ids: self.options.check_session_ids,
-                    });
+                    return Ok(Receiver::new(session, RecvInner::Shm(shm), &self.options));
                 }
             }
         }
@@ -588,6 +582,9 @@ impl<'a> Loan<'a> {
         let writer = self.writer.take().expect("writer present until finish");
         let len = writer.layout().total_len();
         writer.finish()?;
+        if let SenderInner::Shm(s) = &*self.sender {
+            s.prepare();
+        }
         Ok(Ready {
             sender: unsafe_reborrow(&mut self.sender),
             mem: self.mem.take(),
@@ -642,6 +639,7 @@ impl Ready<'_> {
     }
 
     /// Hand the message to the receiver.
+    #[inline]
     pub fn send(mut self) -> Result<()> {
         let mem = self.mem.take().expect("memory present until sent");
         match (&mut *self.sender, mem) {
@@ -656,111 +654,6 @@ impl Drop for Ready<'_> {
     fn drop(&mut self) {
         if let Some(mem) = self.mem.take() {
             abandon(self.sender, mem);
-        }
-    }
-}
-
-pub(crate) enum RecvInner {
-    Shm(ShmReceiver),
-    Tcp(TcpReceiver),
-}
-
-/// The receiving half of a session.
-pub struct Receiver {
-    pub(crate) session: Session,
-    pub(crate) inner: RecvInner,
-    check_session_ids: bool,
-}
-
-pub(crate) enum HeldMem {
-    Shm(Held),
-    Tcp(PageBuf),
-}
-
-impl Receiver {
-    /// What was negotiated.
-    pub fn session(&self) -> &Session {
-        &self.session
-    }
-
-    /// Address range of the mapped slot pool (shared memory only).
-    pub fn pool_range(&self) -> Option<std::ops::Range<usize>> {
-        match &self.inner {
-            RecvInner::Shm(s) => Some(s.pool_range()),
-            RecvInner::Tcp(_) => None,
-        }
-    }
-
-    /// Wait up to `timeout` for the next message. The guard holds the message in
-    /// transport memory (a shared slot, or a pooled buffer on TCP); dropping it
-    /// returns the memory.
-    pub fn recv(&self, timeout: Duration) -> Result<RecvGuard<'_>> {
-        self.session.check_alive()?;
-        let (held, ptr, len) = match &self.inner {
-            RecvInner::Shm(s) => {
-                let (h, p, l) = s.recv(timeout)?;
-                (HeldMem::Shm(h), p, l)
-            }
-            RecvInner::Tcp(t) => {
-                let (mut b, l) = t.recv(timeout)?;
-                let p = b.as_mut_ptr() as *const u8;
-                (HeldMem::Tcp(b), p, l)
-            }
-        };
-        self.guard(held, ptr, len)
-    }
-
-    /// Wrap received bytes in a guard after validating them.
-    pub(crate) fn guard(&self, held: HeldMem, ptr: *const u8, len: usize) -> Result<RecvGuard<'_>> {
-        let mut guard = RecvGuard {
-            rx: self,
-            held: Some(held),
-            msg: None,
-        };
-        // SAFETY: the bytes stay valid and unchanged while the guard holds them
-        // (a slot is not reused before release; a mapping or buffer is owned by the
-        // guard), and `msg` is only ever lent out for the guard's lifetime.
-        let bytes: &'static [u8] = unsafe { std::slice::from_raw_parts(ptr, len) };
-        let msg = Message::parse(bytes)?;
-        self.session.check_alive()?;
-        let sid = msg.envelope().session_id();
-        if self.check_session_ids && !sid.is_empty() && sid != self.session.id {
-            return Err(TransportError::WrongSession {
-                expected: self.session.id.clone(),
-                found: sid.to_owned(),
-            });
-        }
-        guard.msg = Some(msg);
-        Ok(guard)
-    }
-}
-
-/// A received message, held in transport memory until dropped.
-pub struct RecvGuard<'r> {
-    rx: &'r Receiver,
-    held: Option<HeldMem>,
-    msg: Option<Message<'static>>,
-}
-
-impl RecvGuard<'_> {
-    /// The validated message; its borrows end with the guard.
-    pub fn message(&self) -> &Message<'_> {
-        self.msg.as_ref().expect("set before the guard is returned")
-    }
-
-    /// The raw message bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        self.message().as_bytes()
-    }
-}
-
-impl Drop for RecvGuard<'_> {
-    fn drop(&mut self) {
-        self.msg.take();
-        match (self.held.take(), &self.rx.inner) {
-            (Some(HeldMem::Shm(h)), RecvInner::Shm(s)) => s.release(h),
-            (Some(HeldMem::Tcp(b)), RecvInner::Tcp(t)) => t.give_back(b),
-            _ => {}
         }
     }
 }

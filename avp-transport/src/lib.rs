@@ -36,15 +36,17 @@ mod error;
 pub mod frame;
 mod handshake;
 mod options;
+mod receiver;
 mod session;
 pub mod shm;
 pub mod tcp;
 
 pub use address::Address;
-pub use endpoint::{Endpoint, Listener, Loan, Ready, Receiver, RecvGuard, Sender};
+pub use endpoint::{Endpoint, Listener, Loan, Ready, Sender};
 pub use error::{Result, TransportError};
 pub use handshake::boot_id;
 pub use options::Options;
 #[cfg(feature = "tls")]
 pub use options::Tls;
+pub use receiver::{Receiver, RecvGuard};
 pub use session::{Session, TransportKind};

@@ -74,7 +74,12 @@ impl Session {
 
     /// `Err(SessionExpired)` once the ttl has passed.
     pub fn check_alive(&self) -> Result<()> {
-        let age = self.started.elapsed();
+        self.check_alive_at(Instant::now())
+    }
+
+    /// [`check_alive`](Self::check_alive) with the time already read.
+    pub fn check_alive_at(&self, now: Instant) -> Result<()> {
+        let age = now.saturating_duration_since(self.started);
         if age > self.ttl {
             return Err(TransportError::SessionExpired {
                 id: self.id.clone(),

@@ -8,6 +8,8 @@ use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
 use avp_wire::{PREAMBLE_LEN, Preamble};
 
 use crate::buf::{BufPool, PageBuf};
@@ -305,6 +307,21 @@ impl TcpReceiver {
     /// Whether bytes are readable without waiting on the socket.
     pub fn pending(&self) -> bool {
         self.stream.borrow_mut().pending()
+    }
+
+    /// Whether [`recv`](Self::recv) would find bytes (or the end of the
+    /// connection) without waiting.
+    pub fn readable_now(&self) -> Result<bool> {
+        let mut stream = self.stream.borrow_mut();
+        if stream.pending() {
+            return Ok(true);
+        }
+        let mut fds = [PollFd::new(stream.tcp().as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) => Ok(n > 0),
+            Err(nix::errno::Errno::EINTR) => Ok(false),
+            Err(e) => Err(TransportError::errno("poll")(e)),
+        }
     }
 
     /// Return a buffer for reuse.

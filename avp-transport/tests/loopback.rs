@@ -311,3 +311,108 @@ fn cross_model_identities_negotiate_json_or_latent() {
     );
     assert!(s.explain().contains("transport shm"), "{}", s.explain());
 }
+
+/// Poll `rx.try_recv()` until it yields a message or an error (bounded).
+fn poll_next(rx: &avp_transport::Receiver) -> avp_transport::Result<avp_transport::RecvGuard<'_>> {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        if let Some(g) = rx.try_recv()? {
+            return Ok(g);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no message within {T:?}"
+        );
+        std::hint::spin_loop();
+    }
+}
+
+#[test]
+fn try_recv_polls_without_waiting_over_shm_and_tcp() {
+    for (addr, kind) in [
+        (format!("shm://{}", unique("poll")), TransportKind::Shm),
+        ("tcp://127.0.0.1:0".to_string(), TransportKind::Tcp),
+    ] {
+        let opts = Options {
+            allow_shm_upgrade: kind == TransportKind::Shm,
+            ..Options::default()
+        };
+        let listener = Endpoint::bind(&addr, &identity(), opts.clone()).unwrap();
+        let connect_to = listener.local_addr();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let sender = std::thread::spawn(move || {
+            let mut tx = Endpoint::connect(&connect_to, &identity(), opts).unwrap();
+            go_rx.recv().unwrap();
+            let l = layout(64);
+            for n in 0..3 {
+                let mut loan = tx.loan(&l).unwrap();
+                for (i, s) in loan.writer().sections_mut().into_iter().enumerate() {
+                    s.iter_mut()
+                        .enumerate()
+                        .for_each(|(j, b)| *b = fill(i, j, n));
+                }
+                loan.finish().unwrap().send().unwrap();
+            }
+        });
+        let rx = listener.accept(T).unwrap();
+        assert_eq!(rx.session().transport, kind);
+        for _ in 0..1000 {
+            assert!(
+                rx.try_recv().unwrap().is_none(),
+                "{kind:?}: nothing sent yet"
+            );
+        }
+        go_tx.send(()).unwrap();
+        for n in 0..3 {
+            let g = poll_next(&rx).unwrap();
+            let m = g.message();
+            m.verify().unwrap();
+            for (i, s) in m.sections().enumerate() {
+                assert!(
+                    s.bytes.iter().enumerate().all(|(j, &b)| b == fill(i, j, n)),
+                    "{kind:?}: message {n} section {i}"
+                );
+            }
+        }
+        sender.join().unwrap();
+        // The sender is gone: polling ends in an error, not in endless `None`s.
+        let e = poll_next(&rx).err().expect("the sender left");
+        assert!(matches!(e, TransportError::PeerGone(_)), "{kind:?}: {e}");
+    }
+}
+
+#[test]
+fn try_recv_refuses_an_expired_session() {
+    let opts = Options {
+        session_ttl: Duration::from_millis(200),
+        ..Options::default()
+    };
+    let name = format!("shm://{}", unique("pollttl"));
+    let listener = Endpoint::bind(&name, &identity(), opts.clone()).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let h = std::thread::spawn(move || {
+        let _tx = Endpoint::connect(&name, &identity(), opts).unwrap();
+        done_rx.recv().unwrap();
+    });
+    let rx = listener.accept(T).unwrap();
+    assert!(rx.try_recv().unwrap().is_none());
+    std::thread::sleep(Duration::from_millis(300));
+    let e = rx.try_recv().err().expect("expired");
+    assert!(matches!(e, TransportError::SessionExpired { .. }), "{e}");
+    done_tx.send(()).unwrap();
+    h.join().unwrap();
+}
+
+#[test]
+fn spin_mode_delivers_large_messages_intact() {
+    // Writing 8 MiB takes long enough for the spinning receiver to rehearse its
+    // receive path many times; the rehearsals must change nothing.
+    let opts = Options {
+        spin: Duration::MAX,
+        slot_size: 16 << 20,
+        ..Options::default()
+    };
+    let (kind, zero_copy) = round_trip(&format!("shm://{}", unique("spin")), opts, 8192, 6);
+    assert_eq!(kind, TransportKind::Shm);
+    assert!(zero_copy);
+}

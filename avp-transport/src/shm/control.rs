@@ -71,12 +71,14 @@ impl Control {
         Control { base }
     }
 
+    #[inline]
     fn u64_at(&self, off: usize) -> &AtomicU64 {
         // SAFETY: off + 8 <= CONTROL_LEN, 8-aligned within a page-aligned block; atomics
         // make concurrent access from both processes well-defined.
         unsafe { &*(self.base.add(off) as *const AtomicU64) }
     }
 
+    #[inline]
     fn u32_at(&self, off: usize) -> &AtomicU32 {
         // SAFETY: as above, 4-aligned.
         unsafe { &*(self.base.add(off) as *const AtomicU32) }
@@ -99,21 +101,25 @@ impl Control {
             && self.u32_at(24).load(Ordering::Relaxed) == RING
     }
 
+    #[inline]
     fn entry_at(&self, i: u64) -> usize {
         RING_AT + (i % RING as u64) as usize * 16
     }
 
     /// Sender: messages the receiver has consumed from the ring.
+    #[inline]
     pub fn tail(&self) -> u64 {
         self.tail_atomic().load(Ordering::Acquire)
     }
 
+    #[inline]
     fn tail_atomic(&self) -> &AtomicU64 {
         self.u64_at(TAIL)
     }
 
     /// Sender: publish entry number `head` (then `head + 1` is the new head).
     /// Returns whether the receiver is asleep and needs its doorbell rung.
+    #[inline]
     pub fn publish(&self, head: u64, e: Entry) -> bool {
         let at = self.entry_at(head);
         self.u32_at(at).store(e.slot, Ordering::Relaxed);
@@ -133,17 +139,39 @@ impl Control {
         if head < tail || head - tail > RING as u64 {
             return Err(format!("ring head {head} is inconsistent with tail {tail}"));
         }
-        let at = self.entry_at(tail);
-        Ok(Some(Entry {
+        Ok(Some(self.entry(tail)))
+    }
+
+    /// The ring entry at position `i`, published or not (untrusted).
+    pub fn entry(&self, i: u64) -> Entry {
+        let at = self.entry_at(i);
+        Entry {
             slot: self.u32_at(at).load(Ordering::Relaxed),
             flags: self.u32_at(at + 4).load(Ordering::Relaxed),
             len: self.u64_at(at + 8).load(Ordering::Relaxed),
-        }))
+        }
     }
 
     /// Receiver: mark entries up to `tail` consumed.
     pub fn consume(&self, tail: u64) {
         self.tail_atomic().store(tail, Ordering::Release);
+    }
+
+    /// Sender: whether the receiver announced sleeping.
+    pub fn receiver_waiting(&self) -> bool {
+        self.u32_at(RX_WAITING).load(Ordering::Relaxed) != 0
+    }
+
+    /// Sender: fetch ring entry `head`'s cache line for writing (a hint only).
+    pub fn prefetch_entry(&self, head: u64) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let p = self.base.wrapping_add(self.entry_at(head)) as *const i8;
+            // SAFETY: a prefetch is a hint: it never faults and changes no memory.
+            unsafe { std::arch::x86_64::_mm_prefetch(p, std::arch::x86_64::_MM_HINT_ET0) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = head;
     }
 
     /// Receiver: announce sleeping (`true`) or awake. Re-check the ring after setting it.

@@ -23,6 +23,13 @@ use crate::frame::{Frame, FrameIo, PacketIo};
 use control::{CONTROL_LEN, Control, DEDICATED, Entry, RING};
 use segment::{Event, Mapping};
 
+/// How often a spinning receiver re-touches its receive path while a message is
+/// being written (see `ShmReceiver::keep_warm`).
+const WARM_EVERY: Duration = Duration::from_micros(20);
+
+/// How often a polling receiver asks the socket whether the sender left.
+const PEER_CHECK_EVERY: Duration = Duration::from_millis(1);
+
 /// Round up to a page.
 fn page_up(n: usize) -> usize {
     n.div_ceil(4096) * 4096
@@ -270,8 +277,43 @@ impl ShmSender {
         }
     }
 
+    /// Bring back into cache what [`publish`](Self::publish) touches, after a
+    /// message has been written: writing a large one evicts it all (see
+    /// `ShmReceiver::keep_warm`), and a cold page walk costs a few hundred
+    /// nanoseconds under nested paging. Changes nothing.
+    pub fn prepare(&self) {
+        std::hint::black_box((self.head, self.ctrl.tail(), self.ctrl.receiver_waiting()));
+        self.ctrl.prefetch_entry(self.head);
+    }
+
     /// Publish `len` bytes written into `region`.
+    ///
+    /// The common case (a pool slot, room in the ring) is inlined into the
+    /// caller, whose code is cached right after it wrote the message.
+    #[inline]
     pub fn publish(&mut self, region: Region, len: usize) -> Result<()> {
+        if let Region::Slot { index, .. } = region
+            && self.head - self.ctrl.tail() < RING as u64
+        {
+            let entry = Entry {
+                slot: index,
+                flags: 0,
+                len: len as u64,
+            };
+            let wake = self.ctrl.publish(self.head, entry);
+            self.head += 1;
+            if wake {
+                self.published.notify();
+            }
+            return Ok(());
+        }
+        self.publish_slow(region, len)
+    }
+
+    /// [`publish`](Self::publish) when the ring is full or the message is in a
+    /// dedicated segment.
+    #[inline(never)]
+    fn publish_slow(&mut self, region: Region, len: usize) -> Result<()> {
         let tail_ok = |s: &mut Self| s.head - s.ctrl.tail() < RING as u64;
         if !tail_ok(self) {
             self.wait_for("room in the shared-memory ring", tail_ok)?;
@@ -294,7 +336,8 @@ impl ShmSender {
                 }
             }
         };
-        if self.ctrl.publish(self.head, entry) {
+        let w = self.ctrl.publish(self.head, entry);
+        if w {
             self.published.notify();
         }
         self.head += 1;
@@ -323,22 +366,10 @@ pub struct ShmReceiver {
     released: Event,
     spin: Duration,
     max_message: u64,
-    /// A tiny valid KV message parsed while waiting for a large one, so the
-    /// validation path is still cached when the real header arrives.
-    warm: Vec<u8>,
-}
-
-/// A minimal valid KV-cache message (one layer, one head, one position).
-fn warm_message() -> Vec<u8> {
-    use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, Payload};
-    let desc = KvCacheDesc::new(1, 1, 1, 1, DType::F16, KvLayout::Hnd);
-    MessageLayout::new(&Envelope::default(), &Payload::KvCache(desc))
-        .and_then(|l| {
-            let zero: Vec<Vec<u8>> = l.sections().map(|s| vec![0u8; s.len as usize]).collect();
-            let parts: Vec<&[u8]> = zero.iter().map(Vec::as_slice).collect();
-            l.encode_to_vec(&parts)
-        })
-        .unwrap_or_default()
+    /// When [`Self::keep_warm`] last ran (paces it while spinning).
+    warmed: Cell<Instant>,
+    /// When `try_recv` last asked the socket whether the sender left.
+    peer_checked: Cell<Instant>,
 }
 
 impl ShmReceiver {
@@ -403,7 +434,8 @@ impl ShmReceiver {
             released,
             spin,
             max_message,
-            warm: warm_message(),
+            warmed: Cell::new(Instant::now()),
+            peer_checked: Cell::new(Instant::now()),
         })
     }
 
@@ -460,8 +492,30 @@ impl ShmReceiver {
         }
     }
 
-    /// The next message if one is published; `PeerGone` if none is and the sender left.
-    pub fn try_recv(&self) -> Result<Option<(Held, *const u8, usize)>> {
+    /// The next message if one is published; `PeerGone` if none is and the sender
+    /// left. Made to be polled: whether the sender left is asked of the socket (a
+    /// system call) at most every [`PEER_CHECK_EVERY`], and while the sender
+    /// writes, [`Self::keep_warm`] runs with `rehearse` every [`WARM_EVERY`].
+    /// `now` is the caller's reading of the clock (one per poll is enough).
+    pub fn try_recv(
+        &self,
+        now: Instant,
+        rehearse: &dyn Fn(),
+    ) -> Result<Option<(Held, *const u8, usize)>> {
+        if let Some(m) = self.pop()? {
+            return Ok(Some(m));
+        }
+        self.pace_warming(now, rehearse);
+        if now.saturating_duration_since(self.peer_checked.get()) < PEER_CHECK_EVERY {
+            return Ok(None);
+        }
+        self.peer_checked.set(now);
+        self.try_recv_checked()
+    }
+
+    /// [`try_recv`](Self::try_recv) that always asks the socket whether the
+    /// sender left (before going to sleep on it).
+    pub fn try_recv_checked(&self) -> Result<Option<(Held, *const u8, usize)>> {
         if let Some(m) = self.pop()? {
             return Ok(Some(m));
         }
@@ -500,7 +554,10 @@ impl ShmReceiver {
 
     /// Wait for the next message: spin for the configured time, then sleep on the
     /// doorbell; a closed socket means the sender is gone.
-    pub fn recv(&self, timeout: Duration) -> Result<(Held, *const u8, usize)> {
+    ///
+    /// `rehearse` runs what the caller does with a message once it has one (on a
+    /// stand-in), now and then while the sender writes: see [`Self::keep_warm`].
+    pub fn recv(&self, timeout: Duration, rehearse: &dyn Fn()) -> Result<(Held, *const u8, usize)> {
         let start = Instant::now();
         let spin_until = start + self.spin.min(timeout);
         let mut n = 0u32;
@@ -512,9 +569,7 @@ impl ShmReceiver {
             if now < spin_until {
                 std::hint::spin_loop();
                 n = n.wrapping_add(1);
-                if n.is_multiple_of(16) && self.ctrl.producing() {
-                    self.keep_warm();
-                }
+                self.pace_warming(now, rehearse);
                 // In long spins, look for a dead peer now and then.
                 if n.is_multiple_of(100_000)
                     && self.io.borrow().peer_closed()
@@ -530,7 +585,7 @@ impl ShmReceiver {
             }
             if self.ctrl.producing() {
                 // The sender is writing a message: wait awake, yielding the core.
-                if let Some(m) = self.await_production(start, timeout)? {
+                if let Some(m) = self.await_production(start, timeout, rehearse)? {
                     return Ok(m);
                 }
                 continue;
@@ -566,20 +621,41 @@ impl ShmReceiver {
         }
     }
 
-    /// While a large message is being written, keep what receiving it will touch
-    /// cached: the translation of the slot's first page (where the header will be;
-    /// after a large write, a cold page walk under nested paging costs
-    /// microseconds) and the parse path (a write larger than the last-level cache
-    /// evicts its code and data).
-    fn keep_warm(&self) {
+    /// Run [`Self::keep_warm`] if the sender is writing and it has not run for
+    /// [`WARM_EVERY`]. Warming takes a few hundred nanoseconds, during which a
+    /// publish goes unseen, so it runs rarely; what it touches stays cached for
+    /// about a millisecond even on a busy host.
+    fn pace_warming(&self, now: Instant, rehearse: &dyn Fn()) {
+        if now.saturating_duration_since(self.warmed.get()) >= WARM_EVERY && self.ctrl.producing() {
+            self.keep_warm(rehearse);
+            self.warmed.set(now);
+        }
+    }
+
+    /// While a message is being written, keep cached what receiving it will
+    /// touch: the ring entry, the translation of the slot's first page (where the
+    /// header will be), this receiver's bounds checks, and — through `rehearse` —
+    /// the caller's validation path. Writing a large message takes milliseconds,
+    /// long enough for caches and TLBs to lose all of it (other work on the core,
+    /// a write larger than the last-level cache); touching it again afterwards
+    /// costs a cold page walk per page, a few hundred nanoseconds each under
+    /// nested paging. Nothing here changes state.
+    fn keep_warm(&self, rehearse: &dyn Fn()) {
         let slot = self.ctrl.writing_slot();
         if slot < self.slots {
             // SAFETY: slot < slots, so the byte lies inside the read-only data mapping.
             let _ = unsafe {
                 std::ptr::read_volatile(self.data.ptr().add(slot as usize * self.slot_size))
             };
+            let stand_in = Entry {
+                slot,
+                flags: 0,
+                len: 0,
+            };
+            std::hint::black_box(self.take(std::hint::black_box(stand_in)).is_ok());
         }
-        std::hint::black_box(avp_wire::Message::parse(std::hint::black_box(&self.warm)).is_ok());
+        std::hint::black_box(self.ctrl.entry(self.tail.get()));
+        rehearse();
     }
 
     /// While the sender is writing, poll the ring, keeping the receive path warm
@@ -588,13 +664,14 @@ impl ShmReceiver {
         &self,
         start: Instant,
         timeout: Duration,
+        rehearse: &dyn Fn(),
     ) -> Result<Option<(Held, *const u8, usize)>> {
         let mut n = 0u32;
         while self.ctrl.producing() {
             if let Some(m) = self.pop()? {
                 return Ok(Some(m));
             }
-            self.keep_warm();
+            self.keep_warm(rehearse);
             // Look often (a sched_yield costs about a microsecond in a VM), and
             // give the core away now and then.
             n = n.wrapping_add(1);
