@@ -1,43 +1,6 @@
 //! The receiving half of a session: [`Receiver::recv`] (blocking),
 //! [`Receiver::try_recv`] (polling), and the [`RecvGuard`] that holds a received
 //! message in transport memory.
-//!
-//! ```
-//! use std::time::Duration;
-//! use avp_transport::{Endpoint, Options};
-//! use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
-//!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let name = format!("shm://doc-receiver-{}", std::process::id());
-//! let listener = Endpoint::bind(&name, &ModelIdentity::default(), Options::default())?;
-//! let sender = std::thread::spawn(move || -> avp_transport::Result<()> {
-//!     let mut tx = Endpoint::connect(&name, &ModelIdentity::default(), Options::default())?;
-//!     let kv = KvCacheDesc::new(2, 1, 8, 4, DType::F16, KvLayout::Hnd);
-//!     let layout = MessageLayout::new(&Envelope::default(), &Payload::KvCache(kv))?;
-//!     let mut loan = tx.loan(&layout)?;
-//!     for section in loan.writer().sections_mut() {
-//!         section.fill(1);
-//!     }
-//!     loan.finish()?.send()
-//! });
-//! let rx = listener.accept(Duration::from_secs(10))?;
-//!
-//! // Poll from your own loop (the lowest latency: your code stays cached) ...
-//! let guard = loop {
-//!     if let Some(guard) = rx.try_recv()? {
-//!         break guard;
-//!     }
-//!     std::hint::spin_loop();
-//! };
-//! assert_eq!(guard.message().section_count(), 4);
-//! drop(guard); // the slot goes back to the sender
-//! sender.join().unwrap()?;
-//!
-//! // ... or block: `recv` spins for `Options::spin`, then sleeps on a doorbell.
-//! assert!(rx.recv(Duration::from_millis(10)).is_err()); // the sender left
-//! # Ok(())
-//! # }
-//! ```
 
 use std::time::{Duration, Instant};
 
@@ -56,6 +19,43 @@ pub(crate) enum RecvInner {
 }
 
 /// The receiving half of a session.
+///
+/// ```
+/// use std::time::Duration;
+/// use avp_transport::{Endpoint, Options};
+/// use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let name = format!("shm://doc-receiver-{}", std::process::id());
+/// let listener = Endpoint::bind(&name, &ModelIdentity::default(), Options::default())?;
+/// let sender = std::thread::spawn(move || -> avp_transport::Result<()> {
+///     let mut tx = Endpoint::connect(&name, &ModelIdentity::default(), Options::default())?;
+///     let kv = KvCacheDesc::new(2, 1, 8, 4, DType::F16, KvLayout::Hnd);
+///     let layout = MessageLayout::new(&Envelope::default(), &Payload::KvCache(kv))?;
+///     let mut loan = tx.loan(&layout)?;
+///     for section in loan.writer().sections_mut() {
+///         section.fill(1);
+///     }
+///     loan.finish()?.send()
+/// });
+/// let rx = listener.accept(Duration::from_secs(10))?;
+///
+/// // Poll from your own loop (e.g. an engine's scheduler) ...
+/// let guard = loop {
+///     if let Some(guard) = rx.try_recv()? {
+///         break guard;
+///     }
+///     std::hint::spin_loop();
+/// };
+/// assert_eq!(guard.message().section_count(), 4);
+/// drop(guard); // the slot goes back to the sender
+/// sender.join().unwrap()?;
+///
+/// // ... or block: `recv` spins for `Options::spin`, then sleeps on a doorbell.
+/// assert!(rx.recv(Duration::from_millis(10)).is_err()); // the sender left
+/// # Ok(())
+/// # }
+/// ```
 pub struct Receiver {
     pub(crate) session: Session,
     pub(crate) inner: RecvInner,
@@ -132,12 +132,18 @@ impl Receiver {
     }
 
     /// The next message if one has arrived, without waiting: `Ok(None)` when none
-    /// has. On shared memory this only looks at the ring; over TCP a message whose
-    /// first bytes have arrived is read whole (bounded by the stall timeout).
+    /// has. On shared memory this looks at the ring (and, while a message is
+    /// being written, keeps the receive path cached as `recv` does); over TCP a
+    /// message whose first bytes have arrived is read whole, waiting for the rest
+    /// up to the stall timeout (`Options::connect_timeout`), after which the
+    /// connection is closed as in `recv`. Over TLS a readable socket may carry no
+    /// message data yet (a key update, say): the call then waits the same way.
     ///
-    /// For the lowest latency, poll this from your own loop instead of blocking
-    /// in [`recv`](Self::recv): your code stays cached between messages, where a
-    /// blocking call spends the wait inside the transport.
+    /// Made for polling from a loop of your own (an engine's scheduler, say): an
+    /// empty poll costs about 100 ns, and a busy poll loop hands over as fast as
+    /// [`recv`](Self::recv) in spin mode. Whether the sender left is asked of the
+    /// operating system at most once a millisecond, so `PeerGone` may come that
+    /// much later.
     pub fn try_recv(&self) -> Result<Option<RecvGuard<'_>>> {
         let now = Instant::now();
         self.session.check_alive_at(now)?;
@@ -173,15 +179,12 @@ impl Receiver {
         Ok(msg)
     }
 
-    /// Take the stand-in message through the path a real one takes (validation
-    /// and guard), keeping that path cached while a large message is written.
+    /// Validate the stand-in message through the code a real one takes
+    /// (`validate` has one out-of-line copy), keeping it cached while a large
+    /// message is written.
     pub(crate) fn rehearse(&self) {
         let bytes = std::hint::black_box(self.stand_in.as_slice());
-        // SAFETY: `stand_in` lives and stays unchanged as long as `self`, and the
-        // guard made from it (holding no memory) is dropped before this returns.
-        let bytes: &'static [u8] =
-            unsafe { std::slice::from_raw_parts(bytes.as_ptr(), bytes.len()) };
-        std::hint::black_box(self.hold(None, bytes).is_ok());
+        std::hint::black_box(self.validate(bytes).is_ok());
     }
 
     /// Wrap received bytes in a guard after validating them.
@@ -190,17 +193,14 @@ impl Receiver {
         // (a slot is not reused before release; a mapping or buffer is owned by the
         // guard), and `msg` is only ever lent out for the guard's lifetime.
         let bytes: &'static [u8] = unsafe { std::slice::from_raw_parts(ptr, len) };
-        self.hold(Some(held), bytes)
+        self.hold(held, bytes)
     }
 
-    /// Validate `bytes` into a guard that returns `held` when dropped. One
-    /// out-of-line copy, so that [`rehearse`](Self::rehearse) warms the very
-    /// code a real message takes.
-    #[inline(never)]
-    fn hold(&self, held: Option<HeldMem>, bytes: &'static [u8]) -> Result<RecvGuard<'_>> {
+    /// Validate `bytes` into a guard that returns `held` when dropped.
+    fn hold(&self, held: HeldMem, bytes: &'static [u8]) -> Result<RecvGuard<'_>> {
         let mut guard = RecvGuard {
             rx: self,
-            held,
+            held: Some(held),
             msg: None,
         };
         guard.msg = Some(self.validate(bytes)?);

@@ -7,12 +7,14 @@
 //!   already written into the loaned slot or buffer, checksums computed) to the
 //!   receiver holding it. For shared memory no byte moves, so this is the
 //!   zero-copy handoff rate; `produce_gbps` is what writing the message into the
-//!   loan cost the producer (copy from its own buffer + CRC + header).
+//!   loan cost the producer (copy from its own buffer + CRC + header, and
+//!   `finish` bringing back into cache what `send` will touch: that cost is
+//!   counted here, not in the handoff).
 //! - `raw_tcp`: a plain write / read_exact loop over loopback into a pre-faulted buffer.
 //! - `memcpy`: one copy between pre-faulted buffers.
 //!
-//! The receiving and the sending thread are pinned to two distinct CPUs (unless
-//! `--no-pin`, or fewer than two are available), as latency benchmarks do: the
+//! The receiving thread is pinned to one CPU and the sending thread to the others
+//! (unless `--no-pin`, or fewer than two are available), as latency benchmarks do: the
 //! harness wakes the sender after each message, and the scheduler likes to put a
 //! woken thread on its waker's CPU, where it then waits for the receiver's core
 //! (measured here: rounds of 4 KiB at 9 µs instead of 0.4 µs).
@@ -26,6 +28,8 @@ use std::time::{Duration, Instant};
 
 use avp_transport::{Endpoint, Options};
 use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+use nix::unistd::Pid;
 use serde_json::json;
 
 use super::bench::{PageBuf, parse_size};
@@ -56,35 +60,53 @@ pub struct TransportArgs {
     no_pin: bool,
 }
 
-/// Two distinct CPUs this process may run on (receiver, sender), if it has two.
-fn cpu_pair() -> Option<(usize, usize)> {
-    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
-    let mut cpus = (0..nix::sched::CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false));
-    Some((cpus.next()?, cpus.next()?))
+/// Where the two threads of a measurement run: the receiver on one CPU, the
+/// sender (and the checksum threads it starts) on all the others this process
+/// may use. `None` with fewer than two CPUs.
+#[derive(Clone, Copy)]
+struct Placement {
+    receiver: CpuSet,
+    sender: CpuSet,
 }
 
-/// The calling thread pinned to one CPU until dropped (then its old mask is back).
-struct Pin(Option<nix::sched::CpuSet>);
+fn placement() -> Option<Placement> {
+    let all = sched_getaffinity(Pid::from_raw(0)).ok()?;
+    let mut cpus = (0..CpuSet::count()).filter(|&c| all.is_set(c).unwrap_or(false));
+    let first = cpus.next()?;
+    cpus.next()?;
+    let mut receiver = CpuSet::new();
+    receiver.set(first).ok()?;
+    let mut sender = all;
+    sender.unset(first).ok()?;
+    Some(Placement { receiver, sender })
+}
+
+/// The calling thread held to `cpus` until dropped (then its old mask is back).
+/// A failure is reported on stderr and the thread stays where it was.
+struct Pin(Option<CpuSet>);
 
 impl Pin {
-    fn to(cpu: Option<usize>) -> Pin {
-        let me = nix::unistd::Pid::from_raw(0);
-        let Some(cpu) = cpu else { return Pin(None) };
-        let Ok(old) = nix::sched::sched_getaffinity(me) else {
-            return Pin(None);
-        };
-        let mut one = nix::sched::CpuSet::new();
-        if one.set(cpu).is_err() || nix::sched::sched_setaffinity(me, &one).is_err() {
-            return Pin(None);
+    fn to(cpus: Option<CpuSet>) -> Pin {
+        let me = Pid::from_raw(0);
+        let Some(cpus) = cpus else { return Pin(None) };
+        let pinned = sched_getaffinity(me).and_then(|old| {
+            sched_setaffinity(me, &cpus)?;
+            Ok(old)
+        });
+        match pinned {
+            Ok(old) => Pin(Some(old)),
+            Err(e) => {
+                eprintln!("warning: could not pin a bench thread ({e}); results may be bimodal");
+                Pin(None)
+            }
         }
-        Pin(Some(old))
     }
 }
 
 impl Drop for Pin {
     fn drop(&mut self) {
         if let Some(old) = &self.0 {
-            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), old);
+            let _ = sched_setaffinity(Pid::from_raw(0), old);
         }
     }
 }
@@ -179,7 +201,9 @@ const ROUNDS: usize = 4;
 
 pub fn run(a: TransportArgs) -> anyhow::Result<()> {
     avp_wire::checksum::set_max_threads(a.checksum_threads);
-    let cpus = if a.no_pin { None } else { cpu_pair() };
+    // Count the cores before any thread is pinned (the count is cached).
+    avp_wire::checksum::cores();
+    let cpus = if a.no_pin { None } else { placement() };
     for s in &a.sizes {
         let size = parse_size(s)?;
         let reps = a
@@ -244,8 +268,7 @@ fn memcpy(size: usize, reps: usize) -> Row {
     }
 }
 
-fn raw_tcp(size: usize, reps: usize, cpus: Option<(usize, usize)>) -> anyhow::Result<Row> {
-    let _pin = Pin::to(cpus.map(|c| c.0));
+fn raw_tcp(size: usize, reps: usize, cpus: Option<Placement>) -> anyhow::Result<Row> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     let epoch = Instant::now();
@@ -253,7 +276,7 @@ fn raw_tcp(size: usize, reps: usize, cpus: Option<(usize, usize)>) -> anyhow::Re
     let s2 = started.clone();
     let (ack_tx, ack_rx) = mpsc::channel::<()>();
     let h = std::thread::spawn(move || -> anyhow::Result<()> {
-        let _pin = Pin::to(cpus.map(|c| c.1));
+        let _pin = Pin::to(cpus.map(|c| c.sender));
         let mut s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         let src = PageBuf::new(size);
@@ -264,6 +287,8 @@ fn raw_tcp(size: usize, reps: usize, cpus: Option<(usize, usize)>) -> anyhow::Re
         }
         Ok(())
     });
+    // Pinned after the sender started, which so never inherits the single CPU.
+    let _pin = Pin::to(cpus.map(|c| c.receiver));
     let (mut c, _) = l.accept()?;
     c.set_nodelay(true)?;
     let mut dst = PageBuf::new(size);
@@ -291,9 +316,8 @@ fn avp_transport(
     reps: usize,
     shm: bool,
     spin: bool,
-    cpus: Option<(usize, usize)>,
+    cpus: Option<Placement>,
 ) -> anyhow::Result<Row> {
-    let _pin = Pin::to(cpus.map(|c| c.0));
     let layout = layout_for(size)?;
     let opts = Options {
         allow_shm_upgrade: shm,
@@ -319,7 +343,7 @@ fn avp_transport(
     let (s2, t2) = (started.clone(), sent.clone());
     let (ack_tx, ack_rx) = mpsc::channel::<()>();
     let h = std::thread::spawn(move || -> anyhow::Result<()> {
-        let _pin = Pin::to(cpus.map(|c| c.1));
+        let _pin = Pin::to(cpus.map(|c| c.sender));
         let mut tx = Endpoint::connect(&connect_to, &ModelIdentity::default(), opts)?;
         let layout = layout_for(size)?;
         let src = PageBuf::new(layout.sections().map(|s| s.len as usize).sum());
@@ -343,6 +367,8 @@ fn avp_transport(
         }
         Ok(())
     });
+    // Pinned after the sender started, which so never inherits the single CPU.
+    let _pin = Pin::to(cpus.map(|c| c.receiver));
     let rx = listener.accept(T)?;
     anyhow::ensure!(
         rx.session().transport.name() == if shm { "shm" } else { "tcp" },

@@ -444,6 +444,9 @@ impl ShmReceiver {
         self.data.range()
     }
 
+    /// Check a ring entry and locate its message. Out of line: `keep_warm` runs
+    /// it on a stand-in entry, and must warm the copy that real entries take.
+    #[inline(never)]
     fn take(&self, e: Entry) -> Result<(Held, *const u8, usize)> {
         if e.len > self.max_message {
             return Err(TransportError::TooLarge {
@@ -494,10 +497,10 @@ impl ShmReceiver {
 
     /// The next message if one is published; `PeerGone` if none is and the sender
     /// left. Made to be polled: whether the sender left is asked of the socket (a
-    /// system call) at most every [`PEER_CHECK_EVERY`], and while the sender
-    /// writes, [`Self::keep_warm`] runs with `rehearse` every [`WARM_EVERY`].
+    /// system call) at most once a millisecond, and while the sender writes, the
+    /// receive path is re-touched (with `rehearse`) every 20 µs, as in `recv`.
     /// `now` is the caller's reading of the clock (one per poll is enough).
-    pub fn try_recv(
+    pub(crate) fn try_recv(
         &self,
         now: Instant,
         rehearse: &dyn Fn(),
@@ -515,7 +518,7 @@ impl ShmReceiver {
 
     /// [`try_recv`](Self::try_recv) that always asks the socket whether the
     /// sender left (before going to sleep on it).
-    pub fn try_recv_checked(&self) -> Result<Option<(Held, *const u8, usize)>> {
+    pub(crate) fn try_recv_checked(&self) -> Result<Option<(Held, *const u8, usize)>> {
         if let Some(m) = self.pop()? {
             return Ok(Some(m));
         }
@@ -556,8 +559,13 @@ impl ShmReceiver {
     /// doorbell; a closed socket means the sender is gone.
     ///
     /// `rehearse` runs what the caller does with a message once it has one (on a
-    /// stand-in), now and then while the sender writes: see [`Self::keep_warm`].
-    pub fn recv(&self, timeout: Duration, rehearse: &dyn Fn()) -> Result<(Held, *const u8, usize)> {
+    /// stand-in), every 20 µs while the sender writes, so that it is still cached
+    /// when the message arrives (see "Staying warm" in spec/transport.md).
+    pub(crate) fn recv(
+        &self,
+        timeout: Duration,
+        rehearse: &dyn Fn(),
+    ) -> Result<(Held, *const u8, usize)> {
         let start = Instant::now();
         let spin_until = start + self.spin.min(timeout);
         let mut n = 0u32;
@@ -621,8 +629,8 @@ impl ShmReceiver {
         }
     }
 
-    /// Run [`Self::keep_warm`] if the sender is writing and it has not run for
-    /// [`WARM_EVERY`]. Warming takes a few hundred nanoseconds, during which a
+    /// Run `keep_warm` if the sender is writing and it has not run for
+    /// `WARM_EVERY`. Warming takes a few hundred nanoseconds, during which a
     /// publish goes unseen, so it runs rarely; what it touches stays cached for
     /// about a millisecond even on a busy host.
     fn pace_warming(&self, now: Instant, rehearse: &dyn Fn()) {
@@ -652,6 +660,8 @@ impl ShmReceiver {
                 flags: 0,
                 len: 0,
             };
+            // A stand-in entry of a pool slot only computes a pointer (a pool
+            // slot is released by the guard, not by dropping `Held::Slot`).
             std::hint::black_box(self.take(std::hint::black_box(stand_in)).is_ok());
         }
         std::hint::black_box(self.ctrl.entry(self.tail.get()));
@@ -671,7 +681,7 @@ impl ShmReceiver {
             if let Some(m) = self.pop()? {
                 return Ok(Some(m));
             }
-            self.keep_warm(rehearse);
+            self.pace_warming(Instant::now(), rehearse);
             // Look often (a sched_yield costs about a microsecond in a VM), and
             // give the core away now and then.
             n = n.wrapping_add(1);
