@@ -13,19 +13,37 @@ pub const PARALLEL_MIN_BYTES: usize = 8 << 20;
 /// Chunk of a fused copy: small enough that the CRC pass reads it back from L2.
 const FUSED_CHUNK: usize = 128 << 10;
 
+/// Fused copies of jobs at least this large use streaming (non-temporal) stores:
+/// the destination would not stay in cache anyway, and skipping the read for
+/// ownership of each destination line made copies of 64–256 MiB into shared
+/// memory about 20% faster (11–12 → 14 GB/s on the bench machine). Smaller
+/// messages keep ordinary stores, which leave them in cache for a reader nearby.
+pub const STREAMING_MIN_BYTES: usize = 8 << 20;
+
 /// Copy `src` into `dst` (same length) and return the CRC32 of the bytes, in one pass
 /// over memory: each chunk is checksummed while it is still in cache.
 pub fn copy_with_crc(dst: &mut [u8], src: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
-    copy_with_hasher(dst, src, &mut h);
+    copy_with_hasher(dst, src, &mut h, src.len() >= STREAMING_MIN_BYTES);
     h.finalize()
 }
 
-fn copy_with_hasher(dst: &mut [u8], src: &[u8], h: &mut crc32fast::Hasher) {
+/// The fused copy. With `streaming`, the destination is written with streaming
+/// stores (fenced before returning) and the CRC is taken over the source, which
+/// holds the same bytes and was just read into cache.
+fn copy_with_hasher(dst: &mut [u8], src: &[u8], h: &mut crc32fast::Hasher, streaming: bool) {
     assert_eq!(dst.len(), src.len(), "copy_with_crc: length mismatch");
     for (d, s) in dst.chunks_mut(FUSED_CHUNK).zip(src.chunks(FUSED_CHUNK)) {
-        d.copy_from_slice(s);
-        h.update(d);
+        if streaming {
+            crate::streaming::copy(d, s);
+            h.update(s);
+        } else {
+            d.copy_from_slice(s);
+            h.update(d);
+        }
+    }
+    if streaming {
+        crate::streaming::fence();
     }
 }
 
@@ -174,12 +192,18 @@ pub fn copy_many_with_crc(dsts: Vec<&mut [u8]>, srcs: &[&[u8]]) -> Vec<u32> {
 pub fn copy_many_with_crc_capped(dsts: Vec<&mut [u8]>, srcs: &[&[u8]], cap: usize) -> Vec<u32> {
     assert_eq!(dsts.len(), srcs.len(), "copy_many_with_crc: count mismatch");
     let lens: Vec<usize> = srcs.iter().map(|s| s.len()).collect();
-    let n = workers(lens.iter().sum(), cap);
+    let total: usize = lens.iter().sum();
+    let streaming = total >= STREAMING_MIN_BYTES;
+    let n = workers(total, cap);
     if n == 1 {
         return dsts
             .into_iter()
             .zip(srcs)
-            .map(|(d, s)| copy_with_crc(d, s))
+            .map(|(d, s)| {
+                let mut h = crc32fast::Hasher::new();
+                copy_with_hasher(d, s, &mut h, streaming);
+                h.finalize()
+            })
             .collect();
     }
     // Cut every destination into the pieces `split` chose, so each thread owns its pieces.
@@ -205,7 +229,7 @@ pub fn copy_many_with_crc_capped(dsts: Vec<&mut [u8]>, srcs: &[&[u8]], cap: usiz
                         .into_iter()
                         .map(|(section, d, s)| {
                             let mut h = crc32fast::Hasher::new();
-                            copy_with_hasher(d, s, &mut h);
+                            copy_with_hasher(d, s, &mut h, streaming);
                             (section, h)
                         })
                         .collect::<Vec<_>>()
@@ -271,6 +295,16 @@ mod tests {
         let dsts: Vec<&mut [u8]> = capped.iter_mut().map(|v| &mut v[..]).collect();
         assert_eq!(copy_many_with_crc_capped(dsts, &srcs, 1), crcs);
         assert_eq!(capped, dst_owned);
+    }
+
+    #[test]
+    fn a_large_copy_streams_and_keeps_every_byte() {
+        let src = data(STREAMING_MIN_BYTES + 13, 5);
+        let mut dst = vec![0u8; src.len() + 3];
+        let crc = copy_with_crc(&mut dst[3..], &src);
+        assert_eq!(crc, crc32fast::hash(&src));
+        assert!(dst[3..] == src[..], "the streamed copy differs");
+        assert_eq!(&dst[..3], &[0, 0, 0]);
     }
 
     #[test]

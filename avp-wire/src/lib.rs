@@ -55,6 +55,7 @@ mod layout;
 mod message;
 mod payload;
 mod resolver;
+mod streaming;
 pub mod v1;
 
 pub use dtype::{DType, Element, KvLayout};
