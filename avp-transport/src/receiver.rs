@@ -189,20 +189,15 @@ impl Receiver {
 
     /// Wrap received bytes in a guard after validating them.
     pub(crate) fn guard(&self, held: HeldMem, ptr: *const u8, len: usize) -> Result<RecvGuard<'_>> {
-        // SAFETY: the bytes stay valid and unchanged while the guard holds them
-        // (a slot is not reused before release; a mapping or buffer is owned by the
-        // guard), and `msg` is only ever lent out for the guard's lifetime.
-        let bytes: &'static [u8] = unsafe { std::slice::from_raw_parts(ptr, len) };
-        self.hold(held, bytes)
-    }
-
-    /// Validate `bytes` into a guard that returns `held` when dropped.
-    fn hold(&self, held: HeldMem, bytes: &'static [u8]) -> Result<RecvGuard<'_>> {
         let mut guard = RecvGuard {
             rx: self,
             held: Some(held),
             msg: None,
         };
+        // SAFETY: the bytes stay valid and unchanged while the guard holds them
+        // (a slot is not reused before release; a mapping or buffer is owned by the
+        // guard), and `msg` is only ever lent out for the guard's lifetime.
+        let bytes: &'static [u8] = unsafe { std::slice::from_raw_parts(ptr, len) };
         guard.msg = Some(self.validate(bytes)?);
         Ok(guard)
     }

@@ -287,7 +287,7 @@ fn raw_tcp(size: usize, reps: usize, cpus: Option<Placement>) -> anyhow::Result<
         }
         Ok(())
     });
-    // Pinned after the sender started, which so never inherits the single CPU.
+    // Pinned after the sender thread started, so it never inherits this one CPU.
     let _pin = Pin::to(cpus.map(|c| c.receiver));
     let (mut c, _) = l.accept()?;
     c.set_nodelay(true)?;
@@ -367,7 +367,7 @@ fn avp_transport(
         }
         Ok(())
     });
-    // Pinned after the sender started, which so never inherits the single CPU.
+    // Pinned after the sender thread started, so it never inherits this one CPU.
     let _pin = Pin::to(cpus.map(|c| c.receiver));
     let rx = listener.accept(T)?;
     anyhow::ensure!(

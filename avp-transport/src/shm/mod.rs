@@ -293,7 +293,7 @@ impl ShmSender {
     #[inline]
     pub fn publish(&mut self, region: Region, len: usize) -> Result<()> {
         if let Region::Slot { index, .. } = region
-            && self.head - self.ctrl.tail() < RING as u64
+            && self.ring_has_room()
         {
             let entry = Entry {
                 slot: index,
@@ -310,13 +310,18 @@ impl ShmSender {
         self.publish_slow(region, len)
     }
 
+    /// Whether the ring has room for one more entry.
+    #[inline]
+    fn ring_has_room(&self) -> bool {
+        self.head - self.ctrl.tail() < RING as u64
+    }
+
     /// [`publish`](Self::publish) when the ring is full or the message is in a
     /// dedicated segment.
     #[inline(never)]
     fn publish_slow(&mut self, region: Region, len: usize) -> Result<()> {
-        let tail_ok = |s: &mut Self| s.head - s.ctrl.tail() < RING as u64;
-        if !tail_ok(self) {
-            self.wait_for("room in the shared-memory ring", tail_ok)?;
+        if !self.ring_has_room() {
+            self.wait_for("room in the shared-memory ring", |s| s.ring_has_room())?;
         }
         let entry = match region {
             Region::Slot { index, .. } => Entry {
@@ -336,8 +341,7 @@ impl ShmSender {
                 }
             }
         };
-        let w = self.ctrl.publish(self.head, entry);
-        if w {
+        if self.ctrl.publish(self.head, entry) {
             self.published.notify();
         }
         self.head += 1;
