@@ -45,6 +45,28 @@ fn fill(i: usize, j: usize, n: u32) -> u8 {
     (i as u32 * 31 + j as u32 * 7 + n) as u8
 }
 
+/// Loan a message of layout `l`, fill section `i` byte `j` with `fill(i, j, n)`, send it.
+fn send_filled(tx: &mut avp_transport::Sender, l: &MessageLayout, n: u32) {
+    let mut loan = tx.loan(l).unwrap();
+    for (i, s) in loan.writer().sections_mut().into_iter().enumerate() {
+        s.iter_mut()
+            .enumerate()
+            .for_each(|(j, b)| *b = fill(i, j, n));
+    }
+    loan.finish().unwrap().send().unwrap();
+}
+
+/// Verify message `n` sent by [`send_filled`]: checksums and every byte.
+fn check_filled(m: &avp_wire::Message<'_>, n: u32, what: &str) {
+    m.verify().unwrap();
+    for (i, s) in m.sections().enumerate() {
+        assert!(
+            s.bytes.iter().enumerate().all(|(j, &b)| b == fill(i, j, n)),
+            "{what}message {n} section {i}"
+        );
+    }
+}
+
 /// Send `count` KV messages of `seq` positions from a thread; receive and check every byte.
 fn round_trip(addr: &str, opts: Options, seq: u64, count: u32) -> (TransportKind, bool) {
     let listener = Endpoint::bind(addr, &identity(), opts.clone()).unwrap();
@@ -53,13 +75,7 @@ fn round_trip(addr: &str, opts: Options, seq: u64, count: u32) -> (TransportKind
         let mut tx = Endpoint::connect(&connect_to, &identity(), opts).unwrap();
         let l = layout(seq);
         for n in 0..count {
-            let mut loan = tx.loan(&l).unwrap();
-            for (i, s) in loan.writer().sections_mut().into_iter().enumerate() {
-                s.iter_mut()
-                    .enumerate()
-                    .for_each(|(j, b)| *b = fill(i, j, n));
-            }
-            loan.finish().unwrap().send().unwrap();
+            send_filled(&mut tx, &l, n);
         }
         tx.session().clone()
     });
@@ -68,13 +84,7 @@ fn round_trip(addr: &str, opts: Options, seq: u64, count: u32) -> (TransportKind
     for n in 0..count {
         let g = rx.recv(T).unwrap();
         let m = g.message();
-        m.verify().unwrap();
-        for (i, s) in m.sections().enumerate() {
-            assert!(
-                s.bytes.iter().enumerate().all(|(j, &b)| b == fill(i, j, n)),
-                "message {n} section {i}"
-            );
-        }
+        check_filled(m, n, "");
         if let Some(r) = rx.pool_range() {
             zero_copy &= r.contains(&(m.as_bytes().as_ptr() as usize)) || m.total_len() > 16 << 20;
         } else {
@@ -347,13 +357,7 @@ fn try_recv_polls_without_waiting_over_shm_and_tcp() {
             go_rx.recv().unwrap();
             let l = layout(64);
             for n in 0..3 {
-                let mut loan = tx.loan(&l).unwrap();
-                for (i, s) in loan.writer().sections_mut().into_iter().enumerate() {
-                    s.iter_mut()
-                        .enumerate()
-                        .for_each(|(j, b)| *b = fill(i, j, n));
-                }
-                loan.finish().unwrap().send().unwrap();
+                send_filled(&mut tx, &l, n);
             }
         });
         let rx = listener.accept(T).unwrap();
@@ -367,14 +371,7 @@ fn try_recv_polls_without_waiting_over_shm_and_tcp() {
         go_tx.send(()).unwrap();
         for n in 0..3 {
             let g = poll_next(&rx).unwrap();
-            let m = g.message();
-            m.verify().unwrap();
-            for (i, s) in m.sections().enumerate() {
-                assert!(
-                    s.bytes.iter().enumerate().all(|(j, &b)| b == fill(i, j, n)),
-                    "{kind:?}: message {n} section {i}"
-                );
-            }
+            check_filled(g.message(), n, &format!("{kind:?}: "));
         }
         sender.join().unwrap();
         // The sender is gone: polling ends in an error, not in endless `None`s.
