@@ -142,6 +142,50 @@ fn bench_wire_prints_json_lines() {
 }
 
 #[test]
+fn bench_transport_prints_json_lines() {
+    let out = avp(&[
+        "bench",
+        "transport",
+        "--json",
+        "--sizes",
+        "4KiB",
+        "--transports",
+        "shm,tcp,raw_tcp",
+        "--reps",
+        "4",
+        "--gap-us",
+        "200",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for t in ["shm", "tcp", "raw_tcp"] {
+        let r = rows
+            .iter()
+            .find(|r| r["bench"] == "transport" && r["transport"] == t)
+            .unwrap_or_else(|| panic!("a {t} row in {rows:?}"));
+        assert_eq!(r["size_bytes"], 4096, "{r}");
+        assert_eq!(r["reps"], 4, "{r}");
+        assert_eq!(r["gap_us"], 200, "{r}");
+        assert!(r["p50_us"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["p99_us"].as_f64().unwrap() >= r["p50_us"].as_f64().unwrap());
+    }
+    let ratio = rows
+        .iter()
+        .find(|r| r["bench"] == "transport_ratio")
+        .expect("a tcp / raw_tcp ratio");
+    assert!(ratio["tcp_over_raw_tcp"].as_f64().unwrap() > 0.0);
+    let bad = avp(&["bench", "transport", "--transports", "carrier-pigeon"]);
+    assert_eq!(bad.status.code(), Some(1));
+}
+
+#[test]
 fn generate_answers_with_the_default_model() {
     let out = avp(&[
         "generate",

@@ -109,8 +109,8 @@ impl Receiver {
         let deadline = Instant::now() + timeout;
         match &self.inner {
             RecvInner::Shm(s) => loop {
-                if let Some((h, p, l)) = s.try_recv(Instant::now(), &|| self.rehearse())? {
-                    return self.guard(HeldMem::Shm(h), p, l);
+                if let Some(guard) = s.try_recv(Instant::now(), &|m| self.deliver_shm(m))? {
+                    return Ok(guard);
                 }
                 if s.sender_writing() {
                     left(deadline, timeout, "a message")?;
@@ -121,8 +121,8 @@ impl Receiver {
                 let again = s.try_recv_checked();
                 if !matches!(again, Ok(None)) || s.sender_writing() {
                     s.set_waiting(false);
-                    if let Some((h, p, l)) = again? {
-                        return self.guard(HeldMem::Shm(h), p, l);
+                    if let Some(m) = again? {
+                        return self.deliver_shm(Some(m));
                     }
                     continue;
                 }

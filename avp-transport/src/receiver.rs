@@ -10,7 +10,7 @@ use crate::buf::PageBuf;
 use crate::error::{Result, TransportError};
 use crate::options::Options;
 use crate::session::Session;
-use crate::shm::{Held, ShmReceiver};
+use crate::shm::{Held, Popped, ShmReceiver};
 use crate::tcp::TcpReceiver;
 
 pub(crate) enum RecvInner {
@@ -60,9 +60,10 @@ pub struct Receiver {
     pub(crate) session: Session,
     pub(crate) inner: RecvInner,
     check_session_ids: bool,
-    /// A tiny valid message of this session, validated now and then while a
-    /// large message is being written, so that the validation path is still
-    /// cached when the real one arrives (see `ShmReceiver::recv`).
+    /// A tiny valid message of this session, delivered (validated, wrapped in a
+    /// guard, dropped) now and then while a large message is being written, so
+    /// that the delivery path is still cached when the real one arrives (see
+    /// `ShmReceiver::keep_warm`).
     stand_in: Vec<u8>,
 }
 
@@ -87,6 +88,8 @@ fn stand_in_message(session_id: &str) -> Vec<u8> {
 pub(crate) enum HeldMem {
     Shm(Held),
     Tcp(PageBuf),
+    /// The receiver's own stand-in message: nothing to give back.
+    StandIn,
 }
 
 impl Receiver {
@@ -117,18 +120,14 @@ impl Receiver {
     /// returns the memory.
     pub fn recv(&self, timeout: Duration) -> Result<RecvGuard<'_>> {
         self.session.check_alive()?;
-        let (held, ptr, len) = match &self.inner {
-            RecvInner::Shm(s) => {
-                let (h, p, l) = s.recv(timeout, &|| self.rehearse())?;
-                (HeldMem::Shm(h), p, l)
-            }
+        match &self.inner {
+            RecvInner::Shm(s) => s.recv(timeout, &|m| self.deliver_shm(m)),
             RecvInner::Tcp(t) => {
                 let (mut b, l) = t.recv(timeout)?;
                 let p = b.as_mut_ptr() as *const u8;
-                (HeldMem::Tcp(b), p, l)
+                self.guard(HeldMem::Tcp(b), p, l)
             }
-        };
-        self.guard(held, ptr, len)
+        }
     }
 
     /// The next message if one has arrived, without waiting: `Ok(None)` when none
@@ -147,21 +146,17 @@ impl Receiver {
     pub fn try_recv(&self) -> Result<Option<RecvGuard<'_>>> {
         let now = Instant::now();
         self.session.check_alive_at(now)?;
-        let (held, ptr, len) = match &self.inner {
-            RecvInner::Shm(s) => match s.try_recv(now, &|| self.rehearse())? {
-                Some((h, p, l)) => (HeldMem::Shm(h), p, l),
-                None => return Ok(None),
-            },
+        match &self.inner {
+            RecvInner::Shm(s) => s.try_recv(now, &|m| self.deliver_shm(m)),
             RecvInner::Tcp(t) => {
                 if !t.readable_now()? {
                     return Ok(None);
                 }
                 let (mut b, l) = t.recv(Duration::ZERO)?;
                 let p = b.as_mut_ptr() as *const u8;
-                (HeldMem::Tcp(b), p, l)
+                self.guard(HeldMem::Tcp(b), p, l).map(Some)
             }
-        };
-        self.guard(held, ptr, len).map(Some)
+        }
     }
 
     /// Parse `bytes` and check that they belong to this live session.
@@ -179,12 +174,21 @@ impl Receiver {
         Ok(msg)
     }
 
-    /// Validate the stand-in message through the code a real one takes
-    /// (`validate` has one out-of-line copy), keeping it cached while a large
-    /// message is written.
-    pub(crate) fn rehearse(&self) {
-        let bytes = std::hint::black_box(self.stand_in.as_slice());
-        std::hint::black_box(self.validate(bytes).is_ok());
+    /// Validate a message the shared-memory ring handed over and wrap it in a
+    /// guard; given `None`, the same with the stand-in message, whose guard
+    /// gives nothing back. Both take this one out-of-line copy, so delivering
+    /// the stand-in while a large message is written keeps the path a real
+    /// message takes cached.
+    #[inline(never)]
+    pub(crate) fn deliver_shm(&self, m: Option<Popped>) -> Result<RecvGuard<'_>> {
+        match m {
+            Some((held, ptr, len)) => self.guard(HeldMem::Shm(held), ptr, len),
+            None => self.guard(
+                HeldMem::StandIn,
+                self.stand_in.as_ptr(),
+                self.stand_in.len(),
+            ),
+        }
     }
 
     /// Wrap received bytes in a guard after validating them.
@@ -196,7 +200,8 @@ impl Receiver {
         };
         // SAFETY: the bytes stay valid and unchanged while the guard holds them
         // (a slot is not reused before release; a mapping or buffer is owned by the
-        // guard), and `msg` is only ever lent out for the guard's lifetime.
+        // guard; the stand-in is owned by the receiver the guard borrows), and
+        // `msg` is only ever lent out for the guard's lifetime.
         let bytes: &'static [u8] = unsafe { std::slice::from_raw_parts(ptr, len) };
         guard.msg = Some(self.validate(bytes)?);
         Ok(guard)

@@ -1,5 +1,6 @@
-//! `avp bench transport`: handoff latency and throughput per transport, with raw
-//! TCP and memcpy measured in the same run.
+//! `avp bench transport`: handoff latency and throughput per transport, with the
+//! reference lines (memcpy, raw TCP, the raw shared-memory floor; see
+//! `bench_baseline`) measured in the same run.
 //!
 //! - `p50_us` / `p99_us`: from `send()` to the receiver holding a validated
 //!   (parsed, not yet verified) message; one message in flight at a time.
@@ -10,8 +11,12 @@
 //!   loan cost the producer (copy from its own buffer + CRC + header, and
 //!   `finish` bringing back into cache what `send` will touch: that cost is
 //!   counted here, not in the handoff).
-//! - `raw_tcp`: a plain write / read_exact loop over loopback into a pre-faulted buffer.
-//! - `memcpy`: one copy between pre-faulted buffers.
+//! - `transport_ratio` lines: `tcp_over_raw_tcp` (throughput) and
+//!   `shm_over_raw_shm_p50` (how many times the machine's own handoff floor the
+//!   shared-memory handoff takes).
+//! - `--gap-us`: the sender idles before each message, as a producer busy with
+//!   other work does; on shared hosts, caches and TLBs lose what was not touched
+//!   for a few milliseconds, and the handoff then pays for it.
 //!
 //! The receiving thread is pinned to one CPU and the sending thread to the others
 //! (unless `--no-pin`, or fewer than two are available), as latency benchmarks do: the
@@ -19,8 +24,6 @@
 //! woken thread on its waker's CPU, where it then waits for the receiver's core
 //! (measured here: rounds of 4 KiB at 9 µs instead of 0.4 µs).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -33,6 +36,7 @@ use nix::unistd::Pid;
 use serde_json::json;
 
 use super::bench::{PageBuf, parse_size};
+use super::bench_baseline::{idle, memcpy, raw_shm, raw_tcp};
 
 /// Arguments of `avp bench transport`.
 #[derive(clap::Args, Debug)]
@@ -44,7 +48,11 @@ pub struct TransportArgs {
     #[arg(long, value_delimiter = ',', default_value = "4KiB,1MiB,64MiB,256MiB")]
     sizes: Vec<String>,
     /// Transports to measure.
-    #[arg(long, value_delimiter = ',', default_value = "memcpy,raw_tcp,shm,tcp")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "memcpy,raw_tcp,raw_shm,shm,tcp"
+    )]
     transports: Vec<String>,
     /// Spin instead of sleeping while waiting for shared-memory messages.
     #[arg(long)]
@@ -58,15 +66,20 @@ pub struct TransportArgs {
     /// Leave the receiving and sending threads where the scheduler puts them.
     #[arg(long)]
     no_pin: bool,
+    /// Idle time before each message, in microseconds: the sender sleeps this
+    /// long (outside the measured window), as a producer busy with other work
+    /// would between handoffs. 0 sends back to back.
+    #[arg(long, default_value_t = 0)]
+    gap_us: u64,
 }
 
 /// Where the two threads of a measurement run: the receiver on one CPU, the
 /// sender (and the checksum threads it starts) on all the others this process
 /// may use. `None` with fewer than two CPUs.
 #[derive(Clone, Copy)]
-struct Placement {
-    receiver: CpuSet,
-    sender: CpuSet,
+pub(super) struct Placement {
+    pub(super) receiver: CpuSet,
+    pub(super) sender: CpuSet,
 }
 
 fn placement() -> Option<Placement> {
@@ -83,10 +96,10 @@ fn placement() -> Option<Placement> {
 
 /// The calling thread held to `cpus` until dropped (then its old mask is back).
 /// A failure is reported on stderr and the thread stays where it was.
-struct Pin(Option<CpuSet>);
+pub(super) struct Pin(Option<CpuSet>);
 
 impl Pin {
-    fn to(cpus: Option<CpuSet>) -> Pin {
+    pub(super) fn to(cpus: Option<CpuSet>) -> Pin {
         let me = Pid::from_raw(0);
         let Some(cpus) = cpus else { return Pin(None) };
         let pinned = sched_getaffinity(me).and_then(|old| {
@@ -111,9 +124,9 @@ impl Drop for Pin {
     }
 }
 
-const T: Duration = Duration::from_secs(60);
+pub(super) const T: Duration = Duration::from_secs(60);
 
-fn layout_for(size: usize) -> anyhow::Result<MessageLayout> {
+pub(super) fn layout_for(size: usize) -> anyhow::Result<MessageLayout> {
     // A Llama-3-8B-shaped f16 cache for large sizes, a small one for 4 KiB.
     let desc = if size < 128 << 10 {
         KvCacheDesc::new(2, 1, 64, (size / 512) as u64, DType::F16, KvLayout::Hnd)
@@ -138,12 +151,12 @@ fn pct(mut v: Vec<f64>, p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-struct Row {
-    transport: &'static str,
-    size: usize,
-    lat_us: Vec<f64>,
-    e2e_s: Vec<f64>,
-    produce_s: Vec<f64>,
+pub(super) struct Row {
+    pub(super) transport: &'static str,
+    pub(super) size: usize,
+    pub(super) lat_us: Vec<f64>,
+    pub(super) e2e_s: Vec<f64>,
+    pub(super) produce_s: Vec<f64>,
 }
 
 impl Row {
@@ -159,9 +172,10 @@ impl Row {
         self.size as f64 / pct(self.e2e_s.clone(), 0.5) / 1e9
     }
 
-    fn emit(&self, json_out: bool, spin: bool) {
-        let gbps = self.gbps();
-        let (p50, p99) = if self.lat_us.is_empty() {
+    /// Median and 99th percentile of the handoff latency (of the whole
+    /// transfer where there is no separate handoff), in µs.
+    fn latency_us(&self) -> (f64, f64) {
+        if self.lat_us.is_empty() {
             (
                 pct(self.e2e_s.clone(), 0.5) * 1e6,
                 pct(self.e2e_s.clone(), 0.99) * 1e6,
@@ -171,14 +185,19 @@ impl Row {
                 pct(self.lat_us.clone(), 0.5),
                 pct(self.lat_us.clone(), 0.99),
             )
-        };
+        }
+    }
+
+    fn emit(&self, json_out: bool, spin: bool, gap_us: u64) {
+        let gbps = self.gbps();
+        let (p50, p99) = self.latency_us();
         let r2 = |x: f64| (x * 100.0).round() / 100.0;
         let produce = (!self.produce_s.is_empty())
             .then(|| r2(self.size as f64 / pct(self.produce_s.clone(), 0.5) / 1e9));
         if json_out {
             let mut row = json!({"bench": "transport", "transport": self.transport, "size_bytes": self.size,
                        "p50_us": r2(p50), "p99_us": r2(p99), "gbps": r2(gbps), "spin": spin,
-                       "reps": self.e2e_s.len()});
+                       "gap_us": gap_us, "reps": self.e2e_s.len()});
             if let Some(p) = produce {
                 row["produce_gbps"] = json!(p);
             }
@@ -204,6 +223,7 @@ pub fn run(a: TransportArgs) -> anyhow::Result<()> {
     // Count the cores before any thread is pinned (the count is cached).
     avp_wire::checksum::cores();
     let cpus = if a.no_pin { None } else { placement() };
+    let gap = Duration::from_micros(a.gap_us);
     for s in &a.sizes {
         let size = parse_size(s)?;
         let reps = a
@@ -215,11 +235,14 @@ pub fn run(a: TransportArgs) -> anyhow::Result<()> {
             for (i, t) in a.transports.iter().enumerate() {
                 let row = match t.as_str() {
                     "memcpy" => memcpy(size, per_round),
-                    "raw_tcp" => raw_tcp(size, per_round, cpus)?,
-                    "shm" => avp_transport(size, per_round, true, a.spin, cpus)?,
-                    "tcp" => avp_transport(size, per_round, false, a.spin, cpus)?,
+                    "raw_tcp" => raw_tcp(size, per_round, cpus, gap)?,
+                    "raw_shm" => raw_shm(size, per_round, cpus, gap)?,
+                    "shm" => avp_transport(size, per_round, true, a.spin, cpus, gap)?,
+                    "tcp" => avp_transport(size, per_round, false, a.spin, cpus, gap)?,
                     other => {
-                        anyhow::bail!("unknown transport {other:?} (memcpy, raw_tcp, shm, tcp)")
+                        anyhow::bail!(
+                            "unknown transport {other:?} (memcpy, raw_tcp, raw_shm, shm, tcp)"
+                        )
                     }
                 };
                 match rows.get_mut(i) {
@@ -229,86 +252,51 @@ pub fn run(a: TransportArgs) -> anyhow::Result<()> {
             }
         }
         for row in &rows {
-            row.emit(a.json, a.spin);
+            row.emit(a.json, a.spin, a.gap_us);
         }
-        let gbps = |name: &str| rows.iter().find(|r| r.transport == name).map(Row::gbps);
-        if let (Some(tcp), Some(raw)) = (gbps("tcp"), gbps("raw_tcp")) {
-            let ratio = (tcp / raw * 100.0).round() / 100.0;
-            if a.json {
-                println!(
-                    "{}",
-                    json!({"bench": "transport_ratio", "size_bytes": size, "tcp_over_raw_tcp": ratio})
-                );
-            } else {
-                println!("{:>8} {:>10} B  tcp / raw_tcp = {ratio:.2}", "ratio", size);
-            }
-        }
+        emit_ratios(&rows, size, a.json);
     }
     Ok(())
 }
 
-fn memcpy(size: usize, reps: usize) -> Row {
-    let src = PageBuf::new(size);
-    let mut dst = PageBuf::new(size);
-    let mut e2e = Vec::with_capacity(reps);
-    for i in 0..=reps {
-        let t = Instant::now();
-        dst.as_mut_slice().copy_from_slice(src.as_slice());
-        std::hint::black_box(dst.as_slice());
-        if i > 0 {
-            e2e.push(t.elapsed().as_secs_f64());
-        }
+/// Each transport against its reference line, where both were measured: TCP's
+/// throughput over raw TCP's, and shared memory's p50 handoff over the raw
+/// shared-memory floor's (how many times the machine's own floor avp takes).
+fn emit_ratios(rows: &[Row], size: usize, json_out: bool) {
+    let row = |name: &str| rows.iter().find(|r| r.transport == name);
+    let r2 = |x: f64| (x * 100.0).round() / 100.0;
+    let mut ratios = Vec::new();
+    if let (Some(tcp), Some(raw)) = (row("tcp"), row("raw_tcp")) {
+        ratios.push((
+            "tcp_over_raw_tcp",
+            "tcp / raw_tcp",
+            r2(tcp.gbps() / raw.gbps()),
+        ));
     }
-    Row {
-        transport: "memcpy",
-        size,
-        lat_us: Vec::new(),
-        e2e_s: e2e,
-        produce_s: Vec::new(),
+    if let (Some(shm), Some(raw)) = (row("shm"), row("raw_shm")) {
+        let p50 = |r: &Row| r.latency_us().0;
+        ratios.push((
+            "shm_over_raw_shm_p50",
+            "shm p50 / raw_shm p50",
+            r2(p50(shm) / p50(raw)),
+        ));
     }
-}
-
-fn raw_tcp(size: usize, reps: usize, cpus: Option<Placement>) -> anyhow::Result<Row> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let epoch = Instant::now();
-    let started = Arc::new(AtomicU64::new(0));
-    let s2 = started.clone();
-    let (ack_tx, ack_rx) = mpsc::channel::<()>();
-    let h = std::thread::spawn(move || -> anyhow::Result<()> {
-        let _pin = Pin::to(cpus.map(|c| c.sender));
-        let mut s = TcpStream::connect(addr)?;
-        s.set_nodelay(true)?;
-        let src = PageBuf::new(size);
-        for _ in 0..=reps {
-            s2.store(epoch.elapsed().as_nanos() as u64, Ordering::SeqCst);
-            s.write_all(src.as_slice())?;
-            ack_rx.recv()?;
-        }
-        Ok(())
-    });
-    // Pinned after the sender thread started, so it never inherits this one CPU.
-    let _pin = Pin::to(cpus.map(|c| c.receiver));
-    let (mut c, _) = l.accept()?;
-    c.set_nodelay(true)?;
-    let mut dst = PageBuf::new(size);
-    let mut e2e = Vec::with_capacity(reps);
-    for i in 0..=reps {
-        c.read_exact(dst.as_mut_slice())?;
-        let end = epoch.elapsed().as_nanos() as u64;
-        if i > 0 {
-            e2e.push((end - started.load(Ordering::SeqCst)) as f64 / 1e9);
-        }
-        ack_tx.send(())?;
+    if ratios.is_empty() {
+        return;
     }
-    h.join().expect("raw tcp sender")?;
-    Ok(Row {
-        transport: "raw_tcp",
-        size,
-        lat_us: Vec::new(),
-        e2e_s: e2e,
-        produce_s: Vec::new(),
-    })
+    if json_out {
+        let mut line = json!({"bench": "transport_ratio", "size_bytes": size});
+        for (key, _, v) in &ratios {
+            line[*key] = json!(v);
+        }
+        println!("{line}");
+    } else {
+        let text: Vec<String> = ratios
+            .iter()
+            .map(|(_, n, v)| format!("{n} = {v:.2}"))
+            .collect();
+        println!("{:>8} {:>10} B  {}", "ratio", size, text.join(", "));
+    }
 }
 
 fn avp_transport(
@@ -317,6 +305,7 @@ fn avp_transport(
     shm: bool,
     spin: bool,
     cpus: Option<Placement>,
+    gap: Duration,
 ) -> anyhow::Result<Row> {
     let layout = layout_for(size)?;
     let opts = Options {
@@ -355,6 +344,7 @@ fn avp_transport(
         }
         let now = || epoch.elapsed().as_nanos() as u64;
         for _ in 0..=reps {
+            idle(gap);
             s2.store(now(), Ordering::SeqCst);
             let mut loan = tx.loan(&layout)?;
             loan.writer().write_sections(&srcs)?;

@@ -357,6 +357,15 @@ pub enum Held {
     Dedicated(Mapping),
 }
 
+/// A message the ring handed over: what holds it, where it starts, its length.
+pub(crate) type Popped = (Held, *const u8, usize);
+
+/// What the receiving endpoint does with a popped message (validate it, wrap it
+/// in a guard) or, given `None`, the same with a stand-in message of its own:
+/// `ShmReceiver::keep_warm` runs it so that the whole path from the ring to
+/// the caller is cached when a message arrives.
+pub(crate) type Deliver<'a, T> = &'a dyn Fn(Option<Popped>) -> Result<T>;
+
 /// The receiving half of a shared-memory session.
 pub struct ShmReceiver {
     io: RefCell<PacketIo>,
@@ -487,7 +496,7 @@ impl ShmReceiver {
         Ok((Held::Slot(e.slot), ptr, e.len as usize))
     }
 
-    fn pop(&self) -> Result<Option<(Held, *const u8, usize)>> {
+    fn pop(&self) -> Result<Option<Popped>> {
         let tail = self.tail.get();
         match self.ctrl.peek(tail).map_err(TransportError::Segment)? {
             None => Ok(None),
@@ -499,30 +508,29 @@ impl ShmReceiver {
         }
     }
 
-    /// The next message if one is published; `PeerGone` if none is and the sender
-    /// left. Made to be polled: whether the sender left is asked of the socket (a
-    /// system call) at most once a millisecond, and while the sender writes, the
-    /// receive path is re-touched (with `rehearse`) every 20 µs, as in `recv`.
-    /// `now` is the caller's reading of the clock (one per poll is enough).
-    pub(crate) fn try_recv(
-        &self,
-        now: Instant,
-        rehearse: &dyn Fn(),
-    ) -> Result<Option<(Held, *const u8, usize)>> {
+    /// The next message, delivered, if one is published; `PeerGone` if none is
+    /// and the sender left. Made to be polled: whether the sender left is asked
+    /// of the socket (a system call) at most once a millisecond, and while the
+    /// sender writes, the receive path is re-touched (`deliver(None)`) every
+    /// 20 µs, as in `recv`. `now` is the caller's reading of the clock (one per
+    /// poll is enough).
+    pub(crate) fn try_recv<T>(&self, now: Instant, deliver: Deliver<'_, T>) -> Result<Option<T>> {
         if let Some(m) = self.pop()? {
-            return Ok(Some(m));
+            return deliver(Some(m)).map(Some);
         }
-        self.pace_warming(now, rehearse);
+        self.pace_warming(now, deliver);
         if now.saturating_duration_since(self.peer_checked.get()) < PEER_CHECK_EVERY {
             return Ok(None);
         }
         self.peer_checked.set(now);
-        self.try_recv_checked()
+        self.try_recv_checked()?
+            .map(|m| deliver(Some(m)))
+            .transpose()
     }
 
     /// [`try_recv`](Self::try_recv) that always asks the socket whether the
     /// sender left (before going to sleep on it).
-    pub(crate) fn try_recv_checked(&self) -> Result<Option<(Held, *const u8, usize)>> {
+    pub(crate) fn try_recv_checked(&self) -> Result<Option<Popped>> {
         if let Some(m) = self.pop()? {
             return Ok(Some(m));
         }
@@ -559,29 +567,25 @@ impl ShmReceiver {
         ]
     }
 
-    /// Wait for the next message: spin for the configured time, then sleep on the
-    /// doorbell; a closed socket means the sender is gone.
+    /// Wait for the next message and deliver it: spin for the configured time,
+    /// then sleep on the doorbell; a closed socket means the sender is gone.
     ///
-    /// `rehearse` runs what the caller does with a message once it has one (on a
-    /// stand-in), every 20 µs while the sender writes, so that it is still cached
-    /// when the message arrives (see "Staying warm" in spec/transport.md).
-    pub(crate) fn recv(
-        &self,
-        timeout: Duration,
-        rehearse: &dyn Fn(),
-    ) -> Result<(Held, *const u8, usize)> {
+    /// `deliver(None)` runs what the caller does with a message once it has one,
+    /// on a stand-in, every 20 µs while the sender writes, so that it is still
+    /// cached when the message arrives (see "Staying warm" in spec/transport.md).
+    pub(crate) fn recv<T>(&self, timeout: Duration, deliver: Deliver<'_, T>) -> Result<T> {
         let start = Instant::now();
         let spin_until = start + self.spin.min(timeout);
         let mut n = 0u32;
         loop {
             if let Some(m) = self.pop()? {
-                return Ok(m);
+                return deliver(Some(m));
             }
             let now = Instant::now();
             if now < spin_until {
                 std::hint::spin_loop();
                 n = n.wrapping_add(1);
-                self.pace_warming(now, rehearse);
+                self.pace_warming(now, deliver);
                 // In long spins, look for a dead peer now and then.
                 if n.is_multiple_of(100_000)
                     && self.io.borrow().peer_closed()
@@ -597,15 +601,15 @@ impl ShmReceiver {
             }
             if self.ctrl.producing() {
                 // The sender is writing a message: wait awake, yielding the core.
-                if let Some(m) = self.await_production(start, timeout, rehearse)? {
-                    return Ok(m);
+                if let Some(m) = self.await_production(start, timeout, deliver)? {
+                    return deliver(Some(m));
                 }
                 continue;
             }
             self.ctrl.set_rx_waiting(true);
             if let Some(m) = self.pop()? {
                 self.ctrl.set_rx_waiting(false);
-                return Ok(m);
+                return deliver(Some(m));
             }
             if self.ctrl.producing() {
                 self.ctrl.set_rx_waiting(false);
@@ -637,22 +641,23 @@ impl ShmReceiver {
     /// `WARM_EVERY`. Warming takes a few hundred nanoseconds, during which a
     /// publish goes unseen, so it runs rarely; what it touches stays cached for
     /// about a millisecond even on a busy host.
-    fn pace_warming(&self, now: Instant, rehearse: &dyn Fn()) {
+    fn pace_warming<T>(&self, now: Instant, deliver: Deliver<'_, T>) {
         if now.saturating_duration_since(self.warmed.get()) >= WARM_EVERY && self.ctrl.producing() {
-            self.keep_warm(rehearse);
+            self.keep_warm(deliver);
             self.warmed.set(now);
         }
     }
 
     /// While a message is being written, keep cached what receiving it will
     /// touch: the ring entry, the translation of the slot's first page (where the
-    /// header will be), this receiver's bounds checks, and — through `rehearse` —
-    /// the caller's validation path. Writing a large message takes milliseconds,
+    /// header will be), this receiver's bounds checks, and — through
+    /// `deliver(None)` — the endpoint's whole delivery path (validation, guard,
+    /// its drop) on a stand-in message. Writing a large message takes milliseconds,
     /// long enough for caches and TLBs to lose all of it (other work on the core,
     /// a write larger than the last-level cache); touching it again afterwards
     /// costs a cold page walk per page, a few hundred nanoseconds each under
     /// nested paging. Nothing here changes state.
-    fn keep_warm(&self, rehearse: &dyn Fn()) {
+    fn keep_warm<T>(&self, deliver: Deliver<'_, T>) {
         let slot = self.ctrl.writing_slot();
         if slot < self.slots {
             // SAFETY: slot < slots, so the byte lies inside the read-only data mapping.
@@ -669,23 +674,24 @@ impl ShmReceiver {
             std::hint::black_box(self.take(std::hint::black_box(stand_in)).is_ok());
         }
         std::hint::black_box(self.ctrl.entry(self.tail.get()));
-        rehearse();
+        // The stand-in's guard releases nothing when it drops.
+        drop(std::hint::black_box(deliver(None)));
     }
 
     /// While the sender is writing, poll the ring, keeping the receive path warm
     /// and yielding the core every 64 looks. `None` when writing stopped unpublished.
-    fn await_production(
+    fn await_production<T>(
         &self,
         start: Instant,
         timeout: Duration,
-        rehearse: &dyn Fn(),
-    ) -> Result<Option<(Held, *const u8, usize)>> {
+        deliver: Deliver<'_, T>,
+    ) -> Result<Option<Popped>> {
         let mut n = 0u32;
         while self.ctrl.producing() {
             if let Some(m) = self.pop()? {
                 return Ok(Some(m));
             }
-            self.pace_warming(Instant::now(), rehearse);
+            self.pace_warming(Instant::now(), deliver);
             // Look often (a sched_yield costs about a microsecond in a VM), and
             // give the core away now and then.
             n = n.wrapping_add(1);
