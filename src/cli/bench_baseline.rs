@@ -4,8 +4,9 @@
 //! - `memcpy`: one copy between pre-faulted buffers.
 //! - `raw_tcp`: a plain write / read_exact loop over loopback into a pre-faulted
 //!   buffer (the bar for `tcp`'s throughput).
-//! - `raw_shm`: the floor of a shared-memory handoff on this machine (the bar for
-//!   `shm`'s latency). The sender writes a message of the same size into its own
+//! - `raw_shm`: the floor of a handoff from one core to another through memory on
+//!   this machine (the bar for `shm`'s latency), between two threads of this
+//!   process in ordinary memory. The sender writes a message of the same size into its own
 //!   buffer (as it would into a loan), then a header's worth of fresh bytes (the
 //!   size of the avp header for that message), and bumps a sequence number; the
 //!   receiver spins on the number (re-reading the header every 20 µs, as avp's
