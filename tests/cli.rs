@@ -150,7 +150,7 @@ fn bench_transport_prints_json_lines() {
         "--sizes",
         "4KiB",
         "--transports",
-        "shm,tcp,raw_tcp",
+        "shm,tcp,raw_tcp,raw_shm",
         "--reps",
         "4",
         "--gap-us",
@@ -165,7 +165,7 @@ fn bench_transport_prints_json_lines() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    for t in ["shm", "tcp", "raw_tcp"] {
+    for t in ["shm", "tcp", "raw_tcp", "raw_shm"] {
         let r = rows
             .iter()
             .find(|r| r["bench"] == "transport" && r["transport"] == t)
@@ -181,6 +181,9 @@ fn bench_transport_prints_json_lines() {
         .find(|r| r["bench"] == "transport_ratio")
         .expect("a tcp / raw_tcp ratio");
     assert!(ratio["tcp_over_raw_tcp"].as_f64().unwrap() > 0.0);
+    assert!(ratio["shm_over_raw_shm_p50"].as_f64().unwrap() > 0.0);
+    let floor = rows.iter().find(|r| r["transport"] == "raw_shm").unwrap();
+    assert_eq!(floor["spin"], true, "the floor always spins: {floor}");
     let bad = avp(&["bench", "transport", "--transports", "carrier-pigeon"]);
     assert_eq!(bad.status.code(), Some(1));
 }

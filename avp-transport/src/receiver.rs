@@ -176,19 +176,20 @@ impl Receiver {
 
     /// Validate a message the shared-memory ring handed over and wrap it in a
     /// guard; given `None`, the same with the stand-in message, whose guard
-    /// gives nothing back. Both take this one out-of-line copy, so delivering
-    /// the stand-in while a large message is written keeps the path a real
-    /// message takes cached.
+    /// gives nothing back. Both go through this one out-of-line copy and its one
+    /// call of `guard`, so delivering the stand-in while a large message is
+    /// written keeps the path a real message takes cached.
     #[inline(never)]
     pub(crate) fn deliver_shm(&self, m: Option<Popped>) -> Result<RecvGuard<'_>> {
-        match m {
-            Some((held, ptr, len)) => self.guard(HeldMem::Shm(held), ptr, len),
-            None => self.guard(
+        let (held, ptr, len) = match m {
+            Some((held, ptr, len)) => (HeldMem::Shm(held), ptr, len),
+            None => (
                 HeldMem::StandIn,
                 self.stand_in.as_ptr(),
                 self.stand_in.len(),
             ),
-        }
+        };
+        self.guard(held, ptr, len)
     }
 
     /// Wrap received bytes in a guard after validating them.
@@ -233,7 +234,10 @@ impl Drop for RecvGuard<'_> {
         match (self.held.take(), &self.rx.inner) {
             (Some(HeldMem::Shm(h)), RecvInner::Shm(s)) => s.release(h),
             (Some(HeldMem::Tcp(b)), RecvInner::Tcp(t)) => t.give_back(b),
-            _ => {}
+            (Some(HeldMem::StandIn) | None, _) => {}
+            (Some(HeldMem::Shm(_) | HeldMem::Tcp(_)), _) => {
+                unreachable!("a guard's memory comes from its own receiver's transport")
+            }
         }
     }
 }

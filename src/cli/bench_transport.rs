@@ -188,6 +188,17 @@ impl Row {
         }
     }
 
+    /// Whether the receiver spun: `raw_shm` always does, the avp transports as
+    /// `--spin` says (memcpy and raw TCP report the flag as given).
+    fn spun(&self, spin: bool) -> bool {
+        spin || self.transport == "raw_shm"
+    }
+
+    /// The idle gap before each message: none for memcpy, which has no sender.
+    fn gap(&self, gap_us: u64) -> Option<u64> {
+        (self.transport != "memcpy").then_some(gap_us)
+    }
+
     fn emit(&self, json_out: bool, spin: bool, gap_us: u64) {
         let gbps = self.gbps();
         let (p50, p99) = self.latency_us();
@@ -196,8 +207,8 @@ impl Row {
             .then(|| r2(self.size as f64 / pct(self.produce_s.clone(), 0.5) / 1e9));
         if json_out {
             let mut row = json!({"bench": "transport", "transport": self.transport, "size_bytes": self.size,
-                       "p50_us": r2(p50), "p99_us": r2(p99), "gbps": r2(gbps), "spin": spin,
-                       "gap_us": gap_us, "reps": self.e2e_s.len()});
+                       "p50_us": r2(p50), "p99_us": r2(p99), "gbps": r2(gbps), "spin": self.spun(spin),
+                       "gap_us": self.gap(gap_us), "reps": self.e2e_s.len()});
             if let Some(p) = produce {
                 row["produce_gbps"] = json!(p);
             }
@@ -261,7 +272,8 @@ pub fn run(a: TransportArgs) -> anyhow::Result<()> {
 
 /// Each transport against its reference line, where both were measured: TCP's
 /// throughput over raw TCP's, and shared memory's p50 handoff over the raw
-/// shared-memory floor's (how many times the machine's own floor avp takes).
+/// floor's (how many times the machine's own floor avp takes; the floor always
+/// spins, so without `--spin` this includes avp's wake-up).
 fn emit_ratios(rows: &[Row], size: usize, json_out: bool) {
     let row = |name: &str| rows.iter().find(|r| r.transport == name);
     let r2 = |x: f64| (x * 100.0).round() / 100.0;

@@ -27,9 +27,11 @@ use segment::{Event, Mapping};
 /// being written (see `ShmReceiver::keep_warm`).
 const WARM_EVERY: Duration = Duration::from_micros(20);
 
-/// Bytes of the waiting thread's stack, above the waiting loop's frame, that
-/// `ShmReceiver::keep_warm` prefetches: the frames a delivered message returns
-/// through (the endpoint's and its caller's), untouched since the wait began.
+/// Bytes of the waiting thread's stack that `ShmReceiver::keep_warm`
+/// prefetches, from the frame of `warm_callers_stack` up: the frames a
+/// delivered message returns through (the endpoint's and its caller's),
+/// untouched since the wait began.
+#[cfg(target_arch = "x86_64")]
 const STACK_WARM_BYTES: usize = 4096;
 
 /// How often a polling receiver asks the socket whether the sender left.
@@ -354,9 +356,9 @@ impl ShmSender {
     }
 }
 
-/// Prefetch the [`STACK_WARM_BYTES`] above this function's frame, so that
-/// returning a message through the frames above the waiting loop does not pay
-/// a cache miss per frame (0.2–0.3 µs at 64–256 MiB on a shared host, where a
+/// Prefetch `STACK_WARM_BYTES` of stack from this function's own frame up, so
+/// that returning a message through the frames above the waiting loop does not
+/// pay a cache miss per frame (0.2–0.3 µs at 64–256 MiB on a shared host, where a
 /// line left alone for milliseconds is evicted). Out of line, so its frame lies
 /// below the loop's.
 #[inline(never)]
@@ -677,8 +679,8 @@ impl ShmReceiver {
     /// While a message is being written, keep cached what receiving it will
     /// touch: the ring entry, the translation of the slot's first page (where the
     /// header will be), this receiver's bounds checks, through `deliver(None)`
-    /// the endpoint's whole delivery path (validation, guard, its drop) on a
-    /// stand-in message, and the stack frames above the wait. Writing a large
+    /// the endpoint's delivery path (validating a message and wrapping it in a
+    /// guard) on a stand-in message, and the stack frames above the wait. Writing a large
     /// message takes milliseconds, long enough for caches and TLBs to lose all of
     /// it (other work on the core, a write larger than the last-level cache);
     /// touching it again afterwards costs a cold page walk per page, a few
