@@ -118,6 +118,11 @@ impl Receiver {
     /// Wait up to `timeout` for the next message. The guard holds the message in
     /// transport memory (a shared slot, or a pooled buffer on TCP); dropping it
     /// returns the memory.
+    ///
+    /// Inlined into the caller: over shared memory its spin loop then runs in
+    /// the caller's own code, which a message returns into (see
+    /// "Staying warm" in spec/transport.md).
+    #[inline]
     pub fn recv(&self, timeout: Duration) -> Result<RecvGuard<'_>> {
         self.session.check_alive()?;
         match &self.inner {
