@@ -21,6 +21,7 @@
 //! Everything read from the block is untrusted: indices and lengths are checked
 //! against the pool's geometry before use.
 
+use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Bytes of the control block (one page).
@@ -49,6 +50,37 @@ pub struct Control {
 // SAFETY: the block is shared memory accessed only through atomics; which thread
 // holds the view does not matter.
 unsafe impl Send for Control {}
+
+/// A control block in private memory that no receiver ever sees: the sender
+/// rehearses a publish on it once a message is finished (`ShmSender::prepare`),
+/// so that the real publish runs instructions that ran a moment ago, and
+/// nothing is announced.
+pub(crate) struct Rehearsal {
+    /// Owns the memory `ctrl` points into.
+    _page: Box<Page>,
+    ctrl: Control,
+}
+
+/// One page of zeroed memory, page-aligned like a pool's control block.
+#[repr(C, align(4096))]
+struct Page(UnsafeCell<[u8; CONTROL_LEN]>);
+
+impl Rehearsal {
+    /// A fresh private block: an empty ring with room.
+    pub(crate) fn new() -> Rehearsal {
+        let page = Box::new(Page(UnsafeCell::new([0; CONTROL_LEN])));
+        // SAFETY: the page is CONTROL_LEN page-aligned bytes, owned by the
+        // returned value as long as the view, and only ever accessed through the
+        // view's atomics.
+        let ctrl = unsafe { Control::new(page.0.get().cast()) };
+        Rehearsal { _page: page, ctrl }
+    }
+
+    /// The private block.
+    pub(crate) fn control(&self) -> &Control {
+        &self.ctrl
+    }
+}
 
 /// One published message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
