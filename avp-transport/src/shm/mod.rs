@@ -746,7 +746,7 @@ impl ShmReceiver {
     }
 
     /// While a message is being written, keep cached what receiving it will
-    /// touch: the ring entry, the translation of the slot's first page (where the
+    /// touch: the translation of the slot's first page (where the
     /// header will be), this receiver's bounds checks, through `deliver(None)`
     /// the endpoint's delivery path (validating a message and wrapping it in a
     /// guard) on a stand-in message, and the stack frames above the wait. Writing a large
@@ -771,7 +771,6 @@ impl ShmReceiver {
             // slot is released by the guard, not by dropping `Held::Slot`).
             std::hint::black_box(self.take(std::hint::black_box(stand_in)).is_ok());
         }
-        std::hint::black_box(self.ctrl.entry(self.tail.get()));
         // The stand-in's guard releases nothing when it drops.
         drop(std::hint::black_box(deliver(None)));
         warm_callers_stack();
