@@ -122,7 +122,7 @@ impl Receiver {
                 if !matches!(again, Ok(None)) || s.sender_writing() {
                     s.set_waiting(false);
                     if let Some(m) = again? {
-                        return self.deliver_shm(Some(m));
+                        return self.deliver_shm(m);
                     }
                     continue;
                 }

@@ -60,16 +60,11 @@ pub struct Receiver {
     pub(crate) session: Session,
     pub(crate) inner: RecvInner,
     check_session_ids: bool,
-    /// A tiny valid message of this session, delivered (validated, wrapped in a
-    /// guard, dropped) now and then while a large message is being written, so
-    /// that the delivery path is still cached when the real one arrives (see
-    /// `ShmReceiver::keep_warm`).
-    stand_in: Vec<u8>,
 }
 
 /// A minimal valid KV-cache message (one layer, one head, one position) carrying
 /// `session_id`, so that validating it takes the same path as a real message.
-fn stand_in_message(session_id: &str) -> Vec<u8> {
+pub(crate) fn stand_in_message(session_id: &str) -> Vec<u8> {
     use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, Payload};
     let desc = KvCacheDesc::new(1, 1, 1, 1, DType::F16, KvLayout::Hnd);
     let envelope = Envelope {
@@ -88,14 +83,14 @@ fn stand_in_message(session_id: &str) -> Vec<u8> {
 pub(crate) enum HeldMem {
     Shm(Held),
     Tcp(PageBuf),
-    /// The receiver's own stand-in message: nothing to give back.
-    StandIn,
 }
 
 impl Receiver {
-    pub(crate) fn new(session: Session, inner: RecvInner, options: &Options) -> Receiver {
+    pub(crate) fn new(session: Session, mut inner: RecvInner, options: &Options) -> Receiver {
+        if let RecvInner::Shm(s) = &mut inner {
+            s.set_stand_in(stand_in_message(&session.id));
+        }
         Receiver {
-            stand_in: stand_in_message(&session.id),
             session,
             inner,
             check_session_ids: options.check_session_ids,
@@ -180,21 +175,13 @@ impl Receiver {
     }
 
     /// Validate a message the shared-memory ring handed over and wrap it in a
-    /// guard; given `None`, the same with the stand-in message, whose guard
-    /// gives nothing back. Both go through this one out-of-line copy and its one
-    /// call of `guard`, so delivering the stand-in while a large message is
-    /// written keeps the path a real message takes cached.
+    /// guard. The session's stand-in message (`Held::StandIn`, whose guard gives
+    /// nothing back) goes through the very same instructions, so delivering it
+    /// while a large message is written keeps the path a real message takes
+    /// cached.
     #[inline(never)]
-    pub(crate) fn deliver_shm(&self, m: Option<Popped>) -> Result<RecvGuard<'_>> {
-        let (held, ptr, len) = match m {
-            Some((held, ptr, len)) => (HeldMem::Shm(held), ptr, len),
-            None => (
-                HeldMem::StandIn,
-                self.stand_in.as_ptr(),
-                self.stand_in.len(),
-            ),
-        };
-        self.guard(held, ptr, len)
+    pub(crate) fn deliver_shm(&self, (held, ptr, len): Popped) -> Result<RecvGuard<'_>> {
+        self.guard(HeldMem::Shm(held), ptr, len)
     }
 
     /// Wrap received bytes in a guard after validating them.
@@ -239,7 +226,7 @@ impl Drop for RecvGuard<'_> {
         match (self.held.take(), &self.rx.inner) {
             (Some(HeldMem::Shm(h)), RecvInner::Shm(s)) => s.release(h),
             (Some(HeldMem::Tcp(b)), RecvInner::Tcp(t)) => t.give_back(b),
-            (Some(HeldMem::StandIn) | None, _) => {}
+            (None, _) => {}
             (Some(HeldMem::Shm(_) | HeldMem::Tcp(_)), _) => {
                 unreachable!("a guard's memory comes from its own receiver's transport")
             }

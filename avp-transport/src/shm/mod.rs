@@ -417,16 +417,19 @@ pub enum Held {
     Slot(u32),
     /// A dedicated segment, unmapped when the guard drops.
     Dedicated(Mapping),
+    /// The session's stand-in message (see `ShmReceiver::keep_warm`): nothing
+    /// to give back.
+    StandIn,
 }
 
 /// A message the ring handed over: what holds it, where it starts, its length.
 pub(crate) type Popped = (Held, *const u8, usize);
 
-/// What the receiving endpoint does with a popped message (validate it, wrap it
-/// in a guard) or, given `None`, the same with a stand-in message of its own:
-/// `ShmReceiver::keep_warm` runs it so that the whole path from the ring to
-/// the caller is cached when a message arrives.
-pub(crate) type Deliver<'a, T> = &'a dyn Fn(Option<Popped>) -> Result<T>;
+/// What the receiving endpoint does with a popped message: validate it, wrap it
+/// in a guard. `ShmReceiver::keep_warm` also runs it on the session's stand-in
+/// message, so that the whole path from the ring to the caller is cached when a
+/// message arrives.
+pub(crate) type Deliver<'a, T> = &'a dyn Fn(Popped) -> Result<T>;
 
 /// The receiving half of a shared-memory session.
 pub struct ShmReceiver {
@@ -445,6 +448,9 @@ pub struct ShmReceiver {
     warmed: Cell<Instant>,
     /// When `try_recv` last asked the socket whether the sender left.
     peer_checked: Cell<Instant>,
+    /// A tiny valid message of the session, delivered (validated, wrapped in a
+    /// guard, dropped) by `keep_warm`.
+    stand_in: Vec<u8>,
 }
 
 impl ShmReceiver {
@@ -511,12 +517,18 @@ impl ShmReceiver {
             max_message,
             warmed: Cell::new(Instant::now()),
             peer_checked: Cell::new(Instant::now()),
+            stand_in: Vec::new(),
         })
     }
 
     /// Address range of the mapped slots (for zero-copy checks).
     pub fn pool_range(&self) -> std::ops::Range<usize> {
         self.data.range()
+    }
+
+    /// The session's stand-in message, which `keep_warm` delivers.
+    pub(crate) fn set_stand_in(&mut self, message: Vec<u8>) {
+        self.stand_in = message;
     }
 
     /// Check a ring entry and locate its message. Out of line: `keep_warm` runs
@@ -574,21 +586,19 @@ impl ShmReceiver {
     /// The next message, delivered, if one is published; `PeerGone` if none is
     /// and the sender left. Made to be polled: whether the sender left is asked
     /// of the socket (a system call) at most once a millisecond, and while the
-    /// sender writes, the receive path is re-touched (`deliver(None)`) every
+    /// sender writes, the receive path is re-touched (the stand-in delivered) every
     /// 20 µs, as in `recv`. `now` is the caller's reading of the clock (one per
     /// poll is enough).
     pub(crate) fn try_recv<T>(&self, now: Instant, deliver: Deliver<'_, T>) -> Result<Option<T>> {
         if let Some(m) = self.pop()? {
-            return deliver(Some(m)).map(Some);
+            return deliver(m).map(Some);
         }
         self.pace_warming(now, deliver);
         if now.saturating_duration_since(self.peer_checked.get()) < PEER_CHECK_EVERY {
             return Ok(None);
         }
         self.peer_checked.set(now);
-        self.try_recv_checked()?
-            .map(|m| deliver(Some(m)))
-            .transpose()
+        self.try_recv_checked()?.map(deliver).transpose()
     }
 
     /// [`try_recv`](Self::try_recv) that always asks the socket whether the
@@ -633,7 +643,7 @@ impl ShmReceiver {
     /// Wait for the next message and deliver it: spin for the configured time,
     /// then sleep on the doorbell; a closed socket means the sender is gone.
     ///
-    /// `deliver(None)` runs what the caller does with a message once it has one,
+    /// `deliver` runs what the caller does with a message once it has one, also
     /// on a stand-in, every 20 µs while the sender writes, so that it is still
     /// cached when the message arrives (see "Staying warm" in spec/transport.md).
     ///
@@ -650,7 +660,7 @@ impl ShmReceiver {
         let mut n = 0u32;
         loop {
             if let Some(m) = self.pop()? {
-                return deliver(Some(m));
+                return deliver(m);
             }
             let now = Instant::now();
             if now >= spin_until {
@@ -688,7 +698,7 @@ impl ShmReceiver {
     ) -> Result<T> {
         loop {
             if let Some(m) = self.pop()? {
-                return deliver(Some(m));
+                return deliver(m);
             }
             let now = Instant::now();
             let left = timeout.saturating_sub(now - start);
@@ -698,14 +708,14 @@ impl ShmReceiver {
             if self.ctrl.producing() {
                 // The sender is writing a message: wait awake, yielding the core.
                 if let Some(m) = self.await_production(start, timeout, deliver)? {
-                    return deliver(Some(m));
+                    return deliver(m);
                 }
                 continue;
             }
             self.ctrl.set_rx_waiting(true);
             if let Some(m) = self.pop()? {
                 self.ctrl.set_rx_waiting(false);
-                return deliver(Some(m));
+                return deliver(m);
             }
             if self.ctrl.producing() {
                 self.ctrl.set_rx_waiting(false);
@@ -746,10 +756,10 @@ impl ShmReceiver {
     }
 
     /// While a message is being written, keep cached what receiving it will
-    /// touch: the translation of the slot's first page (where the
-    /// header will be), this receiver's bounds checks, through `deliver(None)`
-    /// the endpoint's delivery path (validating a message and wrapping it in a
-    /// guard) on a stand-in message, and the stack frames above the wait. Writing a large
+    /// touch: the translation of the slot's first page (where the header will
+    /// be), this receiver's bounds checks, the endpoint's delivery path
+    /// (`deliver`: validating a message and wrapping it in a guard) on the
+    /// session's stand-in message, and the stack frames above the wait. Writing a large
     /// message takes milliseconds, long enough for caches and TLBs to lose all of
     /// it (other work on the core, a write larger than the last-level cache);
     /// touching it again afterwards costs a cold page walk per page, a few
@@ -772,7 +782,8 @@ impl ShmReceiver {
             std::hint::black_box(self.take(std::hint::black_box(stand_in)).is_ok());
         }
         // The stand-in's guard releases nothing when it drops.
-        drop(std::hint::black_box(deliver(None)));
+        let stand_in = (Held::StandIn, self.stand_in.as_ptr(), self.stand_in.len());
+        drop(std::hint::black_box(deliver(stand_in)));
         warm_callers_stack();
     }
 
