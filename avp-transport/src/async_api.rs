@@ -106,7 +106,7 @@ impl Receiver {
     /// timeout), as it is already streaming in.
     pub async fn recv_async(&self, timeout: Duration) -> Result<RecvGuard<'_>> {
         self.session.check_alive()?;
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::from_now(timeout);
         match &self.inner {
             RecvInner::Shm(s) => loop {
                 if let Some(guard) = s.try_recv(Instant::now(), &|m| self.deliver_shm(m))? {
@@ -158,7 +158,7 @@ impl Sender {
             SenderInner::Shm(s) => s.loan_timeout(),
             SenderInner::Tcp(_) => Duration::ZERO,
         };
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::from_now(timeout);
         loop {
             match &mut self.inner {
                 SenderInner::Tcp(t) => return Ok(LoanMem::Tcp(t.acquire(len))),

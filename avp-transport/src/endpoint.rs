@@ -326,7 +326,7 @@ impl Listener {
     /// A peer that fails the handshake (bad token, garbage) yields an error for
     /// that peer only; call `accept` again to keep serving others.
     pub fn accept(&self, timeout: Duration) -> Result<Receiver> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::from_now(timeout);
         let t = self.options.connect_timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -133,7 +133,7 @@ pub trait FrameIo {
 
 /// Wait until `fd` is readable; `Err(Timeout)` after `timeout`.
 pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration, what: &'static str) -> Result<()> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::from_now(timeout);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)

@@ -275,7 +275,7 @@ fn recv_vocabulary(io: &mut dyn FrameIo, announced: u32, timeout: Duration) -> R
             "peer announces a vocabulary of {announced} tokens, at most {MAX_VOCAB_TOKENS} are accepted"
         )));
     }
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::from_now(timeout);
     let mut vocab: Vec<String> = Vec::with_capacity(announced as usize);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

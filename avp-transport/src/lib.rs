@@ -31,6 +31,7 @@
 pub mod address;
 mod async_api;
 mod buf;
+mod deadline;
 mod endpoint;
 mod error;
 pub mod frame;

@@ -114,9 +114,9 @@ impl Receiver {
     /// transport memory (a shared slot, or a pooled buffer on TCP); dropping it
     /// returns the memory.
     ///
-    /// Inlined into the caller: over shared memory its spin loop then runs in
-    /// the caller's own code, which a message returns into (see
-    /// "Staying warm" in spec/transport.md).
+    /// Marked `#[inline]`: over shared memory its spin loop then runs in the
+    /// caller's own code, which a message returns into (see "Staying warm" in
+    /// spec/transport.md).
     #[inline]
     pub fn recv(&self, timeout: Duration) -> Result<RecvGuard<'_>> {
         self.session.check_alive()?;

@@ -393,3 +393,32 @@ fn spin_mode_delivers_large_messages_intact() {
     assert_eq!(kind, TransportKind::Shm);
     assert!(zero_copy);
 }
+
+#[test]
+fn unbounded_timeouts_wait_instead_of_panicking() {
+    // `Duration::MAX` means "as long as it takes" everywhere: accepting,
+    // loaning, spinning and receiving (a deadline of now + MAX would overflow).
+    for (addr, spin, upgrade) in [
+        (format!("shm://{}", unique("forever")), Duration::MAX, true),
+        ("tcp://127.0.0.1:0".to_string(), Duration::ZERO, false),
+    ] {
+        let opts = Options {
+            spin,
+            loan_timeout: Duration::MAX,
+            allow_shm_upgrade: upgrade,
+            ..Options::default()
+        };
+        let listener = Endpoint::bind(&addr, &identity(), opts.clone()).unwrap();
+        let connect_to = listener.local_addr();
+        let sender = std::thread::spawn(move || {
+            let mut tx = Endpoint::connect(&connect_to, &identity(), opts).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            send_filled(&mut tx, &layout(16), 7);
+        });
+        let rx = listener.accept(Duration::MAX).unwrap();
+        let g = rx.recv(Duration::MAX).unwrap();
+        check_filled(g.message(), 7, &format!("{addr}: "));
+        drop(g);
+        sender.join().unwrap();
+    }
+}

@@ -6,7 +6,7 @@
 //! offset  field (each hot word on its own cache line)
 //! 0       magic u64 | version u32 | slots u32 | slot_size u64 | ring u32
 //! 64      head       u64  messages published   (sender writes)
-//! 72      newest     u64  message head - 1's entry, packed with a tag (same line)
+//! 72      newest     u64  entry head - 1, packed with a tag, or 0 (same line; optional)
 //! 128     tail       u64  messages consumed    (receiver writes)
 //! 192     rx_waiting u32  receiver blocks on the "published" eventfd
 //! 256     rel_head   u64  slots released       (receiver writes)
@@ -21,6 +21,10 @@
 //!
 //! Everything read from the block is untrusted: indices and lengths are checked
 //! against the pool's geometry before use.
+//!
+//! `newest` was padding in the first senders of this layout, which leave it 0:
+//! a receiver then reads every entry from the ring, and an older receiver
+//! ignores the word. Either way both ends work together.
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -31,8 +35,8 @@ pub const CONTROL_LEN: usize = 4096;
 pub const RING: u32 = 64;
 /// `flags` of an entry whose message is in a dedicated segment sent on the socket.
 pub const DEDICATED: u32 = 1;
-const MAGIC: u64 = 0x4156_5053_484d_0003; // "AVPSHM" v3
-const VERSION: u32 = 3;
+const MAGIC: u64 = 0x4156_5053_484d_0002; // "AVPSHM" v2
+const VERSION: u32 = 2;
 const HEAD: usize = 64;
 const NEWEST: usize = 72;
 const TAIL: usize = 128;
@@ -59,9 +63,7 @@ unsafe impl Send for Control {}
 /// so that the real publish runs instructions that ran a moment ago, and
 /// nothing is announced.
 pub(crate) struct Rehearsal {
-    /// Owns the memory `ctrl` points into.
-    _page: Box<Page>,
-    ctrl: Control,
+    page: Box<Page>,
 }
 
 /// One page of zeroed memory, page-aligned like a pool's control block.
@@ -71,17 +73,17 @@ struct Page(UnsafeCell<[u8; CONTROL_LEN]>);
 impl Rehearsal {
     /// A fresh private block: an empty ring with room.
     pub(crate) fn new() -> Rehearsal {
-        let page = Box::new(Page(UnsafeCell::new([0; CONTROL_LEN])));
-        // SAFETY: the page is CONTROL_LEN page-aligned bytes, owned by the
-        // returned value as long as the view, and only ever accessed through the
-        // view's atomics.
-        let ctrl = unsafe { Control::new(page.0.get().cast()) };
-        Rehearsal { _page: page, ctrl }
+        Rehearsal {
+            page: Box::new(Page(UnsafeCell::new([0; CONTROL_LEN]))),
+        }
     }
 
-    /// The private block.
-    pub(crate) fn control(&self) -> &Control {
-        &self.ctrl
+    /// A view of the private block, valid while `self` is borrowed.
+    pub(crate) fn control(&self) -> Control {
+        // SAFETY: the page is CONTROL_LEN page-aligned bytes inside an
+        // UnsafeCell (writes through a shared borrow are allowed), and every
+        // caller uses the view only within this borrow of `self`.
+        unsafe { Control::new(self.page.0.get().cast()) }
     }
 }
 
@@ -94,6 +96,12 @@ pub struct Entry {
     pub flags: u32,
     /// Message length.
     pub len: u64,
+}
+
+/// The error of a head that no sender could have written.
+#[cold]
+fn inconsistent(head: u64, tail: u64) -> String {
+    format!("ring head {head} is inconsistent with tail {tail}")
 }
 
 /// `newest` word: set when the rest holds an entry.
@@ -210,7 +218,7 @@ impl Control {
             return Ok(None);
         }
         if head < tail || head - tail > RING as u64 {
-            return Err(format!("ring head {head} is inconsistent with tail {tail}"));
+            return Err(inconsistent(head, tail));
         }
         if head == tail + 1
             && let Some(e) = unpack(self.u64_at(NEWEST).load(Ordering::Relaxed), tail)
@@ -344,14 +352,14 @@ mod tests {
         };
         for e in [dedicated, entry(256, 1), entry(0, 1 << 40)] {
             assert_eq!(pack(3, e), 0, "{e:?} does not fit");
-            assert_eq!(unpack(0, 0), None);
+            assert_eq!(unpack(pack(3, e), 3), None);
         }
     }
 
     #[test]
     fn peek_reads_the_only_new_entry_from_the_head_line_and_others_from_the_ring() {
         let block = Rehearsal::new();
-        let c = block.control();
+        let c = &block.control();
         c.publish(0, entry(1, 100));
         assert_eq!(c.peek(0), Ok(Some(entry(1, 100))));
         c.publish(1, entry(2, 200));

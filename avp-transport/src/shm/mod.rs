@@ -3,7 +3,8 @@
 //! control page, and eventfd doorbells rung only when the other side sleeps.
 //!
 //! Slot life cycle: free (sender) → loaned (sender writes in place) → published
-//! (ring entry) → held (receiver's guard) → released (release ring) → free.
+//! (ring entry and the packed `newest` word, then `head`) → held (receiver's
+//! guard) → released (release ring) → free.
 //! Messages larger than a slot travel in a dedicated sealed memfd sent with the
 //! notification. A peer that dies is seen as EOF/HUP on the Unix socket; all its
 //! mappings and descriptors are dropped with the endpoint.
@@ -189,7 +190,7 @@ impl ShmSender {
         what: &'static str,
         mut ready: impl FnMut(&mut Self) -> bool,
     ) -> Result<()> {
-        let deadline = Instant::now() + self.loan_timeout;
+        let deadline = crate::deadline::from_now(self.loan_timeout);
         loop {
             if ready(self) {
                 return Ok(());
@@ -302,7 +303,7 @@ impl ShmSender {
             len: 0,
         };
         std::hint::black_box(post(
-            self.rehearsal.control(),
+            &self.rehearsal.control(),
             std::hint::black_box(0),
             stand_in,
         ));
@@ -334,8 +335,8 @@ impl ShmSender {
     }
 
     /// Whether the ring has room for one more entry. A tail ahead of the head
-    /// (a receiver writing nonsense) reads as a full ring: the sender then waits
-    /// for room and gives up after its loan timeout.
+    /// (a receiver writing nonsense) reads as a full ring, which
+    /// `publish_slow` then reports as a `Segment` error.
     #[inline]
     fn ring_has_room(&self) -> bool {
         has_room(&self.ctrl, self.head)
@@ -346,6 +347,13 @@ impl ShmSender {
     #[inline(never)]
     fn publish_slow(&mut self, region: Region, len: usize) -> Result<()> {
         if !self.ring_has_room() {
+            let tail = self.ctrl.tail();
+            if tail > self.head {
+                return Err(TransportError::Segment(format!(
+                    "the receiver's ring tail {tail} is ahead of the head {}",
+                    self.head
+                )));
+            }
             self.wait_for("room in the shared-memory ring", |s| s.ring_has_room())?;
         }
         let entry = match region {
@@ -412,11 +420,12 @@ fn warm_callers_stack() {
 }
 
 /// Where a received message lives.
-pub enum Held {
+pub(crate) enum Held {
     /// A pool slot, released to the sender when the guard drops.
     Slot(u32),
-    /// A dedicated segment, unmapped when the guard drops.
-    Dedicated(Mapping),
+    /// A dedicated segment, unmapped when the guard drops (the mapping is
+    /// held for its `Drop`).
+    Dedicated { _map: Mapping },
     /// The session's stand-in message (see `ShmReceiver::keep_warm`): nothing
     /// to give back.
     StandIn,
@@ -557,7 +566,7 @@ impl ShmReceiver {
             segment::check_memfd(&fd, size)?;
             let map = Mapping::map(&fd, 0, size, false)?;
             let ptr = map.ptr();
-            return Ok((Held::Dedicated(map), ptr, len as usize));
+            return Ok((Held::Dedicated { _map: map }, ptr, len as usize));
         }
         if e.flags != 0 || e.slot >= self.slots || e.len as usize > self.slot_size {
             return Err(TransportError::Segment(format!(
@@ -656,7 +665,7 @@ impl ShmReceiver {
     #[inline]
     pub(crate) fn recv<T>(&self, timeout: Duration, deliver: Deliver<'_, T>) -> Result<T> {
         let start = Instant::now();
-        let spin_until = start + self.spin.min(timeout);
+        let spin_until = crate::deadline::after(start, self.spin.min(timeout));
         let mut n = 0u32;
         loop {
             if let Some(m) = self.pop()? {
@@ -822,7 +831,7 @@ impl ShmReceiver {
     }
 
     /// Return a slot to the sender.
-    pub fn release(&self, held: Held) {
+    pub(crate) fn release(&self, held: Held) {
         if let Held::Slot(s) = held
             && self.ctrl.release(s)
         {
@@ -838,7 +847,7 @@ mod tests {
     #[test]
     fn post_publishes_only_into_a_ring_with_room() {
         let block = Rehearsal::new();
-        let ctrl = block.control();
+        let ctrl = &block.control();
         let e = Entry {
             slot: 3,
             flags: 0,
