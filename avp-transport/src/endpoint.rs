@@ -404,7 +404,9 @@ impl Listener {
                             "peer asked to switch away from shared memory".into(),
                         )
                     })?;
-                    let shm = ShmReceiver::new(io, t, self.options.spin, session.max_message)?;
+                    let stand_in = crate::receiver::stand_in_message(&session.id);
+                    let shm =
+                        ShmReceiver::new(io, t, self.options.spin, session.max_message, stand_in)?;
                     return Ok(Receiver::new(session, RecvInner::Shm(shm), &self.options));
                 }
             }

@@ -86,10 +86,7 @@ pub(crate) enum HeldMem {
 }
 
 impl Receiver {
-    pub(crate) fn new(session: Session, mut inner: RecvInner, options: &Options) -> Receiver {
-        if let RecvInner::Shm(s) = &mut inner {
-            s.set_stand_in(stand_in_message(&session.id));
-        }
+    pub(crate) fn new(session: Session, inner: RecvInner, options: &Options) -> Receiver {
         Receiver {
             session,
             inner,

@@ -463,12 +463,14 @@ pub struct ShmReceiver {
 }
 
 impl ShmReceiver {
-    /// Read the sender's `Pool` frame, check and map the pool.
+    /// Read the sender's `Pool` frame, check and map the pool. `stand_in` is a
+    /// small valid message of the session, which `keep_warm` delivers.
     pub fn new(
         mut io: PacketIo,
         timeout: Duration,
         spin: Duration,
         max_message: u64,
+        stand_in: Vec<u8>,
     ) -> Result<ShmReceiver> {
         let (frame, mut fds) = io.recv_frame(timeout)?;
         let Frame::Pool {
@@ -526,18 +528,13 @@ impl ShmReceiver {
             max_message,
             warmed: Cell::new(Instant::now()),
             peer_checked: Cell::new(Instant::now()),
-            stand_in: Vec::new(),
+            stand_in,
         })
     }
 
     /// Address range of the mapped slots (for zero-copy checks).
     pub fn pool_range(&self) -> std::ops::Range<usize> {
         self.data.range()
-    }
-
-    /// The session's stand-in message, which `keep_warm` delivers.
-    pub(crate) fn set_stand_in(&mut self, message: Vec<u8>) {
-        self.stand_in = message;
     }
 
     /// Check a ring entry and locate its message. Out of line: `keep_warm` runs
