@@ -34,6 +34,11 @@ fn wire(c: &mut Criterion) {
         let tensor = desc.tensor_bytes().unwrap() as usize;
         let srcs: Vec<&[u8]> = src.chunks(tensor).collect();
         let mut dst = vec![0u8; layout.total_len()];
+        // Encoded once up front, so that `parse` and `verify` also run alone
+        // (`cargo bench --bench wire -- parse`).
+        let mut w = layout.writer(&mut dst).unwrap();
+        w.write_sections(&srcs).unwrap();
+        w.finish().unwrap();
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_function(BenchmarkId::new("memcpy", size), |b| {
             b.iter(|| dst[..size].copy_from_slice(black_box(&src)))

@@ -9,7 +9,8 @@ use crate::header::{
 };
 use crate::layout::check_alignment;
 use crate::payload::{
-    HiddenStateDesc, KvCacheDesc, LayerRange, Payload, SectionRole, TextDesc, TextFormat,
+    HiddenStateDesc, KvCacheDesc, LayerRange, Payload, SectionPlan, SectionRole, TextDesc,
+    TextFormat,
 };
 
 /// A validated v2 message borrowing its bytes (a shared-memory slot, a receive
@@ -93,40 +94,10 @@ impl<'a> Message<'a> {
             });
         }
         let plan = shape.plan()?;
-        let mask = alignment as u64 - 1;
-        let total = preamble.total_len;
-        // `cursor <= total <= bytes.len()`, so the arithmetic below cannot overflow
-        // except `offset + len`, which is checked.
-        let mut cursor = header_end as u64;
-        for (index, s) in header.sections.iter().enumerate() {
-            let (role, layer, len) = plan.at(index);
-            let offset = s.offset.to_native();
-            let expected_offset = (cursor + mask) & !mask;
-            let end = offset.saturating_add(len);
-            if s.role != role as u8
-                || s.layer.to_native() != layer
-                || s.len.to_native() != len
-                || offset != expected_offset
-                || end > total
-            {
-                return Err(section_error(
-                    index,
-                    s,
-                    (role, layer, len),
-                    expected_offset,
-                    total,
-                ));
-            }
-            cursor = end;
-        }
-        if cursor != preamble.total_len {
-            return Err(WireError::InvalidField {
-                field: "total_len",
-                reason: format!(
-                    "sections end at {cursor}, preamble says {}",
-                    preamble.total_len
-                ),
-            });
+        let sections = header.sections.as_slice();
+        let (start, total) = (header_end as u64, preamble.total_len);
+        if !sections_in_place(sections, &plan, start, alignment, total) {
+            check_sections(sections, &plan, start, alignment, total)?;
         }
         Ok((
             Message {
@@ -303,8 +274,95 @@ impl std::fmt::Debug for Message<'_> {
     }
 }
 
-/// Explain why section `index` does not match the plan (kept out of the hot loop).
+/// Whether every section is the one `plan` expects (role, layer, length) and
+/// starts where the one before it ends, rounded up to `alignment`, the first
+/// right after the header (`start`) and the last ending at `total`. `false`
+/// means "not shown": [`check_sections`] then decides, and explains.
+///
+/// Built for speed (it runs on every message received): each section's place
+/// is checked against the end its predecessor declares rather than a running
+/// cursor, so no iteration waits on the one before.
+#[inline]
+fn sections_in_place(
+    sections: &[ArchivedRawSection],
+    plan: &SectionPlan,
+    start: u64,
+    alignment: u32,
+    total: u64,
+) -> bool {
+    let mask = alignment as u64 - 1;
+    // No end below can wrap around: each is at most `longest + mask` past the
+    // one before. With that, the ends only grow, and the last one being
+    // `total` puts every section inside the message.
+    let longest = plan.longest();
+    let bounded = longest
+        .checked_add(mask)
+        .and_then(|step| step.checked_mul(sections.len() as u64))
+        .and_then(|all| all.checked_add(start))
+        .is_some();
+    let mut prev_end = start;
+    let mut mismatches = 0u32;
+    plan.each(sections.len(), |index, role, layer, len| {
+        let s = &sections[index];
+        let offset = s.offset.to_native();
+        let diff = u64::from(s.role ^ role as u8)
+            | u64::from(s.layer.to_native() ^ layer)
+            | (s.len.to_native() ^ len)
+            | (offset ^ (prev_end.wrapping_add(mask) & !mask));
+        // Counted rather than OR-ed into one word, which the compiler turns
+        // into a chain of dependent ORs through every section.
+        mismatches += u32::from(diff != 0);
+        prev_end = offset.wrapping_add(len);
+    });
+    bounded && mismatches == 0 && prev_end == total
+}
+
+/// The exact check behind [`sections_in_place`]: a running cursor, every
+/// overflow checked, and the first mismatch as an error.
 #[cold]
+#[inline(never)]
+fn check_sections(
+    sections: &[ArchivedRawSection],
+    plan: &SectionPlan,
+    start: u64,
+    alignment: u32,
+    total: u64,
+) -> Result<()> {
+    let mask = alignment as u64 - 1;
+    // `cursor <= total`, so the arithmetic below cannot overflow except
+    // `offset + len`, which saturates.
+    let mut cursor = start;
+    for (index, s) in sections.iter().enumerate() {
+        let (role, layer, len) = plan.at(index);
+        let offset = s.offset.to_native();
+        let expected_offset = (cursor + mask) & !mask;
+        let end = offset.saturating_add(len);
+        if s.role != role as u8
+            || s.layer.to_native() != layer
+            || s.len.to_native() != len
+            || offset != expected_offset
+            || end > total
+        {
+            return Err(section_error(
+                index,
+                s,
+                (role, layer, len),
+                expected_offset,
+                total,
+            ));
+        }
+        cursor = end;
+    }
+    if cursor != total {
+        return Err(WireError::InvalidField {
+            field: "total_len",
+            reason: format!("sections end at {cursor}, preamble says {total}"),
+        });
+    }
+    Ok(())
+}
+
+/// Explain why section `index` does not match the plan.
 fn section_error(
     index: usize,
     s: &ArchivedRawSection,
@@ -555,6 +613,7 @@ impl<'a> TextView<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::header::{RawEnvelope, RawHeader, RawPayload, RawSection};
     use crate::{Envelope, MessageLayout, encode_to_vec};
 
     fn kv_message(dtype: DType) -> (Vec<u8>, KvCacheDesc) {
@@ -737,5 +796,129 @@ mod tests {
         assert!(
             MessageLayout::with_alignment(&Envelope::default(), &Payload::KvCache(ok), 48).is_err()
         );
+    }
+
+    /// Where section `index`'s archived record starts in `buf`, and where its
+    /// `role`, `layer`, `offset` and `len` fields lie within the record.
+    fn section_record(buf: &[u8], index: usize) -> (usize, [usize; 4]) {
+        let m = Message::parse(buf).unwrap();
+        let s = &m.header.sections.as_slice()[index];
+        let at = |p: *const u8| p as usize - s as *const ArchivedRawSection as usize;
+        let fields = [
+            at(&s.role),
+            at((&s.layer as *const _) as *const u8),
+            at((&s.offset as *const _) as *const u8),
+            at((&s.len as *const _) as *const u8),
+        ];
+        (
+            s as *const ArchivedRawSection as usize - buf.as_ptr() as usize,
+            fields,
+        )
+    }
+
+    /// Re-checksum the header after editing it, so that the edit reaches the
+    /// section checks instead of being caught by the CRC.
+    fn refresh_header_crc(buf: &mut [u8]) {
+        let mut p = Preamble::read(buf).unwrap();
+        p.header_crc = crc32fast::hash(&buf[PREAMBLE_LEN..PREAMBLE_LEN + p.header_len as usize]);
+        p.write(buf);
+    }
+
+    /// The fast check and the exact one, on the header in `buf`.
+    fn both_checks(buf: &[u8]) -> (bool, Result<()>) {
+        let p = Preamble::read(buf).unwrap();
+        let end = PREAMBLE_LEN + p.header_len as usize;
+        let h = header::access(&buf[PREAMBLE_LEN..end]).unwrap();
+        let plan = shape_of(&h.payload).unwrap().plan().unwrap();
+        let (s, a, start) = (h.sections.as_slice(), h.alignment.to_native(), end as u64);
+        (
+            sections_in_place(s, &plan, start, a, p.total_len),
+            check_sections(s, &plan, start, a, p.total_len),
+        )
+    }
+
+    #[test]
+    fn every_misplaced_or_mislabelled_section_is_refused_at_its_index() {
+        // i8: data sections, then scale sections, for layers 1..3.
+        let (good, _) = kv_message(DType::I8);
+        let count = Message::parse(&good).unwrap().section_count();
+        assert_eq!(count, 8);
+        let (fast, exact) = both_checks(&good);
+        assert!(fast && exact.is_ok());
+        for index in 0..count {
+            let (record, fields) = section_record(&good, index);
+            for (field, at) in fields.into_iter().enumerate() {
+                let mut buf = good.clone();
+                buf[record + at] ^= if field == 2 { 8 } else { 1 };
+                refresh_header_crc(&mut buf);
+                let (fast, exact) = both_checks(&buf);
+                assert!(!fast, "section {index} field {field}");
+                assert!(exact.is_err(), "section {index} field {field}");
+                match Message::parse(&buf) {
+                    Err(WireError::BadSection { index: found, .. }) => {
+                        assert_eq!(found, index, "field {field}")
+                    }
+                    other => panic!("section {index} field {field}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn section_ends_that_wrap_around_are_refused() {
+        // Two sections of 2^63 bytes from byte 64: the second ends at
+        // 2^64 + 64, which wraps to 64, the message's declared end.
+        let desc = KvCacheDesc::new(1, 1, 1, 1 << 62, DType::F16, KvLayout::Hnd);
+        let payload = Payload::KvCache(desc);
+        let half = 1u64 << 63;
+        let section = |role: SectionRole, offset| RawSection {
+            role: role as u8,
+            layer: 0,
+            offset,
+            len: half,
+            crc32: 0,
+        };
+        let raw = RawHeader {
+            envelope: RawEnvelope::from_envelope(&Envelope::default()),
+            payload: RawPayload::from_payload(&payload),
+            alignment: 64,
+            sections: vec![
+                section(SectionRole::Key, 64),
+                section(SectionRole::Value, half + 64),
+            ],
+        };
+        let bytes = header::serialize(&raw).unwrap();
+        let h = header::access(&bytes).unwrap();
+        let plan = shape_of(&h.payload).unwrap().plan().unwrap();
+        let s = h.sections.as_slice();
+        assert!(!sections_in_place(s, &plan, 64, 64, 64));
+        assert!(check_sections(s, &plan, 64, 64, 64).is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any edit of the section table (its checksum fixed up): the fast check
+        /// accepts exactly what the exact one accepts, and parsing never panics.
+        #[test]
+        fn the_fast_section_check_agrees_with_the_exact_one(
+            index in 0usize..8,
+            byte in 0usize..25,
+            xor in 1u8..=255,
+            dtype in proptest::sample::select(vec![DType::I8, DType::F16]),
+        ) {
+            let (mut buf, _) = kv_message(dtype);
+            let count = Message::parse(&buf).unwrap().section_count();
+            let (record, _) = section_record(&buf, index % count);
+            buf[record + byte] ^= xor;
+            refresh_header_crc(&mut buf);
+            let (fast, exact) = both_checks(&buf);
+            proptest::prop_assert_eq!(fast, exact.is_ok());
+            if let Ok(m) = Message::parse(&buf) {
+                for i in 0..m.section_count() {
+                    proptest::prop_assert!(m.section(i).is_ok());
+                }
+            }
+        }
     }
 }

@@ -332,6 +332,48 @@ impl SectionPlan {
             PlanKind::Text => (SectionRole::Text, 0, self.data_len),
         }
     }
+
+    /// The longest section's length.
+    pub(crate) fn longest(&self) -> u64 {
+        self.data_len.max(self.scale_len)
+    }
+
+    /// Call `f(index, role, layer, len)` for sections `0..count` in order: what
+    /// [`at`](Self::at) gives for each, in one pass with no per-section dispatch
+    /// (a KV cache is walked a layer, that is a `K`/`V` pair, at a time).
+    #[inline(always)]
+    pub(crate) fn each(&self, count: usize, mut f: impl FnMut(usize, SectionRole, u32, u64)) {
+        if self.kind != PlanKind::Kv {
+            for index in 0..count {
+                let (role, layer, len) = self.at(index);
+                f(index, role, layer, len);
+            }
+            return;
+        }
+        let data = self.data_count.min(count);
+        let runs = [
+            (0, data, SectionRole::Key, SectionRole::Value, self.data_len),
+            (
+                data,
+                count,
+                SectionRole::KeyScale,
+                SectionRole::ValueScale,
+                self.scale_len,
+            ),
+        ];
+        for (start, end, first, second, len) in runs {
+            let (mut index, mut layer) = (start, self.first_layer);
+            while index + 1 < end {
+                f(index, first, layer, len);
+                f(index + 1, second, layer, len);
+                index += 2;
+                layer = layer.wrapping_add(1);
+            }
+            if index < end {
+                f(index, first, layer, len);
+            }
+        }
+    }
 }
 
 /// What a section holds.
@@ -379,6 +421,50 @@ impl SectionRole {
             SectionRole::Hidden => "hidden states".into(),
             SectionRole::HiddenScale => "hidden-state scales".into(),
             SectionRole::Text => "text".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_lists_what_at_gives_for_every_section() {
+        let hidden = |dtype| HiddenStateDesc {
+            rows: 3,
+            dim: 5,
+            dtype,
+            map_id: String::new(),
+        };
+        let payloads = [
+            Payload::KvCache(KvCacheDesc::new(4, 2, 8, 3, DType::F16, KvLayout::Hnd)),
+            Payload::KvCache(
+                KvCacheDesc::new(6, 2, 8, 3, DType::I8, KvLayout::Nhd)
+                    .with_layers(LayerRange::new(2, 5)),
+            ),
+            Payload::HiddenState(hidden(DType::F32)),
+            Payload::HiddenState(hidden(DType::I8)),
+            Payload::Text(TextDesc {
+                format: TextFormat::Json,
+                len: 7,
+            }),
+        ];
+        for payload in payloads {
+            let plan = payload.plan().unwrap();
+            let count = payload.section_count();
+            // Also a count cut short, as a header with too few sections has.
+            for n in [count, count.saturating_sub(1)] {
+                let mut listed = Vec::new();
+                plan.each(n, |i, role, layer, len| listed.push((i, role, layer, len)));
+                let expected: Vec<_> = (0..n)
+                    .map(|i| {
+                        let (role, layer, len) = plan.at(i);
+                        (i, role, layer, len)
+                    })
+                    .collect();
+                assert_eq!(listed, expected, "{payload:?}, {n} sections");
+            }
         }
     }
 }
