@@ -111,7 +111,7 @@ const WARM_EVERY: Duration = Duration::from_micros(20);
 
 /// A word on a cache line of its own (two, for the adjacent-line prefetcher).
 #[repr(align(128))]
-struct Line(AtomicU64);
+pub(super) struct Line(pub(super) AtomicU64);
 
 /// What the two threads of `raw_shm` share.
 struct Floor {

@@ -36,7 +36,7 @@ use nix::unistd::Pid;
 use serde_json::json;
 
 use super::bench::{PageBuf, parse_size};
-use super::bench_baseline::{idle, memcpy, raw_shm, raw_tcp};
+use super::bench_baseline::{Line, idle, memcpy, raw_shm, raw_tcp};
 
 /// Arguments of `avp bench transport`.
 #[derive(clap::Args, Debug)]
@@ -340,7 +340,12 @@ fn avp_transport(
     let listener = Endpoint::bind(&addr, &id, opts.clone())?;
     let connect_to = listener.local_addr();
     let epoch = Instant::now();
-    let (started, sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    // Each stamp on cache lines of its own, as `raw_shm`'s are, so that both
+    // are timed the same way (no stamp shares a line with anything else).
+    let (started, sent) = (
+        Arc::new(Line(AtomicU64::new(0))),
+        Arc::new(Line(AtomicU64::new(0))),
+    );
     let (s2, t2) = (started.clone(), sent.clone());
     let (ack_tx, ack_rx) = mpsc::channel::<()>();
     let h = std::thread::spawn(move || -> anyhow::Result<()> {
@@ -357,13 +362,13 @@ fn avp_transport(
         let now = || epoch.elapsed().as_nanos() as u64;
         for _ in 0..=reps {
             idle(gap);
-            s2.store(now(), Ordering::SeqCst);
+            s2.0.store(now(), Ordering::SeqCst);
             let mut loan = tx.loan(&layout)?;
             loan.writer().write_sections(&srcs)?;
             let ready = loan.finish()?;
             // A plain store: a full barrier here would sit inside the measured
             // window, and the publish that follows makes it visible first.
-            t2.store(now(), Ordering::Relaxed);
+            t2.0.store(now(), Ordering::Relaxed);
             ready.send()?;
             ack_rx.recv()?;
         }
@@ -384,8 +389,8 @@ fn avp_transport(
         std::hint::black_box(g.message().total_len());
         if i > 0 {
             let (s, t) = (
-                started.load(Ordering::Acquire),
-                sent.load(Ordering::Acquire),
+                started.0.load(Ordering::Acquire),
+                sent.0.load(Ordering::Acquire),
             );
             lat.push((end - t) as f64 / 1e3);
             produce.push((t - s) as f64 / 1e9);
