@@ -519,7 +519,6 @@ impl Sender {
                 let r = s.acquire(bytes.len(), true)?.expect("waits for memory");
                 // SAFETY: the region is ours and at least bytes.len() long.
                 unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), r.ptr(), bytes.len()) };
-                s.stage(&r, bytes.len());
                 s.publish(r, bytes.len())
             }
         }
@@ -585,8 +584,8 @@ impl<'a> Loan<'a> {
         let writer = self.writer.take().expect("writer present until finish");
         let len = writer.layout().total_len();
         writer.finish()?;
-        if let (SenderInner::Shm(s), Some(LoanMem::Shm(region))) = (&mut *self.sender, &self.mem) {
-            s.stage(region, len);
+        if let SenderInner::Shm(s) = &*self.sender {
+            s.prepare();
         }
         Ok(Ready {
             sender: unsafe_reborrow(&mut self.sender),

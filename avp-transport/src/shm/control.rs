@@ -59,9 +59,9 @@ pub struct Control {
 unsafe impl Send for Control {}
 
 /// A control block in private memory that no receiver ever sees: the sender
-/// rehearses the announcement of a message on it once the message is finished
-/// (`ShmSender::stage`), so that the real one runs instructions that ran a
-/// moment ago, and nothing is announced.
+/// rehearses a publish on it once a message is finished (`ShmSender::prepare`),
+/// so that the real publish runs instructions that ran a moment ago, and
+/// nothing is announced.
 pub(crate) struct Rehearsal {
     page: Box<Page>,
 }
@@ -196,29 +196,11 @@ impl Control {
     /// Returns whether the receiver is asleep and needs its doorbell rung.
     #[inline]
     pub fn publish(&self, head: u64, e: Entry) -> bool {
-        self.stage(head, e);
-        self.commit(head)
-    }
-
-    /// Sender: write entry number `head` where the receiver will read it (its
-    /// ring slot and the `newest` word), without announcing it. Unseen until
-    /// [`commit`](Self::commit): a receiver reads ring entries below the head
-    /// only, and `newest` only when its tag names the entry it wants. The ring
-    /// must have room for the entry (`head - tail < RING`).
-    #[inline]
-    pub fn stage(&self, head: u64, e: Entry) {
         let at = self.entry_at(head);
         self.u32_at(at).store(e.slot, Ordering::Relaxed);
         self.u32_at(at + 4).store(e.flags, Ordering::Relaxed);
         self.u64_at(at + 8).store(e.len, Ordering::Relaxed);
         self.u64_at(NEWEST).store(pack(head, e), Ordering::Relaxed);
-    }
-
-    /// Sender: announce the entry staged as number `head` (the head becomes
-    /// `head + 1`). Returns whether the receiver is asleep and needs its
-    /// doorbell rung.
-    #[inline]
-    pub fn commit(&self, head: u64) -> bool {
         self.u64_at(HEAD).store(head + 1, Ordering::SeqCst);
         self.u32_at(RX_WAITING).load(Ordering::SeqCst) != 0
     }
