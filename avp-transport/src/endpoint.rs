@@ -519,6 +519,7 @@ impl Sender {
                 let r = s.acquire(bytes.len(), true)?.expect("waits for memory");
                 // SAFETY: the region is ours and at least bytes.len() long.
                 unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), r.ptr(), bytes.len()) };
+                s.stage(&r, bytes.len());
                 s.publish(r, bytes.len())
             }
         }
@@ -580,13 +581,18 @@ impl<'a> Loan<'a> {
     }
 
     /// Checksum, write the header, and validate: the message can now be sent.
+    ///
+    /// Over shared memory the message is staged (see `ShmSender::stage`) as
+    /// soon as its bytes are in place, before it is validated, so that a
+    /// waiting receiver can fetch its header while this side checks it.
     pub fn finish(mut self) -> Result<Ready<'a>> {
         let writer = self.writer.take().expect("writer present until finish");
         let len = writer.layout().total_len();
-        writer.finish()?;
-        if let SenderInner::Shm(s) = &*self.sender {
-            s.prepare();
+        let bytes = writer.seal()?;
+        if let (SenderInner::Shm(s), Some(LoanMem::Shm(region))) = (&mut *self.sender, &self.mem) {
+            s.stage(region, len);
         }
+        Message::parse(bytes)?;
         Ok(Ready {
             sender: unsafe_reborrow(&mut self.sender),
             mem: self.mem.take(),

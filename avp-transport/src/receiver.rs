@@ -2,6 +2,7 @@
 //! [`Receiver::try_recv`] (polling), and the [`RecvGuard`] that holds a received
 //! message in transport memory.
 
+use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use avp_wire::Message;
@@ -60,7 +61,22 @@ pub struct Receiver {
     pub(crate) session: Session,
     pub(crate) inner: RecvInner,
     check_session_ids: bool,
+    /// A staged shared-memory message validated ahead (see `deliver_shm`).
+    early: RefCell<Option<Early>>,
 }
+
+/// A message validated before it was published: where it is, the bytes its
+/// validation depended on (preamble and header), and the result.
+struct Early {
+    /// The slot's address (as a number: only compared).
+    ptr: usize,
+    len: usize,
+    prefix: Vec<u8>,
+    msg: Message<'static>,
+}
+
+/// Headers longer than this are not validated ahead (they are a few KiB).
+const EARLY_PREFIX_MAX: usize = 16 << 10;
 
 /// A minimal valid KV-cache message (one layer, one head, one position) carrying
 /// `session_id`, so that validating it takes the same path as a real message.
@@ -91,6 +107,7 @@ impl Receiver {
             session,
             inner,
             check_session_ids: options.check_session_ids,
+            early: RefCell::new(None),
         }
     }
 
@@ -176,9 +193,63 @@ impl Receiver {
     /// nothing back) goes through the very same instructions, so delivering it
     /// while a large message is written keeps the path a real message takes
     /// cached.
+    ///
+    /// A message the sender has only staged (`Held::Staged`) is validated and
+    /// remembered, and the guard returned for it holds nothing. When the
+    /// message is then published, its preamble and header are compared with
+    /// the remembered bytes; equal bytes validate the same way, so the
+    /// remembered result is used (the session is still checked alive).
     #[inline(never)]
     pub(crate) fn deliver_shm(&self, (held, ptr, len): Popped) -> Result<RecvGuard<'_>> {
+        if let Held::Staged = held {
+            self.validate_ahead(ptr, len);
+            return Ok(RecvGuard {
+                rx: self,
+                held: None,
+                msg: None,
+            });
+        }
+        if let Held::Slot(_) = held
+            && let Some(msg) = self.validated_ahead(ptr, len)
+        {
+            self.session.check_alive()?;
+            return Ok(RecvGuard {
+                rx: self,
+                held: Some(HeldMem::Shm(held)),
+                msg: Some(msg),
+            });
+        }
         self.guard(HeldMem::Shm(held), ptr, len)
+    }
+
+    /// Validate a staged message and remember the result (see `deliver_shm`).
+    fn validate_ahead(&self, ptr: *const u8, len: usize) {
+        // SAFETY: as in `guard`: the slot stays mapped as long as this receiver,
+        // and nothing here is handed out before it is checked again.
+        let bytes: &'static [u8] = unsafe { std::slice::from_raw_parts(ptr, len) };
+        let early = self.validate(bytes).ok().and_then(|msg| {
+            let end = avp_wire::PREAMBLE_LEN + msg.header_len() as usize;
+            (end <= EARLY_PREFIX_MAX).then(|| Early {
+                ptr: ptr as usize,
+                len,
+                prefix: bytes[..end].to_vec(),
+                msg,
+            })
+        });
+        *self.early.borrow_mut() = early;
+    }
+
+    /// The remembered validation of the pool-slot message at `ptr`, if its
+    /// preamble and header are still the bytes that were validated. Any
+    /// remembered validation is used up by the next slot message, matching or
+    /// not.
+    #[inline]
+    fn validated_ahead(&self, ptr: *const u8, len: usize) -> Option<Message<'static>> {
+        let early = self.early.borrow_mut().take()?;
+        // SAFETY: as in `guard`.
+        let bytes: &[u8] = unsafe { std::slice::from_raw_parts(ptr, len) };
+        (early.ptr == ptr as usize && early.len == len && bytes.starts_with(&early.prefix))
+            .then_some(early.msg)
     }
 
     /// Wrap received bytes in a guard after validating them.

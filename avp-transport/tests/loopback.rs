@@ -422,3 +422,73 @@ fn unbounded_timeouts_wait_instead_of_panicking() {
         sender.join().unwrap();
     }
 }
+
+#[test]
+fn messages_validated_ahead_are_delivered_as_published() {
+    // A finished message is staged before it is sent, and a polling receiver
+    // validates it ahead. What it delivers must still be exactly what was
+    // published: here a staged message is dropped unsent and another one of
+    // the same length but another shape is written into the same slot and
+    // sent; then a staged message is sent as is.
+    let kv = |head_dim, seq| KvCacheDesc::new(4, 2, head_dim, seq, DType::F16, KvLayout::Hnd);
+    let (wide, long) = (kv(64, 64), kv(32, 128));
+    let layout_of =
+        |d: KvCacheDesc| MessageLayout::new(&Envelope::default(), &Payload::KvCache(d)).unwrap();
+    let name = format!("shm://{}", unique("ahead"));
+    let opts = Options {
+        slots: 1,
+        ..Options::default()
+    };
+    let listener = Endpoint::bind(&name, &identity(), opts.clone()).unwrap();
+    let connect_to = listener.local_addr();
+    let (staged_tx, staged_rx) = std::sync::mpsc::channel::<()>();
+    let (polled_tx, polled_rx) = std::sync::mpsc::channel::<()>();
+    let sender = std::thread::spawn(move || {
+        let mut tx = Endpoint::connect(&connect_to, &identity(), opts).unwrap();
+        let fill_loan = |loan: &mut avp_transport::Loan<'_>, n: u32| {
+            for (i, s) in loan.writer().sections_mut().into_iter().enumerate() {
+                s.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = fill(i, j, n));
+            }
+        };
+        let (first, second) = (layout_of(wide), layout_of(long));
+        assert_eq!(first.total_len(), second.total_len());
+        // Staged, validated ahead by the receiver, then dropped unsent.
+        let mut loan = tx.loan(&first).unwrap();
+        fill_loan(&mut loan, 1);
+        let ready = loan.finish().unwrap();
+        staged_tx.send(()).unwrap();
+        polled_rx.recv().unwrap();
+        drop(ready);
+        // Same slot (the pool has one), same length, another shape and data.
+        let mut loan = tx.loan(&second).unwrap();
+        fill_loan(&mut loan, 2);
+        loan.finish().unwrap().send().unwrap();
+        // Staged, validated ahead, then sent unchanged.
+        let mut loan = tx.loan(&first).unwrap();
+        fill_loan(&mut loan, 3);
+        let ready = loan.finish().unwrap();
+        staged_tx.send(()).unwrap();
+        polled_rx.recv().unwrap();
+        ready.send().unwrap();
+    });
+    let rx = listener.accept(T).unwrap();
+    assert_eq!(rx.session().transport, TransportKind::Shm);
+    for (n, shape) in [(2, long), (3, wide)] {
+        staged_rx.recv().unwrap();
+        // Polls see nothing published, and validate the staged message ahead.
+        for _ in 0..100 {
+            assert!(rx.try_recv().unwrap().is_none(), "staged is not sent");
+        }
+        polled_tx.send(()).unwrap();
+        let g = rx.recv(T).unwrap();
+        assert_eq!(
+            g.message().payload(),
+            Payload::KvCache(shape),
+            "message {n}"
+        );
+        check_filled(g.message(), n, "");
+    }
+    sender.join().unwrap();
+}

@@ -379,6 +379,14 @@ impl<'b> MessageWriter<'b> {
     /// Checksum the sections not yet checksummed, write the header and the
     /// preamble, zero the padding, and return the finished message.
     pub fn finish(self) -> Result<Message<'b>> {
+        Message::parse(self.seal()?)
+    }
+
+    /// [`finish`](Self::finish) without parsing the result: the bytes of the
+    /// complete message. For a sender that wants to act as soon as the bytes
+    /// are in place (a shared-memory transport announces them to the receiver)
+    /// and check them afterwards.
+    pub fn seal(self) -> Result<&'b [u8]> {
         if let Some(i) = self.written.iter().position(|w| !w) {
             let s = self.layout.section(i);
             return Err(WireError::SectionNotWritten {
@@ -432,7 +440,6 @@ impl<'b> MessageWriter<'b> {
             header_crc: crc32fast::hash(&header_bytes),
         }
         .write(buf);
-        let bytes: &'b [u8] = buf;
-        Message::parse(bytes)
+        Ok(buf)
     }
 }

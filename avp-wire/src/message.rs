@@ -768,6 +768,29 @@ mod tests {
     }
 
     #[test]
+    fn seal_writes_the_bytes_that_finish_parses() {
+        let desc = KvCacheDesc::new(2, 1, 8, 4, DType::F16, KvLayout::Hnd);
+        let layout = MessageLayout::new(&Envelope::default(), &Payload::KvCache(desc)).unwrap();
+        let write = |buf: &mut Vec<u8>, seal: bool| {
+            let mut w = layout.writer(buf).unwrap();
+            for (i, s) in w.sections_mut().into_iter().enumerate() {
+                s.fill(i as u8 + 1);
+            }
+            if seal {
+                w.seal().map(|_| ()).unwrap();
+            } else {
+                w.finish().map(|_| ()).unwrap();
+            }
+        };
+        let (mut sealed, mut finished) =
+            (vec![0u8; layout.total_len()], vec![1u8; layout.total_len()]);
+        write(&mut sealed, true);
+        write(&mut finished, false);
+        assert_eq!(sealed, finished);
+        Message::parse(&sealed).unwrap().verify().unwrap();
+    }
+
+    #[test]
     fn prefix_parsing_and_trailing_bytes() {
         let (mut buf, _) = kv_message(DType::F16);
         let n = buf.len();

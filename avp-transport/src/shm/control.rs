@@ -59,9 +59,9 @@ pub struct Control {
 unsafe impl Send for Control {}
 
 /// A control block in private memory that no receiver ever sees: the sender
-/// rehearses a publish on it once a message is finished (`ShmSender::prepare`),
-/// so that the real publish runs instructions that ran a moment ago, and
-/// nothing is announced.
+/// rehearses the announcement of a message on it once the message is finished
+/// (`ShmSender::stage`), so that the real one runs instructions that ran a
+/// moment ago, and nothing is announced.
 pub(crate) struct Rehearsal {
     page: Box<Page>,
 }
@@ -196,11 +196,31 @@ impl Control {
     /// Returns whether the receiver is asleep and needs its doorbell rung.
     #[inline]
     pub fn publish(&self, head: u64, e: Entry) -> bool {
+        self.stage(head, e);
+        self.commit(head)
+    }
+
+    /// Sender: write entry number `head` where the receiver will read it (its
+    /// ring slot and the `newest` word), without announcing it. Unseen until
+    /// [`commit`](Self::commit): a receiver reads ring entries below the head
+    /// only, and `newest` only when its tag names the entry it wants. The ring
+    /// must have room for the entry (`head - tail < RING`).
+    #[inline]
+    pub fn stage(&self, head: u64, e: Entry) {
         let at = self.entry_at(head);
         self.u32_at(at).store(e.slot, Ordering::Relaxed);
         self.u32_at(at + 4).store(e.flags, Ordering::Relaxed);
         self.u64_at(at + 8).store(e.len, Ordering::Relaxed);
-        self.u64_at(NEWEST).store(pack(head, e), Ordering::Relaxed);
+        // Release: a receiver that sees the staged entry also sees the message
+        // bytes written before it (it may validate them ahead).
+        self.u64_at(NEWEST).store(pack(head, e), Ordering::Release);
+    }
+
+    /// Sender: announce the entry staged as number `head` (the head becomes
+    /// `head + 1`). Returns whether the receiver is asleep and needs its
+    /// doorbell rung.
+    #[inline]
+    pub fn commit(&self, head: u64) -> bool {
         self.u64_at(HEAD).store(head + 1, Ordering::SeqCst);
         self.u32_at(RX_WAITING).load(Ordering::SeqCst) != 0
     }
@@ -238,26 +258,17 @@ impl Control {
         }
     }
 
+    /// Receiver: the entry the sender has staged as number `number` (see
+    /// [`stage`](Self::stage)), if `newest` holds it: a hint that the message is
+    /// written and about to be published. Untrusted, like every entry.
+    #[inline]
+    pub fn staged(&self, number: u64) -> Option<Entry> {
+        unpack(self.u64_at(NEWEST).load(Ordering::Acquire), number)
+    }
+
     /// Receiver: mark entries up to `tail` consumed.
     pub fn consume(&self, tail: u64) {
         self.tail_atomic().store(tail, Ordering::Release);
-    }
-
-    /// Sender: whether the receiver announced sleeping.
-    pub fn receiver_waiting(&self) -> bool {
-        self.u32_at(RX_WAITING).load(Ordering::Relaxed) != 0
-    }
-
-    /// Sender: fetch ring entry `head`'s cache line for writing (a hint only).
-    pub fn prefetch_entry(&self, head: u64) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let p = self.base.wrapping_add(self.entry_at(head)) as *const i8;
-            // SAFETY: a prefetch is a hint: it never faults and changes no memory.
-            unsafe { std::arch::x86_64::_mm_prefetch(p, std::arch::x86_64::_MM_HINT_ET0) };
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = head;
     }
 
     /// Receiver: announce sleeping (`true`) or awake. Re-check the ring after setting it.
