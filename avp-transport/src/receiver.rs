@@ -62,17 +62,20 @@ pub struct Receiver {
     pub(crate) inner: RecvInner,
     check_session_ids: bool,
     /// A staged shared-memory message validated ahead (see `deliver_shm`).
-    early: RefCell<Option<Early>>,
+    early: RefCell<Early>,
 }
 
 /// A message validated before it was published: where it is, the bytes its
 /// validation depended on (preamble and header), and the result.
+#[derive(Default)]
 struct Early {
     /// The slot's address (as a number: only compared).
     ptr: usize,
     len: usize,
+    /// The preamble and header validated (the buffer is reused).
     prefix: Vec<u8>,
-    msg: Message<'static>,
+    /// The result; `None` when nothing is remembered.
+    msg: Option<Message<'static>>,
 }
 
 /// Headers longer than this are not validated ahead (they are a few KiB).
@@ -107,7 +110,7 @@ impl Receiver {
             session,
             inner,
             check_session_ids: options.check_session_ids,
-            early: RefCell::new(None),
+            early: RefCell::new(Early::default()),
         }
     }
 
@@ -227,16 +230,18 @@ impl Receiver {
         // SAFETY: as in `guard`: the slot stays mapped as long as this receiver,
         // and nothing here is handed out before it is checked again.
         let bytes: &'static [u8] = unsafe { std::slice::from_raw_parts(ptr, len) };
-        let early = self.validate(bytes).ok().and_then(|msg| {
-            let end = avp_wire::PREAMBLE_LEN + msg.header_len() as usize;
-            (end <= EARLY_PREFIX_MAX).then(|| Early {
-                ptr: ptr as usize,
-                len,
-                prefix: bytes[..end].to_vec(),
-                msg,
-            })
-        });
-        *self.early.borrow_mut() = early;
+        let mut early = self.early.borrow_mut();
+        early.msg = None;
+        let Ok(msg) = self.validate(bytes) else {
+            return;
+        };
+        let end = avp_wire::PREAMBLE_LEN + msg.header_len() as usize;
+        if end > EARLY_PREFIX_MAX {
+            return;
+        }
+        early.prefix.clear();
+        early.prefix.extend_from_slice(&bytes[..end]);
+        (early.ptr, early.len, early.msg) = (ptr as usize, len, Some(msg));
     }
 
     /// The remembered validation of the pool-slot message at `ptr`, if its
@@ -245,11 +250,12 @@ impl Receiver {
     /// not.
     #[inline]
     fn validated_ahead(&self, ptr: *const u8, len: usize) -> Option<Message<'static>> {
-        let early = self.early.borrow_mut().take()?;
+        let mut early = self.early.borrow_mut();
+        let msg = early.msg.take()?;
         // SAFETY: as in `guard`.
         let bytes: &[u8] = unsafe { std::slice::from_raw_parts(ptr, len) };
         (early.ptr == ptr as usize && early.len == len && bytes.starts_with(&early.prefix))
-            .then_some(early.msg)
+            .then_some(msg)
     }
 
     /// Wrap received bytes in a guard after validating them.
