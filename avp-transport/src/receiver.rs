@@ -149,7 +149,8 @@ impl Receiver {
 
     /// The next message if one has arrived, without waiting: `Ok(None)` when none
     /// has. On shared memory this looks at the ring (and, while a message is
-    /// being written, keeps the receive path cached as `recv` does); over TCP a
+    /// being written, keeps the receive path cached and validates a staged
+    /// message ahead, as `recv` does); over TCP a
     /// message whose first bytes have arrived is read whole, waiting for the rest
     /// up to the stall timeout (`Options::connect_timeout`), after which the
     /// connection is closed as in `recv`. Over TLS a readable socket may carry no
