@@ -204,6 +204,7 @@ impl Sender {
                 // SAFETY: the region is ours and at least bytes.len() long.
                 unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), r.ptr(), bytes.len()) };
                 let LoanMem::Shm(r) = mem else { unreachable!() };
+                s.stage(&r, bytes.len());
                 s.publish(r, bytes.len())
             }
             _ => unreachable!("loan memory matches its sender"),

@@ -216,32 +216,52 @@ impl Receiver {
         if let Held::Slot(_) = held
             && let Some(msg) = self.validated_ahead(ptr, len)
         {
-            self.session.check_alive()?;
-            return Ok(RecvGuard {
+            // The guard first: if the session has expired, dropping it gives
+            // the slot back.
+            let guard = RecvGuard {
                 rx: self,
                 held: Some(HeldMem::Shm(held)),
                 msg: Some(msg),
-            });
+            };
+            self.session.check_alive()?;
+            return Ok(guard);
         }
         self.guard(HeldMem::Shm(held), ptr, len)
     }
 
     /// Validate a staged message and remember the result (see `deliver_shm`).
+    ///
+    /// The preamble and header are copied before they are parsed and compared
+    /// again after: a sender that drops a staged message and writes another
+    /// into the slot meanwhile leaves a copy that no longer matches, and
+    /// nothing is remembered. (Parsing depends on these bytes and the length
+    /// alone.)
     fn validate_ahead(&self, ptr: *const u8, len: usize) {
-        // SAFETY: as in `guard`: the slot stays mapped as long as this receiver,
-        // and nothing here is handed out before it is checked again.
+        // SAFETY: as in `guard`: the slot stays mapped as long as this receiver.
+        // What is read here is only remembered if it is the same before and
+        // after parsing, and used only if it is still the same on delivery.
         let bytes: &'static [u8] = unsafe { std::slice::from_raw_parts(ptr, len) };
         let mut early = self.early.borrow_mut();
         early.msg = None;
+        // As far as the preamble says the header reaches (bytes 4..8, the
+        // header length; checked by the parse below like everything else).
+        let declared = bytes
+            .get(4..8)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        let copy = avp_wire::PREAMBLE_LEN
+            .saturating_add(declared)
+            .min(len)
+            .min(EARLY_PREFIX_MAX);
+        early.prefix.clear();
+        early.prefix.extend_from_slice(&bytes[..copy]);
         let Ok(msg) = self.validate(bytes) else {
             return;
         };
         let end = avp_wire::PREAMBLE_LEN + msg.header_len() as usize;
-        if end > EARLY_PREFIX_MAX {
+        if end > early.prefix.len() || !bytes.starts_with(&early.prefix[..end]) {
             return;
         }
-        early.prefix.clear();
-        early.prefix.extend_from_slice(&bytes[..end]);
+        early.prefix.truncate(end);
         (early.ptr, early.len, early.msg) = (ptr as usize, len, Some(msg));
     }
 

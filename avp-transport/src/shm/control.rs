@@ -6,7 +6,7 @@
 //! offset  field (each hot word on its own cache line)
 //! 0       magic u64 | version u32 | slots u32 | slot_size u64 | ring u32
 //! 64      head       u64  messages published   (sender writes)
-//! 72      newest     u64  entry head - 1, packed with a tag, or 0 (same line; optional)
+//! 72      newest     u64  entry head - 1 (or the staged entry head), packed with a tag, or 0
 //! 128     tail       u64  messages consumed    (receiver writes)
 //! 192     rx_waiting u32  receiver blocks on the "published" eventfd
 //! 256     rel_head   u64  slots released       (receiver writes)
@@ -214,6 +214,14 @@ impl Control {
         // Release: a receiver that sees the staged entry also sees the message
         // bytes written before it (it may validate them ahead).
         self.u64_at(NEWEST).store(pack(head, e), Ordering::Release);
+    }
+
+    /// Sender: withdraw a staged entry (its message will not be sent), so that
+    /// no receiver goes on reading its slot while it is written again. `newest`
+    /// is optional: 0 sends a receiver to the ring.
+    #[inline]
+    pub fn unstage(&self) {
+        self.u64_at(NEWEST).store(0, Ordering::Release);
     }
 
     /// Sender: announce the entry staged as number `head` (the head becomes

@@ -2,9 +2,9 @@
 //! handed to the receiver over a Unix socket (SCM_RIGHTS), two rings in the pool's
 //! control page, and eventfd doorbells rung only when the other side sleeps.
 //!
-//! Slot life cycle: free (sender) → loaned (sender writes in place) → published
-//! (ring entry and the packed `newest` word, then `head`) → held (receiver's
-//! guard) → released (release ring) → free.
+//! Slot life cycle: free (sender) → loaned (sender writes in place) → staged
+//! (ring entry and the packed `newest` word, when the message is finished) →
+//! published (`head`) → held (receiver's guard) → released (release ring) → free.
 //! Messages larger than a slot travel in a dedicated sealed memfd sent with the
 //! notification. A peer that dies is seen as EOF/HUP on the Unix socket; all its
 //! mappings and descriptors are dropped with the endpoint.
@@ -286,7 +286,9 @@ impl ShmSender {
 
     /// Give back a region that will not be sent.
     pub fn abandon(&mut self, region: Region) {
-        self.staged = None;
+        if self.staged.take().is_some() {
+            self.ctrl.unstage();
+        }
         self.ctrl.cancel(self.head);
         if let Region::Slot { index, .. } = region {
             self.in_flight[index as usize] = false;
@@ -925,6 +927,23 @@ mod tests {
         ctrl.set_rx_waiting(true);
         assert!(commit(ctrl, 1));
         assert_eq!(ctrl.peek(1), Ok(Some(next)));
+    }
+
+    #[test]
+    fn a_withdrawn_staged_entry_is_no_longer_announced() {
+        let block = Rehearsal::new();
+        let ctrl = &block.control();
+        let e = Entry {
+            slot: 1,
+            flags: 0,
+            len: 4096,
+        };
+        ctrl.stage(0, e);
+        assert_eq!(ctrl.staged(0), Some(e));
+        assert_eq!(ctrl.staged(1), None, "only under its own number");
+        ctrl.unstage();
+        assert_eq!(ctrl.staged(0), None);
+        assert_eq!(ctrl.peek(0), Ok(None));
     }
 
     #[test]
