@@ -903,15 +903,20 @@ impl ShmReceiver {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_staged_entry_is_unseen_until_committed() {
-        let block = Rehearsal::new();
-        let ctrl = &block.control();
+    /// A private control block to exercise, and a pool-slot entry of 4 KiB.
+    fn block_and_entry(slot: u32) -> (Rehearsal, Entry) {
         let e = Entry {
-            slot: 3,
+            slot,
             flags: 0,
             len: 4096,
         };
+        (Rehearsal::new(), e)
+    }
+
+    #[test]
+    fn a_staged_entry_is_unseen_until_committed() {
+        let (block, e) = block_and_entry(3);
+        let ctrl = &block.control();
         ctrl.stage(0, e);
         assert_eq!(ctrl.peek(0), Ok(None), "staged, not announced");
         assert!(!commit(ctrl, 0));
@@ -931,13 +936,8 @@ mod tests {
 
     #[test]
     fn a_withdrawn_staged_entry_is_no_longer_announced() {
-        let block = Rehearsal::new();
+        let (block, e) = block_and_entry(1);
         let ctrl = &block.control();
-        let e = Entry {
-            slot: 1,
-            flags: 0,
-            len: 4096,
-        };
         ctrl.stage(0, e);
         assert_eq!(ctrl.staged(0), Some(e));
         assert_eq!(ctrl.staged(1), None, "only under its own number");
