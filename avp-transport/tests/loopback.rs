@@ -425,13 +425,25 @@ fn unbounded_timeouts_wait_instead_of_panicking() {
 
 #[test]
 fn messages_validated_ahead_are_delivered_as_published() {
-    // A finished message is staged before it is sent, and a polling receiver
-    // validates it ahead. What it delivers must still be exactly what was
-    // published: here a staged message is dropped unsent and another one of
-    // the same length but another shape is written into the same slot and
-    // sent; then a staged message is sent as is.
+    validated_ahead_case(64);
+}
+
+#[test]
+fn large_messages_validated_ahead_are_delivered_as_published() {
+    // 9 MiB messages: above the size from which a sender streams, which the
+    // receiver validates ahead too.
+    const { assert!(4608 * 2048 >= avp_wire::checksum::STREAMING_MIN_BYTES) };
+    validated_ahead_case(4608);
+}
+
+/// A finished message is staged before it is sent, and a polling receiver
+/// validates it ahead. What it delivers must still be exactly what was
+/// published: here a staged message is dropped unsent and another one of
+/// the same length but another shape is written into the same slot and
+/// sent; then a staged message is sent as is. Messages of `seq` × 2 KiB.
+fn validated_ahead_case(seq: u64) {
     let kv = |head_dim, seq| KvCacheDesc::new(4, 2, head_dim, seq, DType::F16, KvLayout::Hnd);
-    let (wide, long) = (kv(64, 64), kv(32, 128));
+    let (wide, long) = (kv(64, seq), kv(32, 2 * seq));
     let layout_of =
         |d: KvCacheDesc| MessageLayout::new(&Envelope::default(), &Payload::KvCache(d)).unwrap();
     let name = format!("shm://{}", unique("ahead"));
