@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use avp_wire::PREAMBLE_LEN;
 
 use super::bench::PageBuf;
-use super::bench_transport::{Pin, Placement, Row, T, layout_for};
+use super::bench_transport::{Pin, Placement, Row, Stamps, T, layout_for};
 
 /// The sender's pause before a message (`--gap-us`).
 pub(super) fn idle(gap: Duration) {
@@ -64,42 +64,44 @@ pub(super) fn raw_tcp(
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     let epoch = Instant::now();
-    let started = Arc::new(AtomicU64::new(0));
-    let s2 = started.clone();
     let (ack_tx, ack_rx) = mpsc::channel::<()>();
-    let h = std::thread::spawn(move || -> anyhow::Result<()> {
+    let h = std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
         let _pin = Pin::to(cpus.map(|c| c.sender));
         let mut s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         let src = PageBuf::new(size);
+        let mut started = Vec::with_capacity(reps + 1);
         for _ in 0..=reps {
             idle(gap);
-            s2.store(epoch.elapsed().as_nanos() as u64, Ordering::SeqCst);
+            started.push(epoch.elapsed().as_nanos() as u64);
             s.write_all(src.as_slice())?;
             ack_rx.recv()?;
         }
-        Ok(())
+        Ok(started)
     });
     // Pinned after the sender thread started, so it never inherits this one CPU.
     let _pin = Pin::to(cpus.map(|c| c.receiver));
     let (mut c, _) = l.accept()?;
     c.set_nodelay(true)?;
     let mut dst = PageBuf::new(size);
-    let mut e2e = Vec::with_capacity(reps);
-    for i in 0..=reps {
+    let mut ends = Vec::with_capacity(reps + 1);
+    for _ in 0..=reps {
         c.read_exact(dst.as_mut_slice())?;
-        let end = epoch.elapsed().as_nanos() as u64;
-        if i > 0 {
-            e2e.push((end - started.load(Ordering::SeqCst)) as f64 / 1e9);
-        }
+        ends.push(epoch.elapsed().as_nanos() as u64);
         ack_tx.send(())?;
     }
-    h.join().expect("raw tcp sender")?;
+    // Paired after the run (see `Stamps`); the first transfer is a warm-up.
+    let started = h.join().expect("raw tcp sender")?;
     Ok(Row {
         transport: "raw_tcp",
         size,
         lat_us: Vec::new(),
-        e2e_s: e2e,
+        e2e_s: started
+            .iter()
+            .zip(&ends)
+            .skip(1)
+            .map(|(&s, &end)| end.saturating_sub(s) as f64 / 1e9)
+            .collect(),
         produce_s: Vec::new(),
     })
 }
@@ -111,16 +113,12 @@ const WARM_EVERY: Duration = Duration::from_micros(20);
 
 /// A word on a cache line of its own (two, for the adjacent-line prefetcher).
 #[repr(align(128))]
-pub(super) struct Line(pub(super) AtomicU64);
+struct Line(AtomicU64);
 
 /// What the two threads of `raw_shm` share.
 struct Floor {
     /// Messages handed over so far.
     seq: Line,
-    /// When the sender handed the last one over (ns since the epoch).
-    sent: Line,
-    /// When the sender started writing it.
-    started: Line,
     /// Non-zero while the sender writes a message (avp's `producing`).
     writing: Line,
     /// The header's bytes, as words.
@@ -138,8 +136,6 @@ pub(super) fn raw_shm(
     let header_len = PREAMBLE_LEN + layout_for(size)?.header_len();
     let shared = Arc::new(Floor {
         seq: Line(AtomicU64::new(0)),
-        sent: Line(AtomicU64::new(0)),
-        started: Line(AtomicU64::new(0)),
         writing: Line(AtomicU64::new(0)),
         header: (0..header_len.div_ceil(8))
             .map(|_| AtomicU64::new(0))
@@ -149,28 +145,30 @@ pub(super) fn raw_shm(
     let now = move || epoch.elapsed().as_nanos() as u64;
     let (ack_tx, ack_rx) = mpsc::channel::<()>();
     let tx_side = shared.clone();
-    let h = std::thread::spawn(move || -> anyhow::Result<()> {
+    let h = std::thread::spawn(move || -> anyhow::Result<Vec<Stamps>> {
         let _pin = Pin::to(cpus.map(|c| c.sender));
         let (src, mut dst) = (PageBuf::new(size), PageBuf::new(size));
+        let mut stamps = Vec::with_capacity(reps + 1);
         for i in 1..=reps as u64 + 1 {
             idle(gap);
-            tx_side.started.0.store(now(), Ordering::Relaxed);
+            let started = now();
             tx_side.writing.0.store(1, Ordering::Relaxed);
             dst.as_mut_slice().copy_from_slice(src.as_slice());
             std::hint::black_box(dst.as_slice());
             for w in &tx_side.header {
                 w.store(i, Ordering::Relaxed);
             }
-            tx_side.sent.0.store(now(), Ordering::Relaxed);
+            let sent = now();
             tx_side.seq.0.store(i, Ordering::Release);
             tx_side.writing.0.store(0, Ordering::Relaxed);
+            stamps.push(Stamps { started, sent });
             ack_rx.recv()?;
         }
-        Ok(())
+        Ok(stamps)
     });
     // Pinned after the sender thread started, so it never inherits this one CPU.
     let _pin = Pin::to(cpus.map(|c| c.receiver));
-    let (mut lat, mut produce) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    let mut ends = Vec::with_capacity(reps + 1);
     for i in 1..=reps as u64 + 1 {
         let give_up = Instant::now() + T;
         let mut warmed = Instant::now();
@@ -194,24 +192,10 @@ pub(super) fn raw_shm(
         }
         // Reads every header line, as validating a header does.
         let whole = shared.header.iter().all(|w| w.load(Ordering::Relaxed) == i);
-        let end = now();
+        ends.push(now());
         anyhow::ensure!(whole, "raw_shm: header {i} read before it was written");
-        if i > 1 {
-            let (s, t) = (
-                shared.started.0.load(Ordering::Relaxed),
-                shared.sent.0.load(Ordering::Relaxed),
-            );
-            lat.push((end - t) as f64 / 1e3);
-            produce.push((t - s) as f64 / 1e9);
-        }
         ack_tx.send(())?;
     }
-    h.join().expect("raw shm sender")?;
-    Ok(Row {
-        transport: "raw_shm",
-        size,
-        e2e_s: lat.iter().map(|us| us / 1e6).collect(),
-        lat_us: lat,
-        produce_s: produce,
-    })
+    let stamps = h.join().expect("raw shm sender")?;
+    Ok(Row::handoffs("raw_shm", size, &stamps, &ends))
 }

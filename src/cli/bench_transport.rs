@@ -24,8 +24,6 @@
 //! woken thread on its waker's CPU, where it then waits for the receiver's core
 //! (measured here: rounds of 4 KiB at 9 µs instead of 0.4 µs).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -36,7 +34,7 @@ use nix::unistd::Pid;
 use serde_json::json;
 
 use super::bench::{PageBuf, parse_size};
-use super::bench_baseline::{Line, idle, memcpy, raw_shm, raw_tcp};
+use super::bench_baseline::{idle, memcpy, raw_shm, raw_tcp};
 
 /// Arguments of `avp bench transport`.
 #[derive(clap::Args, Debug)]
@@ -160,6 +158,30 @@ pub(super) struct Row {
 }
 
 impl Row {
+    /// A row of handoffs: latency from each `sent` stamp to the receiver's
+    /// `ends` stamp of the same message, producing time from `started` to
+    /// `sent`. The first message is a warm-up and left out.
+    pub(super) fn handoffs(
+        transport: &'static str,
+        size: usize,
+        stamps: &[Stamps],
+        ends: &[u64],
+    ) -> Row {
+        let pairs = || stamps.iter().zip(ends).skip(1);
+        let lat: Vec<f64> = pairs()
+            .map(|(s, &end)| end.saturating_sub(s.sent) as f64 / 1e3)
+            .collect();
+        Row {
+            transport,
+            size,
+            e2e_s: lat.iter().map(|us| us / 1e6).collect(),
+            lat_us: lat,
+            produce_s: pairs()
+                .map(|(s, _)| s.sent.saturating_sub(s.started) as f64 / 1e9)
+                .collect(),
+        }
+    }
+
     /// Pool another round's samples into this row.
     fn absorb(&mut self, other: Row) {
         self.lat_us.extend(other.lat_us);
@@ -340,15 +362,8 @@ fn avp_transport(
     let listener = Endpoint::bind(&addr, &id, opts.clone())?;
     let connect_to = listener.local_addr();
     let epoch = Instant::now();
-    // Each stamp on cache lines of its own, as `raw_shm`'s are, so that both
-    // are timed the same way (no stamp shares a line with anything else).
-    let (started, sent) = (
-        Arc::new(Line(AtomicU64::new(0))),
-        Arc::new(Line(AtomicU64::new(0))),
-    );
-    let (s2, t2) = (started.clone(), sent.clone());
     let (ack_tx, ack_rx) = mpsc::channel::<()>();
-    let h = std::thread::spawn(move || -> anyhow::Result<()> {
+    let h = std::thread::spawn(move || -> anyhow::Result<Vec<Stamps>> {
         let _pin = Pin::to(cpus.map(|c| c.sender));
         let mut tx = Endpoint::connect(&connect_to, &ModelIdentity::default(), opts)?;
         let layout = layout_for(size)?;
@@ -360,19 +375,19 @@ fn avp_transport(
             off += s.len as usize;
         }
         let now = || epoch.elapsed().as_nanos() as u64;
+        let mut stamps = Vec::with_capacity(reps + 1);
         for _ in 0..=reps {
             idle(gap);
-            s2.0.store(now(), Ordering::SeqCst);
+            let started = now();
             let mut loan = tx.loan(&layout)?;
             loan.writer().write_sections(&srcs)?;
             let ready = loan.finish()?;
-            // A plain store: a full barrier here would sit inside the measured
-            // window, and the publish that follows makes it visible first.
-            t2.0.store(now(), Ordering::Relaxed);
+            let sent = now();
             ready.send()?;
+            stamps.push(Stamps { started, sent });
             ack_rx.recv()?;
         }
-        Ok(())
+        Ok(stamps)
     });
     // Pinned after the sender thread started, so it never inherits this one CPU.
     let _pin = Pin::to(cpus.map(|c| c.receiver));
@@ -382,28 +397,28 @@ fn avp_transport(
         "negotiated {}",
         rx.session().explain()
     );
-    let (mut lat, mut produce) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
-    for i in 0..=reps {
+    let mut ends = Vec::with_capacity(reps + 1);
+    for _ in 0..=reps {
         let g = rx.recv(T)?;
-        let end = epoch.elapsed().as_nanos() as u64;
+        ends.push(epoch.elapsed().as_nanos() as u64);
         std::hint::black_box(g.message().total_len());
-        if i > 0 {
-            let (s, t) = (
-                started.0.load(Ordering::Acquire),
-                sent.0.load(Ordering::Acquire),
-            );
-            lat.push((end - t) as f64 / 1e3);
-            produce.push((t - s) as f64 / 1e9);
-        }
         drop(g);
         ack_tx.send(())?;
     }
-    h.join().expect("sender thread")?;
-    Ok(Row {
-        transport: if shm { "shm" } else { "tcp" },
+    let stamps = h.join().expect("sender thread")?;
+    Ok(Row::handoffs(
+        if shm { "shm" } else { "tcp" },
         size,
-        e2e_s: lat.iter().map(|us| us / 1e6).collect(),
-        lat_us: lat,
-        produce_s: produce,
-    })
+        &stamps,
+        &ends,
+    ))
+}
+
+/// When the sender of one message started producing it and when it called
+/// `send` (ns since the run's epoch). Each thread keeps its own stamps and they
+/// are paired after the run: a stamp written to memory the other thread reads
+/// would put a cross-core transfer inside the window it measures.
+pub(super) struct Stamps {
+    pub(super) started: u64,
+    pub(super) sent: u64,
 }
