@@ -57,6 +57,7 @@ mod payload;
 mod resolver;
 mod streaming;
 pub mod v1;
+mod view;
 
 pub use dtype::{DType, Element, KvLayout};
 pub use envelope::{Envelope, EnvelopeRef};
@@ -67,13 +68,14 @@ pub use layout::{
     MAX_ALIGNMENT, MIN_ALIGNMENT, MessageLayout, MessageWriter, PAGE_ALIGN_FROM, PAGE_ALIGNMENT,
     SMALL_ALIGNMENT, SectionSpan, encode_to_vec,
 };
-pub use message::{HiddenView, KvView, Message, Section, TextView};
+pub use message::{Message, Section};
 pub use payload::{
     HiddenStateDesc, KvCacheDesc, LayerRange, Payload, SectionRole, TextDesc, TextFormat,
 };
 pub use resolver::{
     MIN_VOCAB_OVERLAP, MapLookup, Mode, Resolution, ResolutionPath, Resolver, map_id,
 };
+pub use view::{HiddenView, KvView, TextView};
 
 /// The wire version of a message, read from its first three bytes.
 ///

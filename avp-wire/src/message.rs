@@ -1,7 +1,7 @@
 //! A parsed, validated v2 message that borrows the bytes it was parsed from.
 
 use crate::checksum;
-use crate::dtype::{DType, Element, KvLayout};
+use crate::dtype::{DType, KvLayout};
 use crate::envelope::EnvelopeRef;
 use crate::error::{Result, WireError};
 use crate::header::{
@@ -12,6 +12,7 @@ use crate::payload::{
     HiddenStateDesc, KvCacheDesc, LayerRange, Payload, SectionPlan, SectionRole, TextDesc,
     TextFormat,
 };
+use crate::view::{HiddenView, KvView, TextView};
 
 /// A validated v2 message borrowing its bytes (a shared-memory slot, a receive
 /// buffer, a file mapping).
@@ -68,8 +69,63 @@ impl<'a> Message<'a> {
             });
         }
         let (bytes, rest) = bytes.split_at(preamble.total_len as usize);
+        Ok((Self::build(preamble, bytes, bytes)?, rest))
+    }
+
+    /// Parse a message whose preamble and header are read from `prefix`, a
+    /// private copy, while its sections stay in `bytes` (the whole message, in
+    /// place): the way to read memory that a peer can still write.
+    ///
+    /// Every header field (section offsets and lengths, the envelope's strings,
+    /// the payload shape) is validated once in `prefix` and read from there
+    /// afterwards, so a peer that rewrites the header in `bytes` after it was
+    /// copied changes nothing this view reports and cannot make it read out of
+    /// bounds; rewritten *section* bytes are the peer's data as usual (check
+    /// them with [`verify`](Self::verify)). `prefix` holds at least the
+    /// preamble and the header it declares (bytes beyond are ignored), and
+    /// `bytes` exactly the message the preamble declares.
+    /// [`as_bytes`](Self::as_bytes) returns `bytes`.
+    ///
+    /// ```
+    /// # use avp_wire::*;
+    /// let layout = MessageLayout::new(&Envelope::default(),
+    ///     &Payload::KvCache(KvCacheDesc::new(1, 1, 4, 2, DType::F16, KvLayout::Hnd)))?;
+    /// let bytes = layout.encode_to_vec(&[&[1u8; 16][..], &[2u8; 16][..]])?;
+    /// let copy = bytes[..PREAMBLE_LEN + Preamble::read(&bytes)?.header_len as usize].to_vec();
+    /// let m = Message::parse_split(&copy, &bytes)?;
+    /// assert_eq!(m.kv()?.v(0)?, &[2u8; 16]);
+    /// # Ok::<(), WireError>(())
+    /// ```
+    pub fn parse_split(prefix: &'a [u8], bytes: &'a [u8]) -> Result<Message<'a>> {
+        let preamble = Preamble::read(prefix)?;
+        if preamble.total_len != bytes.len() as u64 {
+            return Err(if preamble.total_len > bytes.len() as u64 {
+                WireError::Truncated {
+                    what: "v2 message",
+                    needed: preamble.total_len,
+                    available: bytes.len() as u64,
+                }
+            } else {
+                WireError::TrailingBytes {
+                    declared: preamble.total_len,
+                    extra: bytes.len() as u64 - preamble.total_len,
+                }
+            });
+        }
+        Self::build(preamble, prefix, bytes)
+    }
+
+    /// Validate the header that follows the preamble in `prefix` and the
+    /// section table against `bytes` (`preamble.total_len` long).
+    fn build(preamble: Preamble, prefix: &'a [u8], bytes: &'a [u8]) -> Result<Message<'a>> {
         let header_end = PREAMBLE_LEN + preamble.header_len as usize;
-        let header_bytes = &bytes[PREAMBLE_LEN..header_end];
+        let header_bytes = prefix
+            .get(PREAMBLE_LEN..header_end)
+            .ok_or(WireError::Truncated {
+                what: "v2 header",
+                needed: header_end as u64,
+                available: prefix.len() as u64,
+            })?;
         let actual = crc32fast::hash(header_bytes);
         if actual != preamble.header_crc {
             return Err(WireError::ChecksumMismatch {
@@ -99,15 +155,12 @@ impl<'a> Message<'a> {
         if !sections_in_place(sections, &plan, start, alignment, total) {
             check_sections(sections, &plan, start, alignment, total)?;
         }
-        Ok((
-            Message {
-                bytes,
-                header,
-                preamble,
-                shape,
-            },
-            rest,
-        ))
+        Ok(Message {
+            bytes,
+            header,
+            preamble,
+            shape,
+        })
     }
 
     /// The whole message.
@@ -453,163 +506,6 @@ fn shape_of(raw: &ArchivedRawPayload) -> Result<Payload> {
     Ok(shape)
 }
 
-fn typed<T: Element>(dtype: DType, bytes: &[u8]) -> Result<&[T]> {
-    if T::DTYPE != dtype {
-        return Err(WireError::DTypeMismatch {
-            expected: T::DTYPE,
-            found: dtype,
-        });
-    }
-    bytemuck::try_cast_slice(bytes).map_err(|_| WireError::Misaligned {
-        address: bytes.as_ptr() as usize,
-        align: std::mem::align_of::<T>(),
-    })
-}
-
-fn scales(bytes: &[u8]) -> Result<&[f32]> {
-    typed::<f32>(DType::F32, bytes)
-}
-
-/// A KV cache inside a parsed message; every accessor returns bytes in place.
-#[derive(Clone, Debug)]
-pub struct KvView<'a> {
-    desc: KvCacheDesc,
-    msg: Message<'a>,
-}
-
-impl<'a> KvView<'a> {
-    /// The cache's shape.
-    pub fn desc(&self) -> &KvCacheDesc {
-        &self.desc
-    }
-
-    fn index(&self, layer: u32, scale: bool) -> Result<usize> {
-        let r = self.desc.layers;
-        if !r.contains(layer) {
-            return Err(WireError::LayerOutOfRange {
-                layer,
-                start: r.start,
-                end: r.end,
-            });
-        }
-        let base = (layer - r.start) as usize * 2;
-        if scale {
-            if self.desc.dtype != DType::I8 {
-                return Err(WireError::DTypeMismatch {
-                    expected: DType::I8,
-                    found: self.desc.dtype,
-                });
-            }
-            Ok(r.len() as usize * 2 + base)
-        } else {
-            Ok(base)
-        }
-    }
-
-    /// Index of the K section of `layer` in the message's section table (V is the next one).
-    pub fn k_section_index(&self, layer: u32) -> Result<usize> {
-        self.index(layer, false)
-    }
-
-    /// Raw bytes of `layer`'s K tensor (in the desc's layout).
-    pub fn k(&self, layer: u32) -> Result<&'a [u8]> {
-        Ok(self.msg.section(self.index(layer, false)?)?.bytes)
-    }
-
-    /// Raw bytes of `layer`'s V tensor.
-    pub fn v(&self, layer: u32) -> Result<&'a [u8]> {
-        Ok(self.msg.section(self.index(layer, false)? + 1)?.bytes)
-    }
-
-    /// `layer`'s K as typed elements (`f32`, `half::f16`, `half::bf16`, `i8`).
-    pub fn k_as<T: Element>(&self, layer: u32) -> Result<&'a [T]> {
-        typed(self.desc.dtype, self.k(layer)?)
-    }
-
-    /// `layer`'s V as typed elements.
-    pub fn v_as<T: Element>(&self, layer: u32) -> Result<&'a [T]> {
-        typed(self.desc.dtype, self.v(layer)?)
-    }
-
-    /// Per-channel scales of an i8 K tensor (`num_kv_heads * head_dim` values).
-    pub fn k_scales(&self, layer: u32) -> Result<&'a [f32]> {
-        scales(self.msg.section(self.index(layer, true)?)?.bytes)
-    }
-
-    /// Per-channel scales of an i8 V tensor.
-    pub fn v_scales(&self, layer: u32) -> Result<&'a [f32]> {
-        scales(self.msg.section(self.index(layer, true)? + 1)?.bytes)
-    }
-
-    /// Verify the K and V sections (and scales) of one layer only.
-    pub fn verify_layer(&self, layer: u32) -> Result<()> {
-        let i = self.index(layer, false)?;
-        self.msg.verify_section(i)?;
-        self.msg.verify_section(i + 1)?;
-        if self.desc.dtype == DType::I8 {
-            let j = self.index(layer, true)?;
-            self.msg.verify_section(j)?;
-            self.msg.verify_section(j + 1)?;
-        }
-        Ok(())
-    }
-}
-
-/// Hidden states inside a parsed message.
-#[derive(Clone, Debug)]
-pub struct HiddenView<'a> {
-    /// Rows (positions).
-    pub rows: u64,
-    /// Elements per row.
-    pub dim: u64,
-    /// Element type.
-    pub dtype: DType,
-    /// Cross-model map id ("" for same-model).
-    pub map_id: &'a str,
-    msg: Message<'a>,
-}
-
-impl<'a> HiddenView<'a> {
-    /// The raw bytes, row-major `[rows, dim]`.
-    pub fn data(&self) -> &'a [u8] {
-        self.msg.section(0).expect("hidden section").bytes
-    }
-
-    /// Typed elements.
-    pub fn data_as<T: Element>(&self) -> Result<&'a [T]> {
-        typed(self.dtype, self.data())
-    }
-
-    /// Per-column scales of i8 hidden states.
-    pub fn scales(&self) -> Result<&'a [f32]> {
-        if self.dtype != DType::I8 {
-            return Err(WireError::DTypeMismatch {
-                expected: DType::I8,
-                found: self.dtype,
-            });
-        }
-        scales(self.msg.section(1)?.bytes)
-    }
-}
-
-/// Text inside a parsed message.
-#[derive(Clone, Copy, Debug)]
-pub struct TextView<'a> {
-    /// How to read it.
-    pub format: TextFormat,
-    /// The raw bytes.
-    pub bytes: &'a [u8],
-}
-
-impl<'a> TextView<'a> {
-    /// The text, checked to be UTF-8.
-    pub fn as_str(&self) -> Result<&'a str> {
-        std::str::from_utf8(self.bytes).map_err(|e| WireError::InvalidUtf8 {
-            valid_up_to: e.valid_up_to(),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -627,6 +523,40 @@ mod tests {
         }
         w.finish().unwrap();
         (buf, desc)
+    }
+
+    #[test]
+    fn split_views_read_the_header_from_the_copy_and_sections_in_place() {
+        let (mut buf, desc) = kv_message(DType::F16);
+        let p = Preamble::read(&buf).unwrap();
+        let copy = buf[..PREAMBLE_LEN + p.header_len as usize].to_vec();
+        // The peer rewrites the whole header after the copy was taken.
+        buf[PREAMBLE_LEN..PREAMBLE_LEN + p.header_len as usize].fill(0xFF);
+        let m = Message::parse_split(&copy, &buf).unwrap();
+        assert_eq!(m.kv().unwrap().desc(), &desc);
+        assert_eq!(m.kv().unwrap().v(2).unwrap()[0], 3, "sections in place");
+        assert!(std::ptr::eq(m.as_bytes(), &buf[..]));
+        m.verify_section(0).unwrap();
+        // The in-place bytes alone no longer parse.
+        assert!(Message::parse(&buf).is_err());
+        // Lengths that do not match the preamble, and a short copy, are refused.
+        assert!(matches!(
+            Message::parse_split(&copy, &buf[..buf.len() - 1]),
+            Err(WireError::Truncated { .. })
+        ));
+        let mut longer = buf.clone();
+        longer.push(0);
+        assert!(matches!(
+            Message::parse_split(&copy, &longer),
+            Err(WireError::TrailingBytes { extra: 1, .. })
+        ));
+        assert!(matches!(
+            Message::parse_split(&copy[..copy.len() - 1], &buf),
+            Err(WireError::Truncated {
+                what: "v2 header",
+                ..
+            })
+        ));
     }
 
     #[test]
