@@ -655,7 +655,8 @@ enum avp_status avp_receiver_pool_range(struct avp_receiver receiver,
  * handle whose section pointers point into transport memory (the sender's slot
  * on shared memory); release it with `avp_message_release` to return the slot.
  * Several messages may be held at once, up to the sender's slot count. While it
- * waits, other calls on this receiver (including releasing its messages) wait too.
+ * waits, other threads may release this receiver's messages (they never wait
+ * for the receive); concurrent receives on one receiver take turns.
  */
 enum avp_status avp_receiver_recv(struct avp_receiver receiver,
                                   uint32_t timeout_ms,

@@ -9,9 +9,12 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use avp_transport::frame::{Frame, FrameIo, Hello, PROTOCOL, StreamIo};
 use avp_transport::{Endpoint, Options, TransportError};
+
+#[path = "../avp-transport/tests/support/raw_peer.rs"]
+mod raw_peer;
 use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
+use raw_peer::RawPeer;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -79,36 +82,9 @@ fn resources() -> (usize, usize) {
 
 /// A hand-made TCP session with a token-less listener (to send raw bytes after it).
 fn manual_tcp_session(addr: &str) -> TcpStream {
-    let stream = TcpStream::connect(addr.strip_prefix("tcp://").unwrap()).unwrap();
-    let mut io = StreamIo { stream };
-    let hello = Hello {
-        protocol: PROTOCOL,
-        agent_id: "raw".into(),
-        identity: ModelIdentity::default(),
-        max_message: 1 << 40,
-        transports: vec!["tcp".into()],
-        boot_id: String::new(),
-        shm_socket: None,
-        nonce: "00".repeat(32),
-        auth_required: false,
-        transport_reason: None,
-        vocab_tokens: 0,
-        want_vocabulary: false,
-    };
-    io.send_frame(&Frame::Hello(hello), &[]).unwrap();
-    io.recv_frame(T).unwrap();
-    io.send_frame(
-        &Frame::Auth {
-            mac: None,
-            reason: Some("raw test peer".into()),
-        },
-        &[],
-    )
-    .unwrap();
-    match io.recv_frame(T).unwrap().0 {
-        Frame::Accept(_) => io.stream,
-        other => panic!("expected Accept, got {other:?}"),
-    }
+    RawPeer::handshake(addr, &ModelIdentity::default(), T)
+        .0
+        .stream
 }
 
 /// Entry point of the child processes; does nothing in a normal test run.
@@ -180,7 +156,7 @@ fn peers_that_die_yield_errors_and_leak_nothing() {
         wait_for(&mut child, "stalled");
         let killer = kill_later(child, Duration::from_millis(300));
         let t = Instant::now();
-        let e = rx.recv(T).err().expect("the sender died");
+        let e = rx.recv(T).expect_err("the sender died");
         assert!(matches!(e, TransportError::PeerGone(_)), "{e}");
         assert!(
             t.elapsed() < Duration::from_secs(5),
@@ -202,7 +178,7 @@ fn peers_that_die_yield_errors_and_leak_nothing() {
         wait_for(&mut child, "stalled");
         let killer = kill_later(child, Duration::from_millis(300));
         let t = Instant::now();
-        let e = rx.recv(T).err().expect("the sender died");
+        let e = rx.recv(T).expect_err("the sender died");
         assert!(matches!(e, TransportError::PeerGone(_)), "{e}");
         assert!(
             t.elapsed() < Duration::from_secs(5),
@@ -231,7 +207,7 @@ fn peers_that_die_yield_errors_and_leak_nothing() {
         wait_for(&mut child, "holding");
         let killer = kill_later(child, Duration::from_millis(300));
         let t = Instant::now();
-        let e = tx.loan(&l).err().expect("the receiver died");
+        let e = tx.loan(&l).expect_err("the receiver died");
         assert!(matches!(e, TransportError::PeerGone(_)), "{e}");
         assert!(
             t.elapsed() < Duration::from_secs(5),
@@ -264,7 +240,7 @@ fn bad_tcp_frames_get_typed_errors_and_the_listener_keeps_serving() {
             .unwrap();
         std::thread::sleep(Duration::from_millis(200));
     });
-    let e = listener.accept(T).err().expect("garbage handshake refused");
+    let e = listener.accept(T).expect_err("garbage handshake refused");
     assert!(matches!(e, TransportError::Protocol(_)), "{e}");
     h.join().unwrap();
 

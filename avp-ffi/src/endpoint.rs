@@ -1,12 +1,12 @@
 //! Listeners, receivers and senders.
 
 use std::ffi::c_char;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use avp_transport::{
-    Endpoint, Listener, Loan, Receiver, RecvGuard, Sender, Session, TransportKind,
-};
-use avp_wire::{Message, MessageLayout, Mode, Payload};
+use avp_transport::{Endpoint, Listener, Loan, Receiver, Sender, Session, TransportKind};
+use avp_wire::{MessageLayout, Mode, Payload};
 
 use crate::message::{MESSAGES, MessageObj};
 use crate::registry::{Table, lock};
@@ -40,15 +40,15 @@ pub struct avp_sender {
     pub id: u64,
 }
 
-pub(crate) static LISTENERS: Table<Listener> = Table::new(1, "avp_listener");
+pub(crate) static LISTENERS: Table<Arc<Listener>> = Table::new(1, "avp_listener");
 pub(crate) static RECEIVERS: Table<ReceiverObj> = Table::new(2, "avp_receiver");
 static SENDERS: Table<SenderObj> = Table::new(3, "avp_sender");
 
 pub(crate) struct ReceiverObj {
-    /// Boxed so received messages can point at it while the table moves.
-    pub rx: Box<Receiver>,
+    /// Shared with calls in progress: a receive waits without the object's lock.
+    pub rx: Arc<Receiver>,
     /// Messages received and not yet released.
-    pub held: usize,
+    pub held: Arc<AtomicUsize>,
 }
 
 struct SenderObj {
@@ -109,7 +109,7 @@ pub unsafe extern "C" fn avp_listener_bind(
         }
         let l = Endpoint::bind(&addr, &id, opts)?;
         let handle = avp_listener {
-            id: LISTENERS.insert(l)?,
+            id: LISTENERS.insert(Arc::new(l))?,
         };
         // SAFETY: checked non-NULL above.
         unsafe { types::put(out, "out", handle) }
@@ -176,11 +176,13 @@ pub unsafe extern "C" fn avp_listener_accept(
             return Err(Error::null("out"));
         }
         let l = LISTENERS.get(listener.id)?;
-        let rx = lock(&l).accept(ms(timeout_ms))?;
+        // Accept without the listener's lock, so that freeing it never waits.
+        let l = Arc::clone(&lock(&l));
+        let rx = l.accept(ms(timeout_ms))?;
         let handle = avp_receiver {
             id: RECEIVERS.insert(ReceiverObj {
-                rx: Box::new(rx),
-                held: 0,
+                rx: Arc::new(rx),
+                held: Arc::default(),
             })?,
         };
         // SAFETY: checked non-NULL above.
@@ -238,7 +240,8 @@ pub unsafe extern "C" fn avp_receiver_pool_range(
 /// handle whose section pointers point into transport memory (the sender's slot
 /// on shared memory); release it with `avp_message_release` to return the slot.
 /// Several messages may be held at once, up to the sender's slot count. While it
-/// waits, other calls on this receiver (including releasing its messages) wait too.
+/// waits, other threads may release this receiver's messages (they never wait
+/// for the receive); concurrent receives on one receiver take turns.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn avp_receiver_recv(
     receiver: avp_receiver,
@@ -250,14 +253,13 @@ pub unsafe extern "C" fn avp_receiver_recv(
             return Err(Error::null("out"));
         }
         let r = RECEIVERS.get(receiver.id)?;
-        let mut obj = lock(&r);
-        let rx: *const Receiver = &*obj.rx;
-        // SAFETY: the receiver is boxed and freed only when no message is held
-        // (`avp_receiver_free` refuses while `held > 0`), and a guard is dropped
-        // only under this receiver's lock.
-        let guard: RecvGuard<'static> = unsafe { &*rx }.recv(ms(timeout_ms))?;
-        let id = MESSAGES.insert(MessageObj::received(guard, r.clone()))?;
-        obj.held += 1;
+        let (rx, held) = {
+            let obj = lock(&r);
+            (Arc::clone(&obj.rx), Arc::clone(&obj.held))
+        };
+        let guard = rx.recv(ms(timeout_ms))?;
+        held.fetch_add(1, Ordering::Relaxed);
+        let id = MESSAGES.insert(MessageObj::Received { guard, held })?;
         // SAFETY: checked non-NULL above.
         unsafe { types::put(out, "out", crate::message::avp_message { id }) }
     })
@@ -269,13 +271,11 @@ pub extern "C" fn avp_receiver_free(receiver: avp_receiver) -> avp_status {
     ffi(|| {
         RECEIVERS
             .remove_if(receiver.id, |r| {
-                if r.held > 0 {
+                let held = r.held.load(Ordering::Relaxed);
+                if held > 0 {
                     return Err(Error::new(
                         avp_status::AVP_ERR_BUSY,
-                        format!(
-                            "{} received messages are still held; release them first",
-                            r.held
-                        ),
+                        format!("{held} received messages are still held; release them first"),
                     ));
                 }
                 Ok(())
@@ -549,6 +549,3 @@ pub unsafe extern "C" fn avp_sender_send_data(
 pub extern "C" fn avp_sender_free(sender: avp_sender) -> avp_status {
     ffi(|| SENDERS.remove_if(sender.id, |_| Ok(())).map(drop))
 }
-
-#[allow(dead_code)]
-fn _message_type_is_used(_: Message<'_>) {}

@@ -16,6 +16,9 @@ mod status;
 mod types;
 mod writer;
 
+#[cfg(test)]
+mod waits;
+
 pub use endpoint::*;
 pub use message::*;
 pub use status::*;

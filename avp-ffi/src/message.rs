@@ -1,12 +1,11 @@
 //! Messages: received ones (in transport memory) and parsed ones (in caller memory).
 
-use std::mem::ManuallyDrop;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use avp_transport::RecvGuard;
 use avp_wire::{Message, Payload};
 
-use crate::endpoint::ReceiverObj;
 use crate::registry::{Table, lock};
 use crate::status::{Error, avp_status, ffi};
 use crate::types::{self, avp_kind, avp_message_info, avp_text_format};
@@ -21,33 +20,21 @@ pub struct avp_message {
 
 pub(crate) static MESSAGES: Table<MessageObj> = Table::new(4, "avp_message");
 
-/// A received guard that may move between threads: it is only dereferenced for
-/// its message (plain memory) and dropped under its receiver's lock.
-pub(crate) struct HeldGuard(RecvGuard<'static>);
-
-// SAFETY: see the type's documentation; the receiver it refers to is never used
-// concurrently because every use happens under that receiver's mutex.
-unsafe impl Send for HeldGuard {}
-
 pub(crate) enum MessageObj {
+    /// A received message; its guard gives the memory back when dropped, on
+    /// whatever thread releases it, without waiting for its receiver.
     Received {
-        guard: ManuallyDrop<HeldGuard>,
-        receiver: Arc<Mutex<ReceiverObj>>,
+        guard: RecvGuard,
+        /// The receiver's count of held messages.
+        held: Arc<AtomicUsize>,
     },
     Parsed(Message<'static>),
 }
 
 impl MessageObj {
-    pub fn received(guard: RecvGuard<'static>, receiver: Arc<Mutex<ReceiverObj>>) -> MessageObj {
-        MessageObj::Received {
-            guard: ManuallyDrop::new(HeldGuard(guard)),
-            receiver,
-        }
-    }
-
     fn message(&self) -> &Message<'_> {
         match self {
-            MessageObj::Received { guard, .. } => guard.0.message(),
+            MessageObj::Received { guard, .. } => guard.message(),
             MessageObj::Parsed(m) => m,
         }
     }
@@ -55,11 +42,8 @@ impl MessageObj {
 
 impl Drop for MessageObj {
     fn drop(&mut self) {
-        if let MessageObj::Received { guard, receiver } = self {
-            let mut r = lock(receiver);
-            // SAFETY: dropped exactly once, here, under the receiver's lock.
-            unsafe { ManuallyDrop::drop(guard) };
-            r.held -= 1;
+        if let MessageObj::Received { held, .. } = self {
+            held.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -285,6 +269,3 @@ pub extern "C" fn avp_message_verify_layer(message: avp_message, layer: u32) -> 
 pub extern "C" fn avp_message_release(message: avp_message) -> avp_status {
     ffi(|| MESSAGES.remove_if(message.id, |_| Ok(())).map(drop))
 }
-
-#[allow(dead_code)]
-fn _status_is_used(_: avp_status) {}

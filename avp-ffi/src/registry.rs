@@ -82,24 +82,29 @@ impl<T> Table<T> {
     }
 
     /// Remove a handle's object if `can_remove` agrees; the handle is dead afterwards.
+    ///
+    /// The object is locked for `can_remove` without the table's lock held, so
+    /// waiting for an object in use (a sender in the middle of a send, say)
+    /// never holds up calls on other objects.
     pub fn remove_if(
         &self,
         id: u64,
         can_remove: impl FnOnce(&T) -> Result<(), Error>,
     ) -> Result<Arc<Mutex<T>>, Error> {
+        let obj = self.get(id)?;
+        {
+            let guard = obj.lock().unwrap_or_else(|e| e.into_inner());
+            can_remove(&guard)?;
+        }
         let (index, generation) = self.locate(id)?;
         let mut slots = self.lock();
         let slot = &mut slots[index];
-        if slot.0 != generation {
+        let same = slot.0 == generation && slot.1.as_ref().is_some_and(|o| Arc::ptr_eq(o, &obj));
+        if !same {
             return Err(Error::new(
                 avp_status::AVP_ERR_INVALID_HANDLE,
                 format!("{} handle freed concurrently", self.name),
             ));
-        }
-        {
-            let obj = slot.1.as_ref().expect("located");
-            let guard = obj.lock().unwrap_or_else(|e| e.into_inner());
-            can_remove(&guard)?;
         }
         Ok(slot.1.take().expect("located"))
     }

@@ -1,77 +1,64 @@
-//! Endpoint addresses: `shm://NAME` and `tcp://HOST:PORT`.
+//! Endpoint addresses: `SCHEME://TARGET`, where each installed transport
+//! checks its own targets (`shm://NAME`, `tcp://HOST:PORT`).
 
 use std::fmt;
-use std::path::PathBuf;
 
 use crate::error::{Result, TransportError};
+use crate::scheme::{self, Scheme};
 
-/// Where an endpoint listens.
+/// Where an endpoint listens or connects, checked by its transport.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Address {
-    /// Shared memory on this host; `NAME` names the control socket.
-    Shm(String),
-    /// TCP, `HOST:PORT`.
-    Tcp(String),
+pub struct Address {
+    scheme: &'static str,
+    target: String,
 }
 
 impl Address {
-    /// Parse `shm://NAME` or `tcp://HOST:PORT`.
+    /// Parse `SCHEME://TARGET` for an installed transport: `shm://NAME` (1–64
+    /// characters of `[A-Za-z0-9._-]`, not starting with `.`) or
+    /// `tcp://HOST:PORT`.
     pub fn parse(s: &str) -> Result<Address> {
-        let bad = |reason: &str| TransportError::InvalidAddress {
+        let bad = |reason: String| TransportError::InvalidAddress {
             address: s.to_owned(),
-            reason: reason.to_owned(),
+            reason,
         };
-        if let Some(name) = s.strip_prefix("shm://") {
-            if name.is_empty()
-                || name.len() > 64
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                || name.starts_with('.')
-            {
-                return Err(bad(
-                    "NAME must be 1-64 characters of [A-Za-z0-9._-], not starting with '.'",
-                ));
-            }
-            Ok(Address::Shm(name.to_owned()))
-        } else if let Some(hp) = s.strip_prefix("tcp://") {
-            match hp.rsplit_once(':') {
-                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
-                    Ok(Address::Tcp(hp.to_owned()))
-                }
-                _ => Err(bad("expected tcp://HOST:PORT")),
-            }
-        } else {
-            Err(bad(
-                "expected shm://NAME or tcp://HOST:PORT (cuda:// and rdma:// need their cargo features)",
-            ))
-        }
+        let known = || {
+            scheme::SCHEMES
+                .iter()
+                .map(|s| s.form())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        };
+        let Some((name, target)) = s.split_once("://") else {
+            return Err(bad(format!("expected {}", known())));
+        };
+        let scheme = scheme::find(name)
+            .ok_or_else(|| bad(format!("unknown scheme {name:?}; expected {}", known())))?;
+        scheme.check(target).map_err(bad)?;
+        Ok(Address {
+            scheme: scheme.name(),
+            target: target.to_owned(),
+        })
     }
 
-    /// The control-socket path of a shared-memory name: `$AVP_RUNTIME_DIR/NAME.sock`,
-    /// else `$XDG_RUNTIME_DIR/avp/NAME.sock`, else `/tmp/avp-UID/NAME.sock`.
-    pub fn shm_socket_path(name: &str) -> PathBuf {
-        runtime_dir().join(format!("{name}.sock"))
+    /// The scheme (`"shm"`, `"tcp"`).
+    pub fn scheme(&self) -> &str {
+        self.scheme
     }
-}
 
-/// The directory holding control sockets (created 0700 on bind).
-pub fn runtime_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("AVP_RUNTIME_DIR") {
-        return d.into();
+    /// What follows `://`.
+    pub fn target(&self) -> &str {
+        &self.target
     }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("avp");
+
+    pub(crate) fn transport(&self) -> &'static dyn Scheme {
+        scheme::find(self.scheme).expect("parsed addresses name an installed scheme")
     }
-    PathBuf::from(format!("/tmp/avp-{}", nix::unistd::getuid()))
 }
 
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Address::Shm(n) => write!(f, "shm://{n}"),
-            Address::Tcp(a) => write!(f, "tcp://{a}"),
-        }
+        write!(f, "{}://{}", self.scheme, self.target)
     }
 }
 
@@ -81,18 +68,16 @@ mod tests {
 
     #[test]
     fn parses_and_refuses() {
-        assert_eq!(
-            Address::parse("shm://demo-1").unwrap(),
-            Address::Shm("demo-1".into())
-        );
-        assert_eq!(
-            Address::parse("tcp://127.0.0.1:9000").unwrap(),
-            Address::Tcp("127.0.0.1:9000".into())
-        );
-        assert_eq!(
-            Address::parse("tcp://[::1]:9").unwrap(),
-            Address::Tcp("[::1]:9".into())
-        );
+        for (s, scheme, target) in [
+            ("tcp://127.0.0.1:9000", "tcp", "127.0.0.1:9000"),
+            ("tcp://[::1]:9", "tcp", "[::1]:9"),
+        ] {
+            let a = Address::parse(s).unwrap();
+            assert_eq!((a.scheme(), a.target()), (scheme, target));
+            assert_eq!(a.to_string(), s);
+        }
+        #[cfg(target_os = "linux")]
+        assert_eq!(Address::parse("shm://demo-1").unwrap().target(), "demo-1");
         for bad in [
             "shm://",
             "shm://../x",
@@ -101,8 +86,12 @@ mod tests {
             "tcp://:1",
             "udp://x:1",
             "tcp://h:99999",
+            "no-scheme",
         ] {
-            assert!(Address::parse(bad).is_err(), "{bad}");
+            let e = Address::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
         }
+        let e = Address::parse("udp://x:1").unwrap_err().to_string();
+        assert!(e.contains("unknown scheme \"udp\""), "{e}");
     }
 }

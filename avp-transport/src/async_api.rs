@@ -15,8 +15,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::io::IoSlice;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,10 +24,12 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::Endpoint;
-use crate::endpoint::{Listener, Loan, LoanMem, Ready, Sender, SenderInner};
+use crate::endpoint::Listener;
 use crate::error::{Result, TransportError};
 use crate::options::Options;
-use crate::receiver::{HeldMem, Receiver, RecvGuard, RecvInner};
+use crate::port::{AcquireArmed, Armed, LoanMem};
+use crate::receiver::{Receiver, RecvGuard};
+use crate::sender::{Loan, Ready, Sender};
 
 fn dup(fd: RawFd) -> Result<OwnedFd> {
     // SAFETY: `fd` is open for the duration of this call (owned by the endpoint).
@@ -37,7 +38,7 @@ fn dup(fd: RawFd) -> Result<OwnedFd> {
 }
 
 /// Register a duplicate of `fd` with the tokio reactor.
-fn register(fd: RawFd, interest: Interest) -> Result<AsyncFd<OwnedFd>> {
+pub(crate) fn register(fd: RawFd, interest: Interest) -> Result<AsyncFd<OwnedFd>> {
     let owned = dup(fd)?;
     // SAFETY: `owned` is a valid descriptor owned by the AsyncFd for its whole
     // lifetime, and `OwnedFd::as_raw_fd` always returns that same descriptor.
@@ -48,13 +49,20 @@ fn register(fd: RawFd, interest: Interest) -> Result<AsyncFd<OwnedFd>> {
 }
 
 /// Wait until `a` or `b` is ready for `interest`, or `timeout` passes (`Ok(false)`).
-async fn ready_either(a: RawFd, b: RawFd, interest: Interest, timeout: Duration) -> Result<bool> {
+async fn ready_either([a, b]: [RawFd; 2], interest: Interest, timeout: Duration) -> Result<bool> {
     let fa = register(a, interest)?;
-    let fb = register(b, interest)?;
+    let fb = if b == a {
+        None
+    } else {
+        Some(register(b, interest)?)
+    };
     let waited = tokio::time::timeout(timeout, async {
-        tokio::select! {
-            g = fa.ready(interest) => g.map(|mut g| g.clear_ready()),
-            g = fb.ready(interest) => g.map(|mut g| g.clear_ready()),
+        match &fb {
+            None => fa.ready(interest).await.map(|mut g| g.clear_ready()),
+            Some(fb) => tokio::select! {
+                g = fa.ready(interest) => g.map(|mut g| g.clear_ready()),
+                g = fb.ready(interest) => g.map(|mut g| g.clear_ready()),
+            },
         }
     })
     .await;
@@ -74,6 +82,14 @@ fn left(deadline: Instant, timeout: Duration, what: &'static str) -> Result<Dura
     Ok(l)
 }
 
+/// A blocking-pool task that failed to finish (it panicked or was cancelled).
+fn task_failed(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> TransportError {
+    move |e| TransportError::Io {
+        op: what,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
 impl Endpoint {
     /// [`Endpoint::connect`] for tokio: the handshake runs on the blocking pool.
     pub async fn connect_async(
@@ -84,7 +100,7 @@ impl Endpoint {
         let (addr, identity) = (addr.to_owned(), identity.clone());
         tokio::task::spawn_blocking(move || Endpoint::connect(&addr, &identity, options))
             .await
-            .map_err(|e| TransportError::Protocol(format!("connect task failed: {e}")))?
+            .map_err(task_failed("connect task"))?
     }
 }
 
@@ -94,91 +110,58 @@ impl Listener {
         let me = Arc::clone(self);
         tokio::task::spawn_blocking(move || me.accept(timeout))
             .await
-            .map_err(|e| TransportError::Protocol(format!("accept task failed: {e}")))?
+            .map_err(task_failed("accept task"))?
     }
 }
 
 impl Receiver {
-    /// [`Receiver::recv`] for tokio: the wait for the next message is a future.
+    /// [`Receiver::recv`] for tokio: the wait for the next message is a
+    /// future, and `Send` (spawn it on any runtime).
     ///
     /// Over TCP, the wait for the message's first bytes is asynchronous; the rest
     /// of that message is then read on the calling thread (bounded by the stall
     /// timeout), as it is already streaming in.
-    pub async fn recv_async(&self, timeout: Duration) -> Result<RecvGuard<'_>> {
+    pub async fn recv_async(&self, timeout: Duration) -> Result<RecvGuard> {
         self.session.check_alive()?;
-        let deadline = crate::deadline::from_now(timeout);
-        match &self.inner {
-            RecvInner::Shm(s) => loop {
-                if let Some(guard) = s.try_recv(Instant::now(), &|m| self.deliver_shm(m))? {
-                    return Ok(guard);
-                }
-                if s.sender_writing() {
+        let deadline = crate::wait::from_now(timeout);
+        loop {
+            match self.port.arm()? {
+                Armed::Ready(d) => return self.deliver(d),
+                Armed::Busy => {
                     left(deadline, timeout, "a message")?;
                     tokio::task::yield_now().await;
-                    continue;
                 }
-                s.set_waiting(true);
-                let again = s.try_recv_checked();
-                if !matches!(again, Ok(None)) || s.sender_writing() {
-                    s.set_waiting(false);
-                    if let Some(m) = again? {
-                        return self.deliver_shm(m);
-                    }
-                    continue;
+                Armed::Wait(fds) => {
+                    let wait = left(deadline, timeout, "a message");
+                    let waited = match wait {
+                        Ok(w) => ready_either(fds, Interest::READABLE, w).await,
+                        Err(e) => Err(e),
+                    };
+                    self.port.disarm();
+                    waited?;
                 }
-                let [a, b] = s.wait_raw_fds();
-                let waited = ready_either(
-                    a,
-                    b,
-                    Interest::READABLE,
-                    left(deadline, timeout, "a message")?,
-                )
-                .await;
-                s.set_waiting(false);
-                waited?;
-            },
-            RecvInner::Tcp(t) => {
-                let fd = t.raw_fd();
-                if !t.pending() && !ready_either(fd, fd, Interest::READABLE, timeout).await? {
-                    return Err(TransportError::Timeout(timeout, "a message"));
-                }
-                let (mut b, l) = t.recv(left(deadline, timeout, "a message")?)?;
-                let p = b.as_mut_ptr() as *const u8;
-                self.guard(HeldMem::Tcp(b), p, l)
             }
         }
     }
 }
 
 impl Sender {
-    /// Memory for `len` bytes; waiting for a free slot is a future.
+    /// Memory for `len` bytes; waiting for it is a future.
     async fn acquire_async(&mut self, len: usize) -> Result<LoanMem> {
         self.check(len as u64)?;
-        let timeout = match &self.inner {
-            SenderInner::Shm(s) => s.loan_timeout(),
-            SenderInner::Tcp(_) => Duration::ZERO,
-        };
-        let deadline = crate::deadline::from_now(timeout);
+        let timeout = self.port.loan_timeout();
+        let deadline = crate::wait::from_now(timeout);
         loop {
-            match &mut self.inner {
-                SenderInner::Tcp(t) => return Ok(LoanMem::Tcp(t.acquire(len))),
-                SenderInner::Shm(s) => {
-                    if let Some(r) = s.acquire(len, false)? {
-                        return Ok(LoanMem::Shm(r));
-                    }
-                    s.set_waiting(true);
-                    if let Some(r) = s.acquire(len, false)? {
-                        s.set_waiting(false);
-                        return Ok(LoanMem::Shm(r));
-                    }
-                    let [a, b] = s.wait_fds();
-                    let (a, b) = (a.as_raw_fd(), b.as_raw_fd());
-                    let wait = left(deadline, timeout, "a free shared-memory slot")?;
-                    let waited = ready_either(a, b, Interest::READABLE, wait).await;
-                    s.set_waiting(false);
-                    waited?;
-                }
-            }
+            let fds = match self.port.arm_acquire(len)? {
+                AcquireArmed::Ready(mem) => return Ok(mem),
+                AcquireArmed::Wait(fds) => fds,
+            };
+            let waited = match left(deadline, timeout, "a free shared-memory slot") {
+                Ok(w) => ready_either(fds, Interest::READABLE, w).await,
+                Err(e) => Err(e),
+            };
+            self.port.disarm_acquire();
+            waited?;
         }
     }
 
@@ -191,71 +174,21 @@ impl Sender {
     /// [`Sender::send_bytes`] for tokio.
     pub async fn send_bytes_async(&mut self, bytes: &[u8]) -> Result<()> {
         avp_wire::Message::parse(bytes)?;
-        let mut mem = self.acquire_async(bytes.len()).await?;
-        match (&mut self.inner, &mut mem) {
-            (SenderInner::Tcp(t), LoanMem::Tcp(_)) => {
-                let r = write_all_async(t, &[bytes]).await;
-                if let LoanMem::Tcp(b) = mem {
-                    t.abandon(b);
-                }
-                r
-            }
-            (SenderInner::Shm(s), LoanMem::Shm(r)) => {
-                // SAFETY: the region is ours and at least bytes.len() long.
-                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), r.ptr(), bytes.len()) };
-                let LoanMem::Shm(r) = mem else { unreachable!() };
-                s.stage(&r, bytes.len());
-                s.publish(r, bytes.len())
-            }
-            _ => unreachable!("loan memory matches its sender"),
+        let mem = self.acquire_async(bytes.len()).await?;
+        if mem.capacity() < bytes.len() {
+            return self.publish_copy(mem, bytes);
         }
+        // SAFETY: the loaned memory is ours and at least bytes.len() long.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), mem.ptr(), bytes.len()) };
+        self.port.stage(&mem, bytes.len());
+        self.port.publish_async(mem, bytes.len()).await
     }
 }
 
 impl Ready<'_> {
     /// [`Ready::send`] for tokio: on TCP, waiting for socket space is a future.
     pub async fn send_async(mut self) -> Result<()> {
-        if let SenderInner::Tcp(t) = &mut *self.sender {
-            let Some(LoanMem::Tcp(buf)) = self.mem.take() else {
-                unreachable!("loan memory matches its sender")
-            };
-            let r = write_all_async(t, &[buf.slice(self.len)]).await;
-            t.abandon(buf);
-            return r;
-        }
-        self.send()
+        let mem = self.mem.take().expect("memory present until sent");
+        self.port.publish_async(mem, self.len).await
     }
-}
-
-/// Write every part without blocking the task (plain TCP). TLS connections write
-/// through rustls on the calling thread, bounded by the socket's send buffer.
-async fn write_all_async(t: &mut crate::tcp::TcpSender, parts: &[&[u8]]) -> Result<()> {
-    if !t.conn().is_plain() {
-        return t.write_all_vectored(parts);
-    }
-    let stream = t.conn().tcp();
-    stream
-        .set_nonblocking(true)
-        .map_err(TransportError::io("set nonblocking"))?;
-    let afd = register(stream.as_raw_fd(), Interest::WRITABLE);
-    let result = async {
-        let afd = afd?;
-        let mut slices = crate::tcp::io_slices(parts);
-        let mut bufs: &mut [IoSlice<'_>] = &mut slices;
-        while !bufs.is_empty() {
-            let mut guard = afd
-                .writable()
-                .await
-                .map_err(TransportError::io("await writable"))?;
-            if let Ok(r) = guard.try_io(|_| std::io::Write::write_vectored(&mut &*stream, bufs)) {
-                crate::tcp::advance(&mut bufs, r)?;
-            }
-        }
-        Ok(())
-    }
-    .await;
-    stream
-        .set_nonblocking(false)
-        .map_err(TransportError::io("set blocking"))?;
-    result
 }

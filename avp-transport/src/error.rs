@@ -64,6 +64,14 @@ pub enum TransportError {
     /// The message bytes are not a valid avp v2 message.
     #[error("invalid message: {0}")]
     Wire(#[from] avp_wire::WireError),
+    /// An option has a value this transport cannot use.
+    #[error("option {option}: {reason}")]
+    InvalidOption {
+        /// Which option.
+        option: &'static str,
+        /// What was expected and found.
+        reason: String,
+    },
     /// The shared-memory segment offered by the peer is unsafe to map.
     #[error("unsafe segment from peer: {0}")]
     Segment(String),

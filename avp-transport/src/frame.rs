@@ -1,26 +1,24 @@
-//! Control frames and how they travel: one JSON document per frame, as a
-//! `SOCK_SEQPACKET` packet on Unix sockets (with file descriptors attached when a
-//! segment is handed over) or with a u32 length prefix on TCP.
+//! Control frames and how they travel: one JSON document per frame, with a u32
+//! length prefix on byte streams (TCP, here) or as one packet on shared
+//! memory's Unix socket (`shm::packet`, with descriptors attached).
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use avp_wire::{Mode, ModelIdentity, ResolutionPath};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TransportError};
 
 /// Largest control frame.
-pub const MAX_FRAME: usize = 64 << 10;
+pub(crate) const MAX_FRAME: usize = 64 << 10;
 /// Protocol version spoken in `Hello`.
-pub const PROTOCOL: u32 = 2;
+pub(crate) const PROTOCOL: u32 = 2;
 
 /// First frame each side sends.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Hello {
+pub(crate) struct Hello {
     /// Transport protocol version ([`PROTOCOL`]).
     pub protocol: u32,
     /// The agent's id.
@@ -52,7 +50,7 @@ pub struct Hello {
 
 /// The listener's answer when it accepts a session.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Accept {
+pub(crate) struct Accept {
     /// Session id (32 hex characters).
     pub session_id: String,
     /// Negotiated mode.
@@ -74,7 +72,7 @@ pub struct Accept {
 /// Every control frame.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum Frame {
+pub(crate) enum Frame {
     /// Opening frame.
     Hello(Hello),
     /// The connecting side's proof of the token.
@@ -124,7 +122,7 @@ pub enum Frame {
 }
 
 /// A stream or packet connection that carries frames.
-pub trait FrameIo {
+pub(crate) trait FrameIo {
     /// Send one frame, with descriptors attached where the socket supports it.
     fn send_frame(&mut self, frame: &Frame, fds: &[RawFd]) -> Result<()>;
     /// Receive one frame (and its descriptors) within `timeout`.
@@ -132,24 +130,24 @@ pub trait FrameIo {
 }
 
 /// Wait until `fd` is readable; `Err(Timeout)` after `timeout`.
-pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration, what: &'static str) -> Result<()> {
-    let deadline = crate::deadline::from_now(timeout);
+pub(crate) fn wait_readable(
+    fd: BorrowedFd<'_>,
+    timeout: Duration,
+    what: &'static str,
+) -> Result<()> {
+    let deadline = crate::wait::from_now(timeout);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
-            .unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        match poll(&mut fds, ms) {
-            Ok(0) if left.is_zero() => return Err(TransportError::Timeout(timeout, what)),
-            Ok(0) => continue,
-            Ok(_) => return Ok(()),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(TransportError::errno("poll")(e)),
+        if crate::wait::readable(&[fd], left)? {
+            return Ok(());
+        }
+        if left.is_zero() {
+            return Err(TransportError::Timeout(timeout, what));
         }
     }
 }
 
-fn encode(frame: &Frame) -> Result<Vec<u8>> {
+pub(crate) fn encode(frame: &Frame) -> Result<Vec<u8>> {
     let body = serde_json::to_vec(frame)
         .map_err(|e| TransportError::Protocol(format!("encode frame: {e}")))?;
     if body.len() > MAX_FRAME {
@@ -161,115 +159,13 @@ fn encode(frame: &Frame) -> Result<Vec<u8>> {
     Ok(body)
 }
 
-fn decode(body: &[u8]) -> Result<Frame> {
+pub(crate) fn decode(body: &[u8]) -> Result<Frame> {
     serde_json::from_slice(body)
         .map_err(|e| TransportError::Protocol(format!("bad control frame: {e}")))
 }
 
-/// Frames on a `SOCK_SEQPACKET` Unix socket: one packet per frame, descriptors attached.
-pub struct PacketIo {
-    fd: OwnedFd,
-}
-
-impl PacketIo {
-    /// Wrap a connected seqpacket socket.
-    pub fn new(fd: OwnedFd) -> Self {
-        PacketIo { fd }
-    }
-
-    /// The socket.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-
-    /// Whether the peer has closed its end (non-blocking check).
-    pub fn peer_closed(&self) -> bool {
-        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::ZERO) {
-            Ok(0) => false,
-            Ok(_) => {
-                let ev = fds[0].revents().unwrap_or(PollFlags::empty());
-                if ev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
-                    return true;
-                }
-                let mut b = [0u8; 1];
-                matches!(
-                    nix::sys::socket::recv(
-                        self.fd.as_raw_fd(),
-                        &mut b,
-                        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
-                    ),
-                    Ok(0) | Err(nix::errno::Errno::ECONNRESET)
-                )
-            }
-            Err(_) => true,
-        }
-    }
-}
-
-impl FrameIo for PacketIo {
-    fn send_frame(&mut self, frame: &Frame, fds: &[RawFd]) -> Result<()> {
-        let body = encode(frame)?;
-        let iov = [std::io::IoSlice::new(&body)];
-        let cmsg = [ControlMessage::ScmRights(fds)];
-        let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
-        match sendmsg::<()>(
-            self.fd.as_raw_fd(),
-            &iov,
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
-            Ok(_) => Ok(()),
-            Err(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET) => {
-                Err(TransportError::PeerGone("control socket closed".into()))
-            }
-            Err(e) => Err(TransportError::errno("sendmsg")(e)),
-        }
-    }
-
-    fn recv_frame(&mut self, timeout: Duration) -> Result<(Frame, Vec<OwnedFd>)> {
-        wait_readable(self.fd.as_fd(), timeout, "a control frame")?;
-        let mut buf = vec![0u8; MAX_FRAME];
-        let mut space = nix::cmsg_space!([RawFd; 4]);
-        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let msg = match recvmsg::<()>(
-            self.fd.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(m) => m,
-            Err(nix::errno::Errno::ECONNRESET) => {
-                return Err(TransportError::PeerGone("control socket reset".into()));
-            }
-            Err(e) => return Err(TransportError::errno("recvmsg")(e)),
-        };
-        let mut fds = Vec::new();
-        for c in msg
-            .cmsgs()
-            .map_err(TransportError::errno("recvmsg cmsgs"))?
-        {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                // SAFETY: the kernel just installed these descriptors in our table for us.
-                fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
-            }
-        }
-        let n = msg.bytes;
-        let truncated =
-            msg.flags.contains(MsgFlags::MSG_TRUNC) || msg.flags.contains(MsgFlags::MSG_CTRUNC);
-        if n == 0 {
-            return Err(TransportError::PeerGone("control socket closed".into()));
-        }
-        if truncated {
-            return Err(TransportError::Protocol("oversized control frame".into()));
-        }
-        Ok((decode(&buf[..n])?, fds))
-    }
-}
-
 /// A byte stream that frames can travel on.
-pub trait Stream: Read + Write + AsFd {
+pub(crate) trait Stream: Read + Write + AsFd {
     /// Bound every following read (`None`: wait forever).
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
 }
@@ -287,9 +183,9 @@ impl Stream for crate::tcp::Conn {
 }
 
 /// Frames on a byte stream (TCP): u32 little-endian length, then JSON. No descriptors.
-pub struct StreamIo<S> {
+pub(crate) struct StreamIo<S> {
     /// The stream.
-    pub stream: S,
+    pub(crate) stream: S,
 }
 
 impl<S: Stream> FrameIo for StreamIo<S> {
@@ -332,7 +228,7 @@ impl<S: Stream> FrameIo for StreamIo<S> {
 }
 
 /// Map EOF and resets to `PeerGone`, other errors to `Io`.
-pub fn peer_or_io(op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
+pub(crate) fn peer_or_io(op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
     move |e| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
             TransportError::Timeout(Duration::ZERO, "the rest of a frame (peer stalled)")

@@ -35,7 +35,7 @@ pub fn boot_id() -> String {
 }
 
 /// `n` random bytes as lower-case hex.
-pub fn random_hex(n: usize) -> String {
+pub(crate) fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     getrandom::fill(&mut b).expect("the OS random source works");
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -81,7 +81,7 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 /// Build our `Hello`.
-pub fn hello(
+pub(crate) fn hello(
     identity: &ModelIdentity,
     opts: &Options,
     shm_socket: Option<String>,
@@ -121,7 +121,7 @@ fn expect_hello(frame: Frame) -> Result<Hello> {
 }
 
 /// What the connecting side does after reading the listener's `Hello`.
-pub enum ClientStep {
+pub(crate) enum ClientStep {
     /// Finish here; the string says why this transport (for the listener's logs).
     Stay(String),
     /// Leave for the listener's shared-memory socket.
@@ -129,7 +129,7 @@ pub enum ClientStep {
 }
 
 /// Connecting side, part 1: exchange hellos. Returns ours and theirs.
-pub fn client_hello(
+pub(crate) fn client_hello(
     io: &mut dyn FrameIo,
     ours: Hello,
     timeout: Duration,
@@ -140,7 +140,7 @@ pub fn client_hello(
 }
 
 /// Connecting side, part 2: authenticate (or announce a switch) and read the decision.
-pub fn client_finish(
+pub(crate) fn client_finish(
     io: &mut dyn FrameIo,
     ours: &Hello,
     theirs: &Hello,
@@ -231,7 +231,7 @@ fn session_from(
 }
 
 /// Most tokens a peer's vocabulary may hold (the largest real ones are ~260K).
-pub const MAX_VOCAB_TOKENS: u32 = 4 << 20;
+pub(crate) const MAX_VOCAB_TOKENS: u32 = 4 << 20;
 /// Bytes of token strings per `Vocabulary` frame (JSON escaping stays under
 /// [`crate::frame::MAX_FRAME`]).
 const VOCAB_PART_BYTES: usize = 40 << 10;
@@ -275,7 +275,7 @@ fn recv_vocabulary(io: &mut dyn FrameIo, announced: u32, timeout: Duration) -> R
             "peer announces a vocabulary of {announced} tokens, at most {MAX_VOCAB_TOKENS} are accepted"
         )));
     }
-    let deadline = crate::deadline::from_now(timeout);
+    let deadline = crate::wait::from_now(timeout);
     let mut vocab: Vec<String> = Vec::with_capacity(announced as usize);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -308,7 +308,7 @@ fn recv_vocabulary(io: &mut dyn FrameIo, announced: u32, timeout: Duration) -> R
 }
 
 /// Listener side: the whole handshake. `Ok(None)` when the peer switched to shared memory.
-pub fn server(
+pub(crate) fn server(
     io: &mut dyn FrameIo,
     identity: &ModelIdentity,
     opts: &Options,

@@ -27,27 +27,33 @@
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
-pub mod address;
+mod address;
 mod async_api;
-mod buf;
-mod deadline;
 mod endpoint;
 mod error;
-pub mod frame;
+mod frame;
 mod handshake;
 mod options;
+mod port;
 mod receiver;
+mod scheme;
+mod sender;
 mod session;
-pub mod shm;
-pub mod tcp;
+#[cfg(target_os = "linux")]
+mod shm;
+mod tcp;
+mod wait;
 
 pub use address::Address;
-pub use endpoint::{Endpoint, Listener, Loan, Ready, Sender};
+pub use endpoint::{Endpoint, Listener};
 pub use error::{Result, TransportError};
 pub use handshake::boot_id;
 pub use options::Options;
 #[cfg(feature = "tls")]
 pub use options::Tls;
+pub use port::Stats;
 pub use receiver::{Receiver, RecvGuard};
+pub use sender::{Loan, Ready, Sender};
 pub use session::{Session, TransportKind};

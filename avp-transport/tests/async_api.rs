@@ -35,22 +35,28 @@ async fn exchange(addr: String, opts: Options, count: u8) -> TransportKind {
         // Keep the session open until the receiver has read everything.
         tokio::time::sleep(Duration::from_millis(200)).await;
     });
-    let rx = listener.accept_async(T).await.unwrap();
-    for n in 0..count {
-        let g = rx.recv_async(T).await.unwrap();
-        g.message().verify().unwrap();
-        assert_eq!(g.message().kv().unwrap().v(2).unwrap()[0], n);
-    }
-    let g = rx.recv_async(T).await.unwrap();
-    assert_eq!(g.message().kv().unwrap().k(0).unwrap()[0], 9);
-    drop(g);
+    let rx = Arc::new(listener.accept_async(T).await.unwrap());
+    // The receiving loop runs as a task of its own: `recv_async` is `Send`.
+    let rx2 = Arc::clone(&rx);
+    tokio::spawn(async move {
+        for n in 0..count {
+            let g = rx2.recv_async(T).await.unwrap();
+            g.message().verify().unwrap();
+            assert_eq!(g.message().kv().unwrap().v(2).unwrap()[0], n);
+            // Guards are `Send`: this one is dropped on another task.
+            tokio::spawn(async move { drop(g) }).await.unwrap();
+        }
+        let g = rx2.recv_async(T).await.unwrap();
+        assert_eq!(g.message().kv().unwrap().k(0).unwrap()[0], 9);
+    })
+    .await
+    .unwrap();
     let kind = rx.session().transport;
     sender.await.unwrap();
     let e = rx
         .recv_async(Duration::from_secs(5))
         .await
-        .err()
-        .expect("sender gone");
+        .expect_err("sender gone");
     assert!(e.to_string().contains("peer disconnected"), "{e}");
     kind
 }

@@ -185,7 +185,7 @@ fn backpressure_times_out_then_recovers() {
             loan.finish().unwrap().send().unwrap();
         }
         // Both slots are held by the receiver: the third loan must time out.
-        let e = tx.loan(&l).err().expect("no free slot");
+        let e = tx.loan(&l).expect_err("no free slot");
         done_tx.send(e.to_string()).unwrap();
         go_rx.recv().unwrap();
         let mut loan = tx.loan(&l).unwrap();
@@ -233,13 +233,10 @@ fn wrong_token_is_refused_and_nothing_is_delivered() {
         token: Some("wrong".into()),
         ..Options::default()
     };
-    let e1 = Endpoint::connect(&name, &identity(), bad)
-        .err()
-        .expect("wrong token refused");
+    let e1 = Endpoint::connect(&name, &identity(), bad).expect_err("wrong token refused");
     assert!(matches!(e1, TransportError::Auth(_)), "{e1}");
     let e2 = Endpoint::connect(&name, &identity(), Options::default())
-        .err()
-        .expect("missing token refused");
+        .expect_err("missing token refused");
     assert!(e2.to_string().contains("requires a token"), "{e2}");
     let good = Options {
         token: Some("right".into()),
@@ -282,17 +279,17 @@ fn expired_sessions_and_foreign_session_ids_are_refused() {
         loan.writer().sections_mut();
         loan.finish().unwrap().send().unwrap();
         std::thread::sleep(Duration::from_millis(400));
-        let e = tx.loan(&layout(1)).err().expect("expired");
+        let e = tx.loan(&layout(1)).expect_err("expired");
         assert!(matches!(e, TransportError::SessionExpired { .. }), "{e}");
     });
     let rx = listener.accept(T).unwrap();
-    let e = rx.recv(T).err().expect("foreign session id");
+    let e = rx.recv(T).expect_err("foreign session id");
     assert!(matches!(e, TransportError::WrongSession { .. }), "{e}");
     h.join().unwrap();
-    let e = rx.recv(T).err().expect("expired");
+    let e = rx.recv(T).expect_err("expired");
     assert!(matches!(e, TransportError::SessionExpired { .. }), "{e}");
     assert!(e.to_string().contains("expired"));
-    let e = rx.try_recv().err().expect("polling an expired session");
+    let e = rx.try_recv().expect_err("polling an expired session");
     assert!(matches!(e, TransportError::SessionExpired { .. }), "{e}");
 }
 
@@ -325,7 +322,7 @@ fn cross_model_identities_negotiate_json_or_latent() {
 }
 
 /// Poll `rx.try_recv()` until it yields a message or an error (bounded).
-fn poll_next(rx: &avp_transport::Receiver) -> avp_transport::Result<avp_transport::RecvGuard<'_>> {
+fn poll_next(rx: &avp_transport::Receiver) -> avp_transport::Result<avp_transport::RecvGuard> {
     let deadline = std::time::Instant::now() + T;
     loop {
         if let Some(g) = rx.try_recv()? {
@@ -375,7 +372,7 @@ fn try_recv_polls_without_waiting_over_shm_and_tcp() {
         }
         sender.join().unwrap();
         // The sender is gone: polling ends in an error, not in endless `None`s.
-        let e = poll_next(&rx).err().expect("the sender left");
+        let e = poll_next(&rx).expect_err("the sender left");
         assert!(matches!(e, TransportError::PeerGone(_)), "{kind:?}: {e}");
     }
 }

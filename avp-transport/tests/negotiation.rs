@@ -7,9 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use avp_transport::frame::{Frame, FrameIo, Hello, PROTOCOL, StreamIo};
 use avp_transport::{Endpoint, Options, Session};
 use avp_wire::{MapLookup, Mode, ModelIdentity, ResolutionPath, map_id};
+use serde_json::{Value, json};
+
+mod support;
+use support::raw_peer::{RawPeer, auth, hello};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -207,39 +210,23 @@ fn a_vocabulary_with_a_wrong_token_never_gets_past_authentication() {
 }
 
 /// A raw TCP peer that announces `announced` tokens and then sends `parts`.
-fn raw_vocabulary_peer(addr: &str, announced: u32, parts: Vec<Frame>) {
-    let stream = std::net::TcpStream::connect(addr.strip_prefix("tcp://").unwrap()).unwrap();
-    let mut io = StreamIo { stream };
-    let hello = Hello {
-        protocol: PROTOCOL,
-        agent_id: "raw".into(),
-        identity: model("llama", 'c', 64),
-        max_message: 1 << 30,
-        transports: vec!["tcp".into()],
-        boot_id: String::new(),
-        shm_socket: None,
-        nonce: "00".repeat(32),
-        auth_required: false,
-        transport_reason: None,
-        vocab_tokens: announced,
-        want_vocabulary: false,
-    };
-    io.send_frame(&Frame::Hello(hello), &[]).unwrap();
-    match io.recv_frame(T).unwrap().0 {
-        Frame::Hello(h) => assert!(h.want_vocabulary, "only the overlap can decide"),
-        other => panic!("expected Hello, got {other:?}"),
-    }
-    let auth = Frame::Auth {
-        mac: None,
-        reason: None,
-    };
-    io.send_frame(&auth, &[]).unwrap();
+fn raw_vocabulary_peer(addr: &str, announced: u32, parts: Vec<Value>) {
+    let mut io = RawPeer::connect(addr);
+    io.send(&hello(&model("llama", 'c', 64), announced, 1 << 30))
+        .unwrap();
+    let theirs = io.recv(T).unwrap();
+    assert_eq!(theirs["type"], "hello", "{theirs}");
+    assert_eq!(
+        theirs["want_vocabulary"], true,
+        "only the overlap can decide"
+    );
+    io.send(&auth(None)).unwrap();
     for p in parts {
-        if io.send_frame(&p, &[]).is_err() {
+        if io.send(&p).is_err() {
             return;
         }
     }
-    let _ = io.recv_frame(Duration::from_secs(2));
+    let _ = io.recv(Duration::from_secs(2));
 }
 
 #[test]
@@ -251,12 +238,11 @@ fn bad_vocabularies_are_refused_and_the_listener_keeps_serving() {
     };
     let listener = Endpoint::bind("tcp://127.0.0.1:0", &model("qwen2", 'd', 128), opts).unwrap();
     let addr = listener.local_addr();
-    let part = |first: u32, n: usize, last: bool| Frame::Vocabulary {
-        first,
-        tokens: (0..n).map(|i| format!("t{i}")).collect(),
-        last,
+    let part = |first: u32, n: usize, last: bool| {
+        let tokens: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+        json!({"type": "vocabulary", "first": first, "tokens": tokens, "last": last})
     };
-    let cases: Vec<(u32, Vec<Frame>, &str)> = vec![
+    let cases: Vec<(u32, Vec<Value>, &str)> = vec![
         (10, vec![part(4, 3, true)], "does not follow"),
         (
             10,
@@ -266,14 +252,14 @@ fn bad_vocabularies_are_refused_and_the_listener_keeps_serving() {
         (5_000_000, vec![], "at most"),
         (
             10,
-            vec![Frame::Switch { to: "shm".into() }],
+            vec![json!({"type": "switch", "to": "shm"})],
             "expected the peer's vocabulary",
         ),
     ];
     for (announced, parts, want) in cases {
         let a = addr.clone();
         let peer = std::thread::spawn(move || raw_vocabulary_peer(&a, announced, parts));
-        let err = listener.accept(T).err().expect("refused").to_string();
+        let err = listener.accept(T).expect_err("refused").to_string();
         assert!(err.contains(want), "{err} (wanted {want:?})");
         peer.join().unwrap();
     }

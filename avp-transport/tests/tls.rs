@@ -131,8 +131,8 @@ fn plain_and_untrusting_peers_are_refused() {
             opts(Some(client_tls(&other))),
         );
         (
-            plain.err().expect("plain refused"),
-            untrusting.err().expect("untrusted cert refused"),
+            plain.expect_err("plain refused"),
+            untrusting.expect_err("untrusted cert refused"),
         )
     });
     for _ in 0..2 {

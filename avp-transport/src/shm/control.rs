@@ -26,15 +26,14 @@
 //! a receiver then reads every entry from the ring, and an older receiver
 //! ignores the word. Either way both ends work together.
 
-use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Bytes of the control block (one page).
-pub const CONTROL_LEN: usize = 4096;
+pub(crate) const CONTROL_LEN: usize = 4096;
 /// Entries per ring (and the most slots a pool may have).
-pub const RING: u32 = 64;
+pub(crate) const RING: u32 = 64;
 /// `flags` of an entry whose message is in a dedicated segment sent on the socket.
-pub const DEDICATED: u32 = 1;
+pub(crate) const DEDICATED: u32 = 1;
 const MAGIC: u64 = 0x4156_5053_484d_0002; // "AVPSHM" v2
 const VERSION: u32 = 2;
 const HEAD: usize = 64;
@@ -50,31 +49,33 @@ const REL_RING_AT: usize = 2048;
 
 /// A view of a control block.
 #[derive(Clone, Copy)]
-pub struct Control {
+pub(crate) struct Control {
     base: *mut u8,
 }
 
 // SAFETY: the block is shared memory accessed only through atomics; which thread
 // holds the view does not matter.
 unsafe impl Send for Control {}
+// SAFETY: as for Send: every access goes through atomics.
+unsafe impl Sync for Control {}
 
-/// A control block in private memory that no receiver ever sees: the sender
-/// rehearses the announcement of a message on it once the message is finished
-/// (`ShmSender::stage`), so that the real one runs instructions that ran a
-/// moment ago, and nothing is announced.
-pub(crate) struct Rehearsal {
+/// A control block in private memory, for tests of the ring protocol.
+#[cfg(test)]
+pub(crate) struct PrivateBlock {
     page: Box<Page>,
 }
 
 /// One page of zeroed memory, page-aligned like a pool's control block.
+#[cfg(test)]
 #[repr(C, align(4096))]
-struct Page(UnsafeCell<[u8; CONTROL_LEN]>);
+struct Page(std::cell::UnsafeCell<[u8; CONTROL_LEN]>);
 
-impl Rehearsal {
+#[cfg(test)]
+impl PrivateBlock {
     /// A fresh private block: an empty ring with room.
-    pub(crate) fn new() -> Rehearsal {
-        Rehearsal {
-            page: Box::new(Page(UnsafeCell::new([0; CONTROL_LEN]))),
+    pub(crate) fn new() -> PrivateBlock {
+        PrivateBlock {
+            page: Box::new(Page(std::cell::UnsafeCell::new([0; CONTROL_LEN]))),
         }
     }
 
@@ -89,13 +90,13 @@ impl Rehearsal {
 
 /// One published message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Slot index (ignored for dedicated messages).
-    pub slot: u32,
+    pub(crate) slot: u32,
     /// [`DEDICATED`] or 0.
-    pub flags: u32,
+    pub(crate) flags: u32,
     /// Message length.
-    pub len: u64,
+    pub(crate) len: u64,
 }
 
 /// The error of a head that no sender could have written.
@@ -142,7 +143,7 @@ impl Control {
     /// # Safety
     /// `base` must point to at least [`CONTROL_LEN`] bytes of page-aligned shared
     /// memory that stays mapped as long as the view is used.
-    pub unsafe fn new(base: *mut u8) -> Control {
+    pub(crate) unsafe fn new(base: *mut u8) -> Control {
         Control { base }
     }
 
@@ -160,7 +161,7 @@ impl Control {
     }
 
     /// Write the geometry (sender, before handing the pool over).
-    pub fn init(&self, slots: u32, slot_size: u64) {
+    pub(crate) fn init(&self, slots: u32, slot_size: u64) {
         self.u64_at(0).store(MAGIC, Ordering::Relaxed);
         self.u32_at(8).store(VERSION, Ordering::Relaxed);
         self.u32_at(12).store(slots, Ordering::Relaxed);
@@ -169,8 +170,9 @@ impl Control {
     }
 
     /// Check the geometry written by the sender.
-    pub fn check(&self, slots: u32, slot_size: u64) -> bool {
+    pub(crate) fn check(&self, slots: u32, slot_size: u64) -> bool {
         self.u64_at(0).load(Ordering::Relaxed) == MAGIC
+            && self.u32_at(8).load(Ordering::Relaxed) == VERSION
             && self.u32_at(12).load(Ordering::Relaxed) == slots
             && self.u64_at(16).load(Ordering::Relaxed) == slot_size
             && self.u32_at(24).load(Ordering::Relaxed) == RING
@@ -183,7 +185,7 @@ impl Control {
 
     /// Sender: messages the receiver has consumed from the ring.
     #[inline]
-    pub fn tail(&self) -> u64 {
+    pub(crate) fn tail(&self) -> u64 {
         self.tail_atomic().load(Ordering::Acquire)
     }
 
@@ -195,7 +197,7 @@ impl Control {
     /// Sender: publish entry number `head` (then `head + 1` is the new head).
     /// Returns whether the receiver is asleep and needs its doorbell rung.
     #[inline]
-    pub fn publish(&self, head: u64, e: Entry) -> bool {
+    pub(crate) fn publish(&self, head: u64, e: Entry) -> bool {
         self.stage(head, e);
         self.commit(head)
     }
@@ -206,7 +208,7 @@ impl Control {
     /// only, and `newest` only when its tag names the entry it wants. The ring
     /// must have room for the entry (`head - tail < RING`).
     #[inline]
-    pub fn stage(&self, head: u64, e: Entry) {
+    pub(crate) fn stage(&self, head: u64, e: Entry) {
         let at = self.entry_at(head);
         self.u32_at(at).store(e.slot, Ordering::Relaxed);
         self.u32_at(at + 4).store(e.flags, Ordering::Relaxed);
@@ -220,7 +222,7 @@ impl Control {
     /// no receiver goes on reading its slot while it is written again. `newest`
     /// is optional: 0 sends a receiver to the ring.
     #[inline]
-    pub fn unstage(&self) {
+    pub(crate) fn unstage(&self) {
         self.u64_at(NEWEST).store(0, Ordering::Release);
     }
 
@@ -228,7 +230,7 @@ impl Control {
     /// `head + 1`). Returns whether the receiver is asleep and needs its
     /// doorbell rung.
     #[inline]
-    pub fn commit(&self, head: u64) -> bool {
+    pub(crate) fn commit(&self, head: u64) -> bool {
         self.u64_at(HEAD).store(head + 1, Ordering::SeqCst);
         self.u32_at(RX_WAITING).load(Ordering::SeqCst) != 0
     }
@@ -239,8 +241,15 @@ impl Control {
     /// When it is the only new one, the entry is read from the `newest` word,
     /// which came with the head's cache line: one transfer from the sender's
     /// core instead of two in a row.
+    #[cfg(test)]
+    pub(crate) fn peek(&self, tail: u64) -> Result<Option<Entry>, String> {
+        Ok(self.peek_traced(tail)?.map(|(e, _)| e))
+    }
+
+    /// [`peek`](Self::peek), also saying whether the entry came from the
+    /// head's cache line (`newest`).
     #[inline]
-    pub fn peek(&self, tail: u64) -> Result<Option<Entry>, String> {
+    pub(crate) fn peek_traced(&self, tail: u64) -> Result<Option<(Entry, bool)>, String> {
         let head = self.u64_at(HEAD).load(Ordering::Acquire);
         if head == tail {
             return Ok(None);
@@ -251,13 +260,13 @@ impl Control {
         if head == tail + 1
             && let Some(e) = unpack(self.u64_at(NEWEST).load(Ordering::Relaxed), tail)
         {
-            return Ok(Some(e));
+            return Ok(Some((e, true)));
         }
-        Ok(Some(self.entry(tail)))
+        Ok(Some((self.entry(tail), false)))
     }
 
     /// The ring entry at position `i`, published or not (untrusted).
-    pub fn entry(&self, i: u64) -> Entry {
+    pub(crate) fn entry(&self, i: u64) -> Entry {
         let at = self.entry_at(i);
         Entry {
             slot: self.u32_at(at).load(Ordering::Relaxed),
@@ -266,27 +275,19 @@ impl Control {
         }
     }
 
-    /// Receiver: the entry the sender has staged as number `number` (see
-    /// [`stage`](Self::stage)), if `newest` holds it: a hint that the message is
-    /// written and about to be published. Untrusted, like every entry.
-    #[inline]
-    pub fn staged(&self, number: u64) -> Option<Entry> {
-        unpack(self.u64_at(NEWEST).load(Ordering::Acquire), number)
-    }
-
     /// Receiver: mark entries up to `tail` consumed.
-    pub fn consume(&self, tail: u64) {
+    pub(crate) fn consume(&self, tail: u64) {
         self.tail_atomic().store(tail, Ordering::Release);
     }
 
     /// Receiver: announce sleeping (`true`) or awake. Re-check the ring after setting it.
-    pub fn set_rx_waiting(&self, waiting: bool) {
+    pub(crate) fn set_rx_waiting(&self, waiting: bool) {
         self.u32_at(RX_WAITING)
             .store(waiting as u32, Ordering::SeqCst);
     }
 
     /// Receiver: release a slot back to the sender. Returns whether the sender sleeps.
-    pub fn release(&self, slot: u32) -> bool {
+    pub(crate) fn release(&self, slot: u32) -> bool {
         let head = self.u64_at(REL_HEAD).load(Ordering::Relaxed);
         let at = REL_RING_AT + (head % RING as u64) as usize * 4;
         self.u32_at(at).store(slot, Ordering::Relaxed);
@@ -295,7 +296,7 @@ impl Control {
     }
 
     /// Sender: collect released slots into `out` (untrusted values are filtered by the caller).
-    pub fn collect_releases(&self, out: &mut Vec<u32>) {
+    pub(crate) fn collect_releases(&self, out: &mut Vec<u32>) {
         let head = self.u64_at(REL_HEAD).load(Ordering::Acquire);
         let mut tail = self.u64_at(REL_TAIL).load(Ordering::Relaxed);
         let head = head.min(tail + RING as u64);
@@ -311,29 +312,24 @@ impl Control {
     /// whether the receiver sleeps: ring it, so that it waits awake and its wake-up
     /// overlaps the writing instead of following the publish. Publishing the
     /// message (head + 1) ends the announcement without another store.
-    pub fn begin(&self, head: u64, slot: u32) -> bool {
+    pub(crate) fn begin(&self, head: u64, slot: u32) -> bool {
         self.u32_at(PRODUCING + 8).store(slot, Ordering::Relaxed);
         self.u64_at(PRODUCING).store(head + 1, Ordering::SeqCst);
         self.u32_at(RX_WAITING).load(Ordering::SeqCst) != 0
     }
 
     /// Sender: the message announced by [`begin`](Self::begin) will not be published.
-    pub fn cancel(&self, head: u64) {
+    pub(crate) fn cancel(&self, head: u64) {
         self.u64_at(PRODUCING).store(head, Ordering::SeqCst);
     }
 
-    /// Receiver: the slot the sender announced it is writing (untrusted).
-    pub fn writing_slot(&self) -> u32 {
-        self.u32_at(PRODUCING + 8).load(Ordering::Relaxed)
-    }
-
     /// Receiver: whether the sender is writing a message now.
-    pub fn producing(&self) -> bool {
+    pub(crate) fn producing(&self) -> bool {
         self.u64_at(PRODUCING).load(Ordering::SeqCst) > self.u64_at(HEAD).load(Ordering::SeqCst)
     }
 
     /// Sender: announce sleeping (`true`) or awake.
-    pub fn set_tx_waiting(&self, waiting: bool) {
+    pub(crate) fn set_tx_waiting(&self, waiting: bool) {
         self.u32_at(TX_WAITING)
             .store(waiting as u32, Ordering::SeqCst);
     }
@@ -377,7 +373,7 @@ mod tests {
 
     #[test]
     fn peek_reads_the_only_new_entry_from_the_head_line_and_others_from_the_ring() {
-        let block = Rehearsal::new();
+        let block = PrivateBlock::new();
         let c = &block.control();
         c.publish(0, entry(1, 100));
         assert_eq!(c.peek(0), Ok(Some(entry(1, 100))));

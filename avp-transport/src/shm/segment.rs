@@ -1,17 +1,18 @@
 //! Shared-memory segments: sealed memfds, their mappings, and eventfds.
 
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 use crate::error::{Result, TransportError};
 
 /// A memory mapping, unmapped on drop.
-pub struct Mapping {
+pub(crate) struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
 }
@@ -19,11 +20,13 @@ pub struct Mapping {
 // SAFETY: a mapping is plain memory; who may touch which bytes is governed by the
 // slot protocol, not by the thread that holds the mapping.
 unsafe impl Send for Mapping {}
+// SAFETY: as for Send: a shared reference to a mapping only hands out its address.
+unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Map `len` bytes of `fd` from `offset`, shared. `writable` picks PROT_WRITE;
     /// the pages are populated up front so first touches do not fault.
-    pub fn map(fd: impl AsFd, offset: usize, len: usize, writable: bool) -> Result<Mapping> {
+    pub(crate) fn map(fd: impl AsFd, offset: usize, len: usize, writable: bool) -> Result<Mapping> {
         let n = NonZeroUsize::new(len)
             .ok_or_else(|| TransportError::Segment("empty mapping".into()))?;
         let prot = if writable {
@@ -48,12 +51,12 @@ impl Mapping {
     }
 
     /// Start of the mapping.
-    pub fn ptr(&self) -> *mut u8 {
+    pub(crate) fn ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
 
     /// Address range, for zero-copy checks.
-    pub fn range(&self) -> std::ops::Range<usize> {
+    pub(crate) fn range(&self) -> std::ops::Range<usize> {
         self.ptr.as_ptr() as usize..self.ptr.as_ptr() as usize + self.len
     }
 }
@@ -68,7 +71,7 @@ impl Drop for Mapping {
 
 /// Create a sealed memfd of `len` bytes: it can never shrink or grow, so a peer that
 /// maps it cannot be made to fault by truncation.
-pub fn create_memfd(name: &str, len: usize) -> Result<OwnedFd> {
+pub(crate) fn create_memfd(name: &str, len: usize) -> Result<OwnedFd> {
     let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
         .map_err(TransportError::errno("memfd_create"))?;
     nix::unistd::ftruncate(&fd, len as i64).map_err(TransportError::errno("ftruncate"))?;
@@ -83,7 +86,7 @@ pub fn create_memfd(name: &str, len: usize) -> Result<OwnedFd> {
 }
 
 /// Check a memfd received from a peer: sealed against shrinking and exactly `len` bytes.
-pub fn check_memfd(fd: &OwnedFd, len: usize) -> Result<()> {
+pub(crate) fn check_memfd(fd: &OwnedFd, len: usize) -> Result<()> {
     let seals = fcntl(fd, FcntlArg::F_GET_SEALS)
         .map_err(|e| TransportError::Segment(format!("not a memfd: {e}")))?;
     let seals = SealFlag::from_bits_truncate(seals);
@@ -103,48 +106,55 @@ pub fn check_memfd(fd: &OwnedFd, len: usize) -> Result<()> {
 }
 
 /// An eventfd used as a doorbell.
-pub struct Event {
+pub(crate) struct Event {
     fd: OwnedFd,
 }
 
 impl Event {
     /// A new non-blocking eventfd.
-    pub fn new() -> Result<Event> {
-        // SAFETY: plain syscall; the result is checked and owned below.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(TransportError::Io {
-                op: "eventfd",
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        Ok(Event {
-            fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) },
-        })
+    pub(crate) fn new() -> Result<Event> {
+        let fd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(TransportError::errno("eventfd"))?;
+        Ok(Event { fd: fd.into() })
     }
 
-    /// Wrap a descriptor received from the peer.
-    pub fn from_fd(fd: OwnedFd) -> Event {
+    /// Wrap a descriptor received from the peer (whatever it is, ringing it
+    /// only writes 8 bytes to it and draining reads at most 8).
+    pub(crate) fn from_fd(fd: OwnedFd) -> Event {
         Event { fd }
     }
 
     /// The descriptor.
-    pub fn fd(&self) -> &OwnedFd {
+    pub(crate) fn fd(&self) -> &OwnedFd {
         &self.fd
     }
 
     /// Ring the bell.
-    pub fn notify(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to our descriptor.
-        let _ = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+    pub(crate) fn notify(&self) {
+        let _ = nix::unistd::write(&self.fd, &1u64.to_ne_bytes());
     }
 
     /// Clear pending rings (non-blocking).
-    pub fn drain(&self) {
+    pub(crate) fn drain(&self) {
         let mut b = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a live buffer from our descriptor.
-        let _ = unsafe { libc::read(self.fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+        let _ = nix::unistd::read(&self.fd, &mut b);
     }
+}
+
+/// The size of a memory page on this host (`sysconf`), 4096 if unknown.
+pub(crate) fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|p| usize::try_from(p).ok())
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096)
+    })
+}
+
+/// `n` rounded up to a whole number of pages.
+pub(crate) fn page_up(n: usize) -> usize {
+    n.div_ceil(page_size()) * page_size()
 }
