@@ -339,3 +339,43 @@ fn soak_10000_messages_over_shm_with_flat_memory() {
     assert!(grown < 4096, "RSS grew by {grown} KiB over {N} messages");
     assert!(start.elapsed() < Duration::from_secs(60));
 }
+
+/// A peer that passed the handshake and declares a 4 GiB message (the default
+/// limit) but sends only its 32-byte preamble costs the receiver the bytes that
+/// arrived plus one first buffer (1 MiB), not the declared size: receive
+/// buffers grow as bytes arrive.
+#[test]
+fn a_declared_length_costs_nothing_until_its_bytes_arrive() {
+    let _serial = serial();
+    let opts = Options {
+        allow_shm_upgrade: false,
+        connect_timeout: Duration::from_millis(1500),
+        ..Options::default()
+    };
+    assert_eq!(opts.max_message, 4 << 30);
+    let listener = Endpoint::bind("tcp://127.0.0.1:0", &ModelIdentity::default(), opts).unwrap();
+    let addr = listener.local_addr();
+    let mut preamble = [0u8; 32];
+    avp_wire::Preamble {
+        flags: 0,
+        header_len: 1024,
+        total_len: (4 << 30) - 1,
+        header_crc: 0,
+    }
+    .write(&mut preamble);
+    let liar = std::thread::spawn(move || {
+        let mut s = manual_tcp_session(&addr);
+        s.write_all(&preamble).unwrap();
+        std::thread::sleep(Duration::from_secs(3)); // then nothing: a stall
+    });
+    let rx = listener.accept(T).unwrap();
+    let before = rss_kib();
+    let e = rx.recv(T).expect_err("the peer stalled");
+    let grown = rss_kib().saturating_sub(before);
+    assert!(matches!(e, TransportError::Timeout(..)), "{e}");
+    assert!(
+        grown < 8 << 10,
+        "RSS grew {grown} KiB for a declared 4 GiB message of which 32 bytes arrived"
+    );
+    liar.join().unwrap();
+}

@@ -32,9 +32,9 @@ pub enum TransportError {
     /// The peer broke the protocol (bad frame, unexpected message).
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// The peer's token did not authenticate (or ours was refused).
+    /// Authentication failed; the cause says which side and why.
     #[error("authentication failed: {0}")]
-    Auth(String),
+    Auth(AuthFailure),
     /// A message is larger than the limit agreed for this session.
     #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -87,6 +87,33 @@ impl TransportError {
             source: std::io::Error::from(e),
         }
     }
+}
+
+/// Why authentication failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthFailure {
+    /// The listener requires a token and this side has none configured.
+    #[error("the listener requires a token and none is configured")]
+    TokenRequired,
+    /// The peer's MAC did not verify: it does not know the token, or a frame of
+    /// the handshake was changed on the way (the MAC covers the whole transcript).
+    #[error(
+        "{peer} could not prove it knows the token, or the handshake was tampered with on the way"
+    )]
+    BadProof {
+        /// Which peer: "the listener" or "the connecting peer".
+        peer: &'static str,
+    },
+    /// The peer refused the session.
+    #[error("refused by the peer: {reason}")]
+    Refused {
+        /// The peer's reason.
+        reason: String,
+    },
+    /// TLS could not be set up.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Shorthand for results of this crate.

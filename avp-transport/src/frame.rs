@@ -14,7 +14,7 @@ use crate::error::{Result, TransportError};
 /// Largest control frame.
 pub(crate) const MAX_FRAME: usize = 64 << 10;
 /// Protocol version spoken in `Hello`.
-pub(crate) const PROTOCOL: u32 = 2;
+pub(crate) const PROTOCOL: u32 = 3;
 
 /// First frame each side sends.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -1,26 +1,34 @@
 //! The handshake: identities and capabilities both ways, mutual authentication by
-//! HMAC-SHA256 challenge–response over a pre-shared token, then the listener's
-//! decision (mode from the avp-wire resolver, session id and ttl).
+//! HMAC-SHA256 over the whole transcript with a pre-shared token, then the
+//! listener's decision (mode from the avp-wire resolver, session id and ttl).
 //!
 //! ```text
 //! connecting side                         listener
 //!   Hello{identity, nonce_c, ...}  ──────▶
 //!                                  ◀──────  Hello{identity, nonce_s, auth_required, shm_socket?}
 //!   Auth{mac_c} | Switch{to:"shm"} ──────▶  verify mac_c (constant time)
+//!   [Vocabulary{..}…]              ──────▶  (when the listener asked for it)
 //!                                  ◀──────  Accept{session, mode, mac_s} | Refuse{reason}
 //!   verify mac_s
 //! ```
-//! `mac_c = HMAC(token, "avp-auth-v1 client" ‖ nonce_c ‖ nonce_s)`, `mac_s` the same
-//! with "server". Nothing else is accepted before `Accept`.
+//! Both sides hash every frame in order, each as its JSON encoding, with the
+//! MAC fields empty: `T_c` covers the two hellos and the Auth frame, `T_s`
+//! everything up to and including the Accept. `mac_c = HMAC(token,
+//! "avp-auth-v2 client" ‖ SHA-256(T_c))`, `mac_s = HMAC(token, "avp-auth-v2
+//! server" ‖ SHA-256(T_s))`. A field changed on the way (an identity, the
+//! offered socket, a limit, the mode, the session id) makes the MAC fail, and
+//! the session is refused with `AuthFailure::BadProof`. Nothing is accepted
+//! before `Accept`. Without a token nothing is authenticated (see the trust
+//! model in spec/transport.md).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use avp_wire::{Mode, ModelIdentity, Resolver};
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
-use crate::error::{Result, TransportError};
+use crate::error::{AuthFailure, Result, TransportError};
 use crate::frame::{Accept, Frame, FrameIo, Hello, PROTOCOL};
 use crate::options::Options;
 use crate::session::{Session, TransportKind};
@@ -41,17 +49,33 @@ pub(crate) fn random_hex(n: usize) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn mac(token: &str, role: &str, nonce_c: &str, nonce_s: &str) -> HmacSha256 {
+/// The frames of one handshake so far, hashed in order.
+#[derive(Clone, Default)]
+struct Transcript(Sha256);
+
+impl Transcript {
+    /// Add `frame` as its JSON encoding.
+    fn add(&mut self, frame: &Frame) {
+        let bytes = serde_json::to_vec(frame).expect("frames always encode");
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    fn digest(&self) -> [u8; 32] {
+        self.0.clone().finalize().into()
+    }
+}
+
+fn mac(token: &str, role: &str, transcript: &Transcript) -> HmacSha256 {
     let mut m = HmacSha256::new_from_slice(token.as_bytes()).expect("HMAC takes any key length");
-    m.update(b"avp-auth-v1 ");
+    m.update(b"avp-auth-v2 ");
     m.update(role.as_bytes());
-    m.update(nonce_c.as_bytes());
-    m.update(nonce_s.as_bytes());
+    m.update(&transcript.digest());
     m
 }
 
-fn mac_hex(token: &str, role: &str, nonce_c: &str, nonce_s: &str) -> String {
-    mac(token, role, nonce_c, nonce_s)
+fn mac_hex(token: &str, role: &str, transcript: &Transcript) -> String {
+    mac(token, role, transcript)
         .finalize()
         .into_bytes()
         .iter()
@@ -59,15 +83,13 @@ fn mac_hex(token: &str, role: &str, nonce_c: &str, nonce_s: &str) -> String {
         .collect()
 }
 
-fn verify_mac(token: &str, role: &str, nonce_c: &str, nonce_s: &str, given: Option<&str>) -> bool {
+fn verify_mac(token: &str, role: &str, transcript: &Transcript, given: Option<&str>) -> bool {
     let Some(given) = given else { return false };
     let Some(bytes) = unhex(given) else {
         return false;
     };
     // `verify_slice` compares in constant time.
-    mac(token, role, nonce_c, nonce_s)
-        .verify_slice(&bytes)
-        .is_ok()
+    mac(token, role, transcript).verify_slice(&bytes).is_ok()
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -113,7 +135,7 @@ fn expect_hello(frame: Frame) -> Result<Hello> {
             "peer speaks transport protocol {}, we speak {PROTOCOL}",
             h.protocol
         ))),
-        Frame::Refuse { reason } => Err(TransportError::Auth(format!("refused by peer: {reason}"))),
+        Frame::Refuse { reason } => Err(TransportError::Auth(AuthFailure::Refused { reason })),
         other => Err(TransportError::Protocol(format!(
             "expected Hello, got {other:?}"
         ))),
@@ -157,33 +179,30 @@ pub(crate) fn client_finish(
         ClientStep::Stay(why) => why,
     };
     if theirs.auth_required && opts.token.is_none() {
-        return Err(TransportError::Auth(
-            "the listener requires a token and none is configured".into(),
-        ));
+        return Err(TransportError::Auth(AuthFailure::TokenRequired));
     }
-    let mac = opts
-        .token
-        .as_deref()
-        .map(|t| mac_hex(t, "client", &ours.nonce, &theirs.nonce));
-    io.send_frame(
-        &Frame::Auth {
-            mac,
-            reason: Some(why.clone()),
-        },
-        &[],
-    )?;
+    let mut transcript = Transcript::default();
+    transcript.add(&Frame::Hello(ours.clone()));
+    transcript.add(&Frame::Hello(theirs.clone()));
+    let mut auth = Frame::Auth {
+        mac: None,
+        reason: Some(why.clone()),
+    };
+    transcript.add(&auth);
+    if let (Some(t), Frame::Auth { mac, .. }) = (opts.token.as_deref(), &mut auth) {
+        *mac = Some(mac_hex(t, "client", &transcript));
+    }
+    io.send_frame(&auth, &[])?;
     if theirs.want_vocabulary
         && let Some(vocab) = &opts.vocabulary
     {
-        send_vocabulary(io, vocab)?;
+        send_vocabulary(io, vocab, &mut transcript)?;
     }
     let (f, _) = io.recv_frame(timeout)?;
     let accept = match f {
         Frame::Accept(a) => a,
         Frame::Refuse { reason } => {
-            return Err(TransportError::Auth(format!(
-                "refused by listener: {reason}"
-            )));
+            return Err(TransportError::Auth(AuthFailure::Refused { reason }));
         }
         other => {
             return Err(TransportError::Protocol(format!(
@@ -191,18 +210,16 @@ pub(crate) fn client_finish(
             )));
         }
     };
+    transcript.add(&Frame::Accept(Accept {
+        mac: None,
+        ..accept.clone()
+    }));
     if let Some(token) = &opts.token
-        && !verify_mac(
-            token,
-            "server",
-            &ours.nonce,
-            &theirs.nonce,
-            accept.mac.as_deref(),
-        )
+        && !verify_mac(token, "server", &transcript, accept.mac.as_deref())
     {
-        return Err(TransportError::Auth(
-            "the listener could not prove it knows the token".into(),
-        ));
+        return Err(TransportError::Auth(AuthFailure::BadProof {
+            peer: "the listener",
+        }));
     }
     Ok(Some(session_from(accept, theirs, transport, why)))
 }
@@ -236,8 +253,12 @@ pub(crate) const MAX_VOCAB_TOKENS: u32 = 4 << 20;
 /// [`crate::frame::MAX_FRAME`]).
 const VOCAB_PART_BYTES: usize = 40 << 10;
 
-/// Send `vocab` as `Vocabulary` frames.
-fn send_vocabulary(io: &mut dyn FrameIo, vocab: &[String]) -> Result<()> {
+/// Send `vocab` as `Vocabulary` frames (each added to `transcript`).
+fn send_vocabulary(
+    io: &mut dyn FrameIo,
+    vocab: &[String],
+    transcript: &mut Transcript,
+) -> Result<()> {
     let mut first = 0usize;
     loop {
         let mut end = first;
@@ -253,14 +274,13 @@ fn send_vocabulary(io: &mut dyn FrameIo, vocab: &[String]) -> Result<()> {
                 vocab[first].len()
             )));
         }
-        io.send_frame(
-            &Frame::Vocabulary {
-                first: first as u32,
-                tokens: vocab[first..end].to_vec(),
-                last: end == vocab.len(),
-            },
-            &[],
-        )?;
+        let part = Frame::Vocabulary {
+            first: first as u32,
+            tokens: vocab[first..end].to_vec(),
+            last: end == vocab.len(),
+        };
+        transcript.add(&part);
+        io.send_frame(&part, &[])?;
         if end == vocab.len() {
             return Ok(());
         }
@@ -268,8 +288,14 @@ fn send_vocabulary(io: &mut dyn FrameIo, vocab: &[String]) -> Result<()> {
     }
 }
 
-/// Receive the peer's vocabulary of `announced` tokens, in order.
-fn recv_vocabulary(io: &mut dyn FrameIo, announced: u32, timeout: Duration) -> Result<Vec<String>> {
+/// Receive the peer's vocabulary of `announced` tokens, in order (each part
+/// added to `transcript`).
+fn recv_vocabulary(
+    io: &mut dyn FrameIo,
+    announced: u32,
+    timeout: Duration,
+    transcript: &mut Transcript,
+) -> Result<Vec<String>> {
     if announced > MAX_VOCAB_TOKENS {
         return Err(TransportError::Protocol(format!(
             "peer announces a vocabulary of {announced} tokens, at most {MAX_VOCAB_TOKENS} are accepted"
@@ -279,7 +305,11 @@ fn recv_vocabulary(io: &mut dyn FrameIo, announced: u32, timeout: Duration) -> R
     let mut vocab: Vec<String> = Vec::with_capacity(announced as usize);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match io.recv_frame(left)?.0 {
+        let frame = io.recv_frame(left)?.0;
+        if let Frame::Vocabulary { .. } = &frame {
+            transcript.add(&frame);
+        }
+        match frame {
             Frame::Vocabulary {
                 first,
                 tokens,
@@ -328,9 +358,18 @@ pub(crate) fn server(
         && theirs.vocab_tokens > 0
         && resolver.decide(&theirs.identity, identity, None).mode == Mode::Json;
     io.send_frame(&Frame::Hello(ours.clone()), &[])?;
+    let mut transcript = Transcript::default();
+    transcript.add(&Frame::Hello(theirs.clone()));
+    transcript.add(&Frame::Hello(ours.clone()));
     let (f, _) = io.recv_frame(timeout)?;
     let (client_mac, why) = match f {
-        Frame::Auth { mac, reason } => (mac, reason),
+        Frame::Auth { mac, reason } => {
+            transcript.add(&Frame::Auth {
+                mac: None,
+                reason: reason.clone(),
+            });
+            (mac, reason)
+        }
         Frame::Switch { .. } => return Ok(None),
         other => {
             return Err(TransportError::Protocol(format!(
@@ -339,25 +378,23 @@ pub(crate) fn server(
         }
     };
     if let Some(token) = &opts.token
-        && !verify_mac(
-            token,
-            "client",
-            &theirs.nonce,
-            &ours.nonce,
-            client_mac.as_deref(),
-        )
+        && !verify_mac(token, "client", &transcript, client_mac.as_deref())
     {
         let refuse = Frame::Refuse {
             reason: "authentication failed".into(),
         };
         let _ = io.send_frame(&refuse, &[]);
-        return Err(TransportError::Auth(format!(
-            "peer {:?} did not prove it knows the token; refused",
-            theirs.agent_id
-        )));
+        return Err(TransportError::Auth(AuthFailure::BadProof {
+            peer: "the connecting peer",
+        }));
     }
     let peer_vocabulary = match ours.want_vocabulary {
-        true => Some(Arc::new(recv_vocabulary(io, theirs.vocab_tokens, timeout)?)),
+        true => Some(Arc::new(recv_vocabulary(
+            io,
+            theirs.vocab_tokens,
+            timeout,
+            &mut transcript,
+        )?)),
         false => None,
     };
     let overlap = peer_vocabulary
@@ -371,7 +408,7 @@ pub(crate) fn server(
         });
     // The connecting side sends (source), the listener receives (target).
     let r = resolver.resolve(&theirs.identity, identity, overlap);
-    let accept = Accept {
+    let mut accept = Accept {
         session_id: random_hex(16),
         mode: r.mode,
         map_id: r.map_id,
@@ -379,11 +416,13 @@ pub(crate) fn server(
         reason: r.reason,
         ttl_ms: opts.session_ttl.as_millis().min(u64::MAX as u128) as u64,
         max_message: opts.max_message.min(theirs.max_message),
-        mac: opts
-            .token
-            .as_deref()
-            .map(|t| mac_hex(t, "server", &theirs.nonce, &ours.nonce)),
+        mac: None,
     };
+    transcript.add(&Frame::Accept(accept.clone()));
+    accept.mac = opts
+        .token
+        .as_deref()
+        .map(|t| mac_hex(t, "server", &transcript));
     io.send_frame(&Frame::Accept(accept.clone()), &[])?;
     let reason = why
         .or_else(|| theirs.transport_reason.clone())
@@ -399,14 +438,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn macs_verify_only_with_the_same_token_and_nonces() {
-        let m = mac_hex("secret", "client", "aa", "bb");
-        assert!(verify_mac("secret", "client", "aa", "bb", Some(&m)));
-        assert!(!verify_mac("secret", "server", "aa", "bb", Some(&m)));
-        assert!(!verify_mac("other", "client", "aa", "bb", Some(&m)));
-        assert!(!verify_mac("secret", "client", "ab", "bb", Some(&m)));
-        assert!(!verify_mac("secret", "client", "aa", "bb", None));
-        assert!(!verify_mac("secret", "client", "aa", "bb", Some("zz")));
+    fn macs_verify_only_with_the_same_token_role_and_transcript() {
+        let hello = |nonce: &str| {
+            let mut h = super::hello(&ModelIdentity::default(), &Options::default(), None, None);
+            h.nonce = nonce.into();
+            Frame::Hello(h)
+        };
+        let mut t = Transcript::default();
+        t.add(&hello("aa"));
+        let m = mac_hex("secret", "client", &t);
+        assert!(verify_mac("secret", "client", &t, Some(&m)));
+        assert!(!verify_mac("secret", "server", &t, Some(&m)));
+        assert!(!verify_mac("other", "client", &t, Some(&m)));
+        assert!(!verify_mac("secret", "client", &t, None));
+        assert!(!verify_mac("secret", "client", &t, Some("zz")));
+        let mut other = Transcript::default();
+        other.add(&hello("ab"));
+        assert!(!verify_mac("secret", "client", &other, Some(&m)));
+        let mut longer = t.clone();
+        longer.add(&hello("aa"));
+        assert!(!verify_mac("secret", "client", &longer, Some(&m)));
         assert_eq!(random_hex(16).len(), 32);
         assert_ne!(random_hex(16), random_hex(16));
     }

@@ -48,7 +48,7 @@ mod wait;
 
 pub use address::Address;
 pub use endpoint::{Endpoint, Listener};
-pub use error::{Result, TransportError};
+pub use error::{AuthFailure, Result, TransportError};
 pub use handshake::boot_id;
 pub use options::Options;
 #[cfg(feature = "tls")]

@@ -171,7 +171,6 @@ impl Acceptor for TcpAcceptor {
 fn with_peer(e: TransportError, peer: &str) -> TransportError {
     match e {
         TransportError::Protocol(m) => TransportError::Protocol(format!("{peer}: {m}")),
-        TransportError::Auth(m) => TransportError::Auth(format!("{peer}: {m}")),
         other => other,
     }
 }
@@ -198,7 +197,7 @@ fn client_conn(stream: TcpStream, host_port: &str, o: &Options) -> Result<Conn> 
             }
         })?;
         let conn = rustls::ClientConnection::new(cfg, name)
-            .map_err(|e| TransportError::Auth(format!("TLS: {e}")))?;
+            .map_err(|e| TransportError::Auth(crate::error::AuthFailure::Tls(e.to_string())))?;
         return Ok(Conn::Client(Box::new(rustls::StreamOwned::new(
             conn, stream,
         ))));
@@ -211,7 +210,7 @@ fn server_conn(stream: TcpStream, o: &Options) -> Result<Conn> {
     #[cfg(feature = "tls")]
     if let Some(cfg) = o.tls.as_ref().and_then(|t| t.server.clone()) {
         let conn = rustls::ServerConnection::new(cfg)
-            .map_err(|e| TransportError::Auth(format!("TLS: {e}")))?;
+            .map_err(|e| TransportError::Auth(crate::error::AuthFailure::Tls(e.to_string())))?;
         return Ok(Conn::Server(Box::new(rustls::StreamOwned::new(
             conn, stream,
         ))));

@@ -13,7 +13,7 @@ use avp_wire::ModelIdentity;
 use serde_json::{Value, json};
 
 /// The transport protocol version the library speaks.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 /// A TCP connection speaking raw control frames.
 pub struct RawPeer {
