@@ -326,3 +326,63 @@ fn think_writes_a_context_that_generate_continues_in_another_process() {
         "{err}"
     );
 }
+
+/// `avp send` sends any file `avp inspect` reads: a v1 file of the Python
+/// reference is converted to v2 (said on stderr) with its tensors intact.
+#[test]
+fn send_converts_v1_files_and_says_so() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let header = avp_wire::v1::KvHeader {
+        num_layers: 2,
+        num_kv_heads: 1,
+        head_dim: 4,
+        seq_len: 3,
+        dtype: avp_wire::DType::F16,
+    };
+    let tensors: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i + 1; 24]).collect();
+    let refs: Vec<&[u8]> = tensors.iter().map(|t| &t[..]).collect();
+    let meta = avp_wire::v1::Metadata {
+        model_id: "reference-model".into(),
+        ..Default::default()
+    };
+    let v1 =
+        avp_wire::v1::encode_kv(&header, &refs, &meta, avp_wire::v1::Compression::Fast).unwrap();
+    let path = dir.path().join("v1.avp");
+    std::fs::write(&path, v1).unwrap();
+    let out_dir = dir.path().join("out");
+    let name = format!("shm://cli-v1-{}", std::process::id());
+    let mut recv = Command::new(env!("CARGO_BIN_EXE_avp"))
+        .args(["recv", &name, "--once", "--timeout", "30"])
+        .arg(format!("--out={}", out_dir.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(recv.stderr.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let listen = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let send = avp(&["send", &listen, "--timeout", "30", path.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&send.stderr);
+    assert!(send.status.success(), "{said}");
+    assert!(
+        said.contains("a v1 message") && said.contains("converted to v2"),
+        "{said}"
+    );
+    assert!(recv.wait().unwrap().success());
+    let got = std::fs::read(out_dir.join("msg-000001.avp")).unwrap();
+    let m = avp_wire::Message::parse(&got).unwrap();
+    m.verify().unwrap();
+    assert_eq!(m.envelope().model_id(), "reference-model");
+    let kv = m.kv().unwrap();
+    for layer in 0..2 {
+        assert_eq!(kv.k(layer).unwrap(), &tensors[2 * layer as usize][..]);
+        assert_eq!(kv.v(layer).unwrap(), &tensors[2 * layer as usize + 1][..]);
+    }
+}

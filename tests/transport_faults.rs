@@ -379,3 +379,72 @@ fn a_declared_length_costs_nothing_until_its_bytes_arrive() {
     );
     liar.join().unwrap();
 }
+
+/// `avp recv` serves one sender after another: a sender killed mid-message
+/// (shared memory and TCP) ends that sender only, and the next is served.
+#[test]
+fn the_cli_receiver_outlives_a_sender_killed_mid_message() {
+    let _serial = serial();
+    for addr in [
+        format!("shm://cli-kill-{}", std::process::id()),
+        "tcp://127.0.0.1:0".to_owned(),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut recv = Command::new(env!("CARGO_BIN_EXE_avp"))
+            .args([
+                "recv",
+                &addr,
+                "--count",
+                "2",
+                "--timeout",
+                "60",
+                "--no-shm-upgrade",
+            ])
+            .arg("--out")
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(recv.stderr.take().unwrap());
+        let mut first = String::new();
+        err.read_line(&mut first).unwrap();
+        let listen = first
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap()
+            .to_owned();
+        let role = if listen.starts_with("shm") {
+            "shm_stall_sender"
+        } else {
+            "tcp_stall_sender"
+        };
+        let mut child = spawn_role(role, &listen);
+        wait_for(&mut child, "stalled");
+        kill_later(child, Duration::from_millis(200))
+            .join()
+            .unwrap();
+        // The next sender is served.
+        let l = layout(8);
+        let data: Vec<Vec<u8>> = l.sections().map(|s| vec![5u8; s.len as usize]).collect();
+        let refs: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
+        let opts = Options {
+            allow_shm_upgrade: false,
+            ..Options::default()
+        };
+        let mut tx = Endpoint::connect(&listen, &ModelIdentity::default(), opts).unwrap();
+        for _ in 0..2 {
+            tx.send_sections(&l, &refs).unwrap();
+        }
+        let status = recv.wait().unwrap();
+        let mut log = String::new();
+        std::io::Read::read_to_string(&mut err, &mut log).unwrap();
+        assert!(status.success(), "{addr}: {log}");
+        assert!(
+            log.contains("dropped after 0 messages") || log.contains("done after 0 messages"),
+            "{log}"
+        );
+        assert!(log.contains("done after 2 messages"), "{log}");
+        assert!(dir.path().join("msg-000002.avp").exists());
+    }
+}

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use avp_transport::{Endpoint, Options};
-use avp_wire::{Message, ModelIdentity, Payload};
+use avp_transport::{Endpoint, Options, TransportError};
+use avp_wire::{Message, ModelIdentity, Payload, v1};
 
 /// Arguments shared by `send` and `recv`.
 #[derive(clap::Args, Debug)]
@@ -56,9 +56,13 @@ pub struct RecvArgs {
     /// Directory to write each message to (msg-000001.avp, ...).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Stop after this many messages (default: until the sender leaves).
+    /// Stop after this many messages in all (default: serve one sender after
+    /// another until stopped).
     #[arg(long)]
     count: Option<u64>,
+    /// Stop when the first sender leaves.
+    #[arg(long)]
+    once: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -68,7 +72,8 @@ pub struct RecvArgs {
 pub struct SendArgs {
     /// Address of the listener: shm://NAME or tcp://HOST:PORT.
     addr: String,
-    /// Message files (v2) to send, in order.
+    /// Message files to send, in order: v2, or v1 files of the Python
+    /// reference (converted to v2 first, which is reported).
     #[arg(required = true)]
     files: Vec<PathBuf>,
     #[command(flatten)]
@@ -96,48 +101,132 @@ fn summary(m: &Message<'_>) -> String {
     }
 }
 
+/// What became of one message.
+enum Outcome {
+    Ok,
+    ChecksumFailed,
+}
+
+/// Report one received message (and write it to `out`, if given) as number `n`.
+fn report(
+    n: u64,
+    m: &Message<'_>,
+    out: Option<&std::path::Path>,
+    t: Instant,
+) -> anyhow::Result<Outcome> {
+    let (check, outcome) = match m.verify() {
+        Ok(()) => ("checksums ok".to_string(), Outcome::Ok),
+        Err(e) => (format!("CHECKSUM FAILED: {e}"), Outcome::ChecksumFailed),
+    };
+    let dest = match out {
+        Some(dir) => {
+            let p = dir.join(format!("msg-{n:06}.avp"));
+            std::fs::write(&p, m.as_bytes()).with_context(|| format!("write {}", p.display()))?;
+            format!(" -> {}", p.display())
+        }
+        None => String::new(),
+    };
+    println!(
+        "#{n} {} bytes, {}, {check} ({:.1} ms){dest}",
+        m.total_len(),
+        summary(m),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(outcome)
+}
+
+/// Serve senders one after another: each until it leaves (or fails, which
+/// is reported and ends that sender only), until `--count` messages in all or,
+/// with `--once`, the first sender's end. Exits with failure when a message
+/// failed its checksums or was refused.
 pub fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
     let listener = Endpoint::bind(&a.addr, &ModelIdentity::default(), a.common.options())?;
     eprintln!("listening on {}", listener.local_addr());
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    let rx = listener.accept(a.common.timeout())?;
-    eprintln!("{}", rx.session().explain());
-    let mut n = 0u64;
-    while a.count.is_none_or(|c| n < c) {
-        let g = match rx.recv(a.common.timeout()) {
-            Ok(g) => g,
-            Err(avp_transport::TransportError::PeerGone(_)) if a.count.is_none() => break,
-            Err(e) => return Err(e.into()),
+    let (mut n, mut bad) = (0u64, 0u64);
+    let done = |n: u64| a.count.is_some_and(|c| n >= c);
+    while !done(n) {
+        // The first sender (and with --once the only one) is waited for
+        // --timeout; later ones for as long as it takes.
+        let wait = if n == 0 || a.once {
+            a.common.timeout()
+        } else {
+            Duration::MAX
         };
-        let t = Instant::now();
-        let m = g.message();
-        let check = match m.verify() {
-            Ok(()) => "checksums ok".to_string(),
-            Err(e) => format!("CHECKSUM FAILED: {e}"),
-        };
-        n += 1;
-        let dest = match &a.out {
-            Some(dir) => {
-                let p = dir.join(format!("msg-{n:06}.avp"));
-                std::fs::write(&p, m.as_bytes())
-                    .with_context(|| format!("write {}", p.display()))?;
-                format!(" -> {}", p.display())
+        let rx = match listener.accept(wait) {
+            Ok(rx) => rx,
+            Err(e @ TransportError::Timeout(..)) => return Err(e.into()),
+            Err(e) => {
+                eprintln!("a peer failed its handshake: {e}");
+                continue;
             }
-            None => String::new(),
         };
-        println!(
-            "#{n} {} bytes, {}, {check} ({:.1} ms){dest}",
-            m.total_len(),
-            summary(m),
-            t.elapsed().as_secs_f64() * 1e3
-        );
-        if check.starts_with("CHECKSUM") {
-            return Ok(ExitCode::FAILURE);
+        eprintln!("{}", rx.session().explain());
+        let mut from_this = 0u64;
+        let why = loop {
+            if done(n) {
+                break None;
+            }
+            let g = match rx.recv(a.common.timeout()) {
+                Ok(g) => g,
+                Err(TransportError::PeerGone(_)) => break None,
+                Err(e @ (TransportError::Wire(_) | TransportError::WrongSession { .. })) => {
+                    bad += 1;
+                    eprintln!("refused a message: {e}");
+                    continue;
+                }
+                Err(e) => break Some(e),
+            };
+            n += 1;
+            from_this += 1;
+            if let Outcome::ChecksumFailed =
+                report(n, g.message(), a.out.as_deref(), Instant::now())?
+            {
+                bad += 1;
+            }
+        };
+        match why {
+            None => eprintln!(
+                "sender {:?} done after {from_this} messages",
+                rx.session().peer_agent
+            ),
+            Some(e) => eprintln!(
+                "sender {:?} dropped after {from_this} messages: {e}",
+                rx.session().peer_agent
+            ),
+        }
+        if a.once {
+            break;
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A message file as v2 bytes: v1 files are converted (losslessly: envelope,
+/// shape and tensor bytes), and the conversion is said on stderr.
+fn as_v2(f: &std::path::Path, bytes: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    match avp_wire::sniff_version(&bytes).with_context(|| format!("{}", f.display()))? {
+        2 => Ok(bytes),
+        v => {
+            let decoded =
+                v1::decode(&bytes).with_context(|| format!("decode v{v} file {}", f.display()))?;
+            let v2 =
+                v1::to_v2(&decoded).with_context(|| format!("convert {} to v2", f.display()))?;
+            eprintln!(
+                "{}: a v{v} message ({} bytes) converted to v2 ({} bytes)",
+                f.display(),
+                bytes.len(),
+                v2.len()
+            );
+            Ok(v2)
+        }
+    }
 }
 
 pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
@@ -145,6 +234,7 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     eprintln!("{}", tx.session().explain());
     for f in &a.files {
         let bytes = std::fs::read(f).with_context(|| format!("read {}", f.display()))?;
+        let bytes = as_v2(f, bytes)?;
         let t = Instant::now();
         tx.send_bytes(&bytes)
             .with_context(|| format!("send {}", f.display()))?;
