@@ -123,12 +123,21 @@ pub(crate) enum Armed {
     Wait([RawFd; 2]),
 }
 
+/// Work a receive port runs now and then while it waits for a peer that
+/// announced it is producing a message: the endpoint's delivery path run on a
+/// private stand-in message, so that what a message will touch is still cached
+/// when it comes (writing a large message takes milliseconds, long enough for
+/// caches and TLBs to lose it).
+pub(crate) type Idle<'a> = &'a dyn Fn();
+
 /// The receiving half of a transport.
 pub(crate) trait RecvPort: Send + Sync {
-    /// Wait up to `timeout` for the next message.
-    fn recv(&self, timeout: Duration) -> Result<Delivery>;
+    /// Wait up to `timeout` for the next message, running `idle` now and then
+    /// while the peer is producing one.
+    fn recv(&self, timeout: Duration, idle: Idle<'_>) -> Result<Delivery>;
     /// The next message if one is there; `now` is the caller's clock reading.
-    fn try_recv(&self, now: Instant) -> Result<Option<Delivery>>;
+    /// `idle` as in [`recv`](Self::recv), paced across calls.
+    fn try_recv(&self, now: Instant, idle: Idle<'_>) -> Result<Option<Delivery>>;
     /// Prepare to wait in an event loop (see [`Armed`]).
     fn arm(&self) -> Result<Armed>;
     /// Undo [`arm`](Self::arm) after waiting.
@@ -220,6 +229,7 @@ pub(crate) struct Counters {
     pub(crate) doorbells: AtomicU64,
     pub(crate) header_copies: AtomicU64,
     pub(crate) dedicated: AtomicU64,
+    pub(crate) warmups: AtomicU64,
 }
 
 impl Counters {
@@ -242,6 +252,7 @@ impl Counters {
             doorbells: r(&self.doorbells),
             header_copies: r(&self.header_copies),
             dedicated: r(&self.dedicated),
+            warmups: r(&self.warmups),
         }
     }
 }
@@ -271,4 +282,7 @@ pub struct Stats {
     pub header_copies: u64,
     /// Messages too large for a slot, sent in a dedicated segment.
     pub dedicated: u64,
+    /// Receiver: runs of the delivery path on a private stand-in message while
+    /// the sender was writing (shared memory), to keep that path cached.
+    pub warmups: u64,
 }

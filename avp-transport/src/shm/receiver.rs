@@ -7,13 +7,15 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Result, TransportError};
 use crate::frame::{Frame, FrameIo};
-use crate::port::{Armed, Counters, Delivery, Held, RecvPort};
+use crate::port::{Armed, Counters, Delivery, Held, Idle, RecvPort};
 
 use super::control::{CONTROL_LEN, Control, DEDICATED, Entry, RING};
 use super::packet::PacketIo;
 use super::segment::{self, Event, Mapping, page_size, page_up};
 use super::sender::data_offset;
 
+/// How often a waiting receiver runs its idle work while the sender writes.
+const WARM_EVERY: Duration = Duration::from_micros(20);
 /// How often a polling receiver asks the socket whether the sender left.
 const PEER_CHECK_EVERY: Duration = Duration::from_millis(1);
 /// Longest single sleep on the doorbell (the peer is re-checked between).
@@ -37,6 +39,8 @@ struct RxState {
     tail: u64,
     /// When `try_recv` last asked the socket whether the sender left.
     peer_checked: Instant,
+    /// When the idle work last ran.
+    warmed: Instant,
 }
 
 /// The receiving half of a shared-memory session.
@@ -116,6 +120,7 @@ impl ShmReceiver {
                 io,
                 tail: 0,
                 peer_checked: Instant::now(),
+                warmed: Instant::now(),
             }),
             io_fd,
             _ctrl_map: ctrl_map,
@@ -225,9 +230,25 @@ impl ShmReceiver {
         Ok(None)
     }
 
+    /// Run `idle` if the sender is writing and it has not run for `WARM_EVERY`.
+    #[inline]
+    fn pace(&self, st: &mut RxState, now: Instant, idle: Idle<'_>) {
+        if now.saturating_duration_since(st.warmed) >= WARM_EVERY && self.ctrl.producing() {
+            idle();
+            st.warmed = now;
+            Counters::bump(&self.counters.warmups);
+        }
+    }
+
     /// The rest of `recv` once the spin time is over: wait awake while the
     /// sender writes, else sleep on the doorbell.
-    fn recv_wait(&self, st: &mut RxState, start: Instant, timeout: Duration) -> Result<Delivery> {
+    fn recv_wait(
+        &self,
+        st: &mut RxState,
+        start: Instant,
+        timeout: Duration,
+        idle: Idle<'_>,
+    ) -> Result<Delivery> {
         loop {
             if let Some(d) = self.pop(st)? {
                 return Ok(d);
@@ -238,7 +259,7 @@ impl ShmReceiver {
             }
             if self.ctrl.producing() {
                 Counters::bump(&self.counters.awake_for_writing);
-                if let Some(d) = self.await_production(st, start, timeout)? {
+                if let Some(d) = self.await_production(st, start, timeout, idle)? {
                     return Ok(d);
                 }
                 continue;
@@ -273,12 +294,14 @@ impl ShmReceiver {
         st: &mut RxState,
         start: Instant,
         timeout: Duration,
+        idle: Idle<'_>,
     ) -> Result<Option<Delivery>> {
         let mut n = 0u32;
         while self.ctrl.producing() {
             if let Some(d) = self.pop(st)? {
                 return Ok(Some(d));
             }
+            self.pace(st, Instant::now(), idle);
             n = n.wrapping_add(1);
             if n.is_multiple_of(LOOKS_PER_YIELD) {
                 std::thread::yield_now();
@@ -301,7 +324,7 @@ impl ShmReceiver {
 impl RecvPort for ShmReceiver {
     /// Spin for the configured time, then wait awake while the sender writes,
     /// else sleep on the doorbell; a closed socket means the sender is gone.
-    fn recv(&self, timeout: Duration) -> Result<Delivery> {
+    fn recv(&self, timeout: Duration, idle: Idle<'_>) -> Result<Delivery> {
         let mut st = self.lock();
         let start = Instant::now();
         let spin_until = crate::wait::after(start, self.spin.min(timeout));
@@ -311,10 +334,12 @@ impl RecvPort for ShmReceiver {
                 Counters::bump(&self.counters.spin_hits);
                 return Ok(d);
             }
-            if Instant::now() >= spin_until {
-                return self.recv_wait(&mut st, start, timeout);
+            let now = Instant::now();
+            if now >= spin_until {
+                return self.recv_wait(&mut st, start, timeout, idle);
             }
             std::hint::spin_loop();
+            self.pace(&mut st, now, idle);
             n = n.wrapping_add(1);
             if n.is_multiple_of(SPINS_PER_PEER_CHECK) && st.io.peer_closed() {
                 return self
@@ -326,7 +351,7 @@ impl RecvPort for ShmReceiver {
 
     /// Whether the sender left is asked of the socket at most once a
     /// millisecond. A receive in progress on another thread reads as "none yet".
-    fn try_recv(&self, now: Instant) -> Result<Option<Delivery>> {
+    fn try_recv(&self, now: Instant, idle: Idle<'_>) -> Result<Option<Delivery>> {
         let mut st = match self.state.try_lock() {
             Ok(st) => st,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
@@ -336,6 +361,7 @@ impl RecvPort for ShmReceiver {
             Counters::bump(&self.counters.spin_hits);
             return Ok(Some(d));
         }
+        self.pace(&mut st, now, idle);
         if now.saturating_duration_since(st.peer_checked) < PEER_CHECK_EVERY {
             return Ok(None);
         }

@@ -11,7 +11,7 @@ use avp_wire::{PREAMBLE_LEN, Preamble};
 
 use crate::error::{Result, TransportError};
 use crate::frame::peer_or_io;
-use crate::port::{Armed, Counters, Delivery, Held, RecvPort};
+use crate::port::{Armed, Counters, Delivery, Held, Idle, RecvPort};
 
 use super::buf::{BufPool, PageBuf};
 use super::conn::Conn;
@@ -161,7 +161,7 @@ impl TcpReceiver {
 }
 
 impl RecvPort for TcpReceiver {
-    fn recv(&self, timeout: Duration) -> Result<Delivery> {
+    fn recv(&self, timeout: Duration, _idle: Idle<'_>) -> Result<Delivery> {
         let mut rx = self.lock();
         self.read_message(&mut rx, timeout)
     }
@@ -169,7 +169,7 @@ impl RecvPort for TcpReceiver {
     /// A message whose first bytes have arrived is read whole, waiting for the
     /// rest up to the stall timeout. A receive in progress on another thread
     /// reads as "none yet".
-    fn try_recv(&self, _now: Instant) -> Result<Option<Delivery>> {
+    fn try_recv(&self, _now: Instant, _idle: Idle<'_>) -> Result<Option<Delivery>> {
         let mut rx = match self.rx.try_lock() {
             Ok(rx) => rx,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
