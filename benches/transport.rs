@@ -8,7 +8,7 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use avp_transport::{Endpoint, Options};
+use avp_transport::{Endpoint, Options, TcpOptions};
 use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -62,10 +62,7 @@ fn transport(c: &mut Criterion) {
                 )
             })
         });
-        let tcp = Options {
-            allow_shm_upgrade: false,
-            ..Options::default()
-        };
+        let tcp = Options::default().tcp(TcpOptions::default().shm_upgrade(false));
         g.bench_function(BenchmarkId::new("tcp", size), |b| {
             b.iter_custom(|iters| run("tcp://127.0.0.1:0", tcp.clone(), size, iters))
         });

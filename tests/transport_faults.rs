@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use avp_transport::{Endpoint, Options, TransportError};
+use avp_transport::{Endpoint, Options, ShmOptions, TcpOptions, TransportError};
 
 #[path = "../avp-transport/tests/support/raw_peer.rs"]
 mod raw_peer;
@@ -167,10 +167,7 @@ fn peers_that_die_yield_errors_and_leak_nothing() {
     }
     // 2. A TCP sender is SIGKILLed halfway through a message.
     {
-        let opts = Options {
-            allow_shm_upgrade: false,
-            ..Options::default()
-        };
+        let opts = Options::default().tcp(TcpOptions::default().shm_upgrade(false));
         let listener =
             Endpoint::bind("tcp://127.0.0.1:0", &ModelIdentity::default(), opts).unwrap();
         let mut child = spawn_role("tcp_stall_sender", &listener.local_addr());
@@ -192,11 +189,7 @@ fn peers_that_die_yield_errors_and_leak_nothing() {
         let name = format!("shm://fault-rx-{}", std::process::id());
         let mut child = spawn_role("shm_holding_receiver", &name);
         wait_for(&mut child, "bound");
-        let opts = Options {
-            slots: 2,
-            loan_timeout: T,
-            ..Options::default()
-        };
+        let opts = Options::default().shm(ShmOptions::default().slots(2).loan_timeout(T));
         let mut tx = Endpoint::connect(&name, &ModelIdentity::default(), opts).unwrap();
         let l = layout(16);
         for _ in 0..2 {
@@ -223,11 +216,9 @@ fn peers_that_die_yield_errors_and_leak_nothing() {
 #[test]
 fn bad_tcp_frames_get_typed_errors_and_the_listener_keeps_serving() {
     let _serial = serial();
-    let opts = Options {
-        allow_shm_upgrade: false,
-        max_message: 1 << 30,
-        ..Options::default()
-    };
+    let opts = Options::default()
+        .max_message(1 << 30)
+        .tcp(TcpOptions::default().shm_upgrade(false));
     let listener =
         Endpoint::bind("tcp://127.0.0.1:0", &ModelIdentity::default(), opts.clone()).unwrap();
     let addr = listener.local_addr();
@@ -347,11 +338,11 @@ fn soak_10000_messages_over_shm_with_flat_memory() {
 #[test]
 fn a_declared_length_costs_nothing_until_its_bytes_arrive() {
     let _serial = serial();
-    let opts = Options {
-        allow_shm_upgrade: false,
-        connect_timeout: Duration::from_millis(1500),
-        ..Options::default()
-    };
+    let opts = Options::default().tcp(
+        TcpOptions::default()
+            .shm_upgrade(false)
+            .stall_timeout(Duration::from_millis(1500)),
+    );
     assert_eq!(opts.max_message, 4 << 30);
     let listener = Endpoint::bind("tcp://127.0.0.1:0", &ModelIdentity::default(), opts).unwrap();
     let addr = listener.local_addr();
@@ -428,10 +419,7 @@ fn the_cli_receiver_outlives_a_sender_killed_mid_message() {
         let l = layout(8);
         let data: Vec<Vec<u8>> = l.sections().map(|s| vec![5u8; s.len as usize]).collect();
         let refs: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
-        let opts = Options {
-            allow_shm_upgrade: false,
-            ..Options::default()
-        };
+        let opts = Options::default().tcp(TcpOptions::default().shm_upgrade(false));
         let mut tx = Endpoint::connect(&listen, &ModelIdentity::default(), opts).unwrap();
         for _ in 0..2 {
             tx.send_sections(&l, &refs).unwrap();

@@ -3,7 +3,7 @@
 use std::ffi::{CStr, c_char};
 use std::time::Duration;
 
-use avp_transport::Options;
+use avp_transport::{Options, ShmOptions, TcpOptions};
 use avp_wire::{
     DType, Envelope, HiddenStateDesc, KvCacheDesc, KvLayout, LayerRange, ModelIdentity, Payload,
     TextDesc, TextFormat,
@@ -346,13 +346,13 @@ pub(crate) fn default_options() -> avp_options {
         agent_id: std::ptr::null(),
         max_message: d.max_message,
         token: std::ptr::null(),
-        slots: d.slots as u32,
-        slot_size: d.slot_size as u64,
+        slots: d.shm.slots as u32,
+        slot_size: d.shm.slot_size as u64,
         connect_timeout_ms: d.connect_timeout.as_millis() as u32,
-        loan_timeout_ms: d.loan_timeout.as_millis() as u32,
-        spin_us: d.spin.as_micros() as u32,
+        loan_timeout_ms: d.shm.loan_timeout.as_millis() as u32,
+        spin_us: d.shm.spin.as_micros() as u32,
         session_ttl_s: d.session_ttl.as_secs() as u32,
-        allow_shm_upgrade: d.allow_shm_upgrade as u8,
+        allow_shm_upgrade: d.tcp.shm_upgrade as u8,
     }
 }
 
@@ -372,22 +372,31 @@ pub(crate) unsafe fn options(o: Option<&avp_options>) -> Result<Options, Error> 
             string(o.token, "options.token")?,
         )
     };
-    Ok(Options {
-        agent_id,
-        max_message: o.max_message,
-        token: (!token.is_empty()).then_some(token),
-        slots: o.slots as usize,
-        slot_size: o.slot_size as usize,
-        connect_timeout: Duration::from_millis(o.connect_timeout_ms as u64),
-        loan_timeout: Duration::from_millis(o.loan_timeout_ms as u64),
-        spin: if o.spin_us == u32::MAX {
-            Duration::MAX
-        } else {
-            Duration::from_micros(o.spin_us as u64)
-        },
-        session_ttl: Duration::from_secs(o.session_ttl_s as u64),
-        allow_shm_upgrade: o.allow_shm_upgrade != 0,
-        ..Options::default()
+    Ok({
+        let mut o = Options::default()
+            .agent_id(agent_id)
+            .max_message(o.max_message)
+            .connect_timeout(Duration::from_millis(o.connect_timeout_ms as u64))
+            .session_ttl(Duration::from_secs(o.session_ttl_s as u64))
+            .shm(
+                ShmOptions::default()
+                    .slots(o.slots as usize)
+                    .slot_size(o.slot_size as usize)
+                    .loan_timeout(Duration::from_millis(o.loan_timeout_ms as u64))
+                    .spin(if o.spin_us == u32::MAX {
+                        Duration::MAX
+                    } else {
+                        Duration::from_micros(o.spin_us as u64)
+                    }),
+            )
+            .tcp(
+                TcpOptions::default()
+                    .shm_upgrade(o.allow_shm_upgrade != 0)
+                    // The C struct has one timeout for connecting and stalls.
+                    .stall_timeout(Duration::from_millis(o.connect_timeout_ms as u64)),
+            );
+        o.token = (!token.is_empty()).then_some(token);
+        o
     })
 }
 

@@ -20,7 +20,7 @@ pub struct Endpoint;
 impl Endpoint {
     /// Listen at `addr` (`shm://NAME` or `tcp://HOST:PORT`; port 0 picks one).
     /// A TCP listener also offers a shared-memory socket to peers on the same host
-    /// unless `options.allow_shm_upgrade` is false.
+    /// unless `options.tcp.shm_upgrade` is false.
     ///
     /// # Errors
     /// `InvalidAddress` for an address no installed transport takes (or one

@@ -34,6 +34,9 @@ mod async_api;
 mod endpoint;
 mod error;
 mod frame;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod options;
 mod port;
@@ -50,9 +53,9 @@ pub use address::Address;
 pub use endpoint::{Endpoint, Listener};
 pub use error::{AuthFailure, Result, TransportError};
 pub use handshake::boot_id;
-pub use options::Options;
 #[cfg(feature = "tls")]
 pub use options::Tls;
+pub use options::{Options, ShmOptions, TcpOptions};
 pub use port::Stats;
 pub use receiver::{Receiver, RecvGuard};
 pub use sender::{Loan, Ready, Sender};

@@ -1,35 +1,39 @@
-//! Settings of an endpoint.
+//! Settings of an endpoint: the session-wide ones in [`Options`], each
+//! transport's tuning knobs in its own ([`ShmOptions`], [`TcpOptions`]).
+//! Built in the builder style, so that adding a knob breaks no caller:
+//!
+//! ```
+//! use std::time::Duration;
+//! use avp_transport::{Options, ShmOptions, TcpOptions};
+//! let o = Options::default()
+//!     .token("s3cret")
+//!     .shm(ShmOptions::default().slots(8).spin(Duration::MAX))
+//!     .tcp(TcpOptions::default().shm_upgrade(false));
+//! assert_eq!(o.shm.slots, 8);
+//! ```
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use avp_wire::MapLookup;
 
-/// How an endpoint behaves. `Options::default()` suits most uses.
+/// How an endpoint behaves, whichever transport carries the session.
+/// `Options::default()` suits most uses.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Options {
     /// This agent's id, sent in the handshake.
     pub agent_id: String,
     /// Largest message accepted or sent, in bytes. Enforced before allocating.
     pub max_message: u64,
     /// Pre-shared token. When the listener has one, connecting peers must prove
-    /// they know it (HMAC-SHA256 challenge–response) before anything else happens.
+    /// they know it (HMAC-SHA256 over the handshake's transcript) before
+    /// anything else happens.
     pub token: Option<String>,
-    /// Shared-memory slots in the sender's pool (messages in flight).
-    pub slots: usize,
-    /// Bytes per slot; larger messages get a dedicated segment.
-    pub slot_size: usize,
-    /// Connect and handshake timeout.
+    /// Connect and handshake timeout (and the longest wait for one control frame).
     pub connect_timeout: Duration,
-    /// How long `loan` waits for a free slot before failing (backpressure).
-    pub loan_timeout: Duration,
-    /// How long a receiver spins on the shared ring before blocking on the
-    /// eventfd. [`Duration::MAX`] is spin mode: lowest latency, one busy core.
-    pub spin: Duration,
     /// Session time to live; messages after it are refused.
     pub session_ttl: Duration,
-    /// Whether a TCP connection to a peer on the same host may switch to shared memory.
-    pub allow_shm_upgrade: bool,
     /// Whether a receiver refuses messages whose envelope names another session
     /// (messages with an empty session id are always accepted). Turn off to relay
     /// recorded messages.
@@ -41,22 +45,10 @@ pub struct Options {
     pub vocabulary: Option<Arc<Vec<String>>>,
     /// Where a listener looks up cached cross-model maps (the resolver's rule 4).
     pub maps: Option<Arc<dyn MapLookup>>,
-    /// TLS for TCP sessions (feature `tls`): a client config to connect with and/or
-    /// a server config to accept with. Shared-memory sessions never leave the host.
-    #[cfg(feature = "tls")]
-    pub tls: Option<Tls>,
-}
-
-/// TLS settings (feature `tls`).
-#[cfg(feature = "tls")]
-#[derive(Clone, Debug)]
-pub struct Tls {
-    /// Used by [`crate::Endpoint::connect`] over TCP.
-    pub client: Option<std::sync::Arc<rustls::ClientConfig>>,
-    /// Used by [`crate::Listener::accept`] over TCP; peers must then speak TLS.
-    pub server: Option<std::sync::Arc<rustls::ServerConfig>>,
-    /// Name checked against the server's certificate (default: the address's host).
-    pub server_name: Option<String>,
+    /// Shared-memory knobs.
+    pub shm: ShmOptions,
+    /// TCP knobs.
+    pub tcp: TcpOptions,
 }
 
 impl Default for Options {
@@ -65,18 +57,174 @@ impl Default for Options {
             agent_id: String::new(),
             max_message: 4 << 30,
             token: None,
-            slots: 4,
-            slot_size: 16 << 20,
             connect_timeout: Duration::from_secs(10),
-            loan_timeout: Duration::from_secs(10),
-            spin: Duration::from_micros(50),
             session_ttl: Duration::from_secs(24 * 3600),
-            allow_shm_upgrade: true,
             check_session_ids: true,
             vocabulary: None,
             maps: None,
+            shm: ShmOptions::default(),
+            tcp: TcpOptions::default(),
+        }
+    }
+}
+
+impl Options {
+    /// This agent's id.
+    pub fn agent_id(mut self, id: impl Into<String>) -> Self {
+        self.agent_id = id.into();
+        self
+    }
+    /// Largest message accepted or sent, in bytes.
+    pub fn max_message(mut self, bytes: u64) -> Self {
+        self.max_message = bytes;
+        self
+    }
+    /// A pre-shared token both sides must know.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+    /// Connect and handshake timeout.
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+    /// Session time to live.
+    pub fn session_ttl(mut self, t: Duration) -> Self {
+        self.session_ttl = t;
+        self
+    }
+    /// Whether messages of other sessions are refused.
+    pub fn check_session_ids(mut self, check: bool) -> Self {
+        self.check_session_ids = check;
+        self
+    }
+    /// This agent's vocabulary (token strings by id).
+    pub fn vocabulary(mut self, v: Arc<Vec<String>>) -> Self {
+        self.vocabulary = Some(v);
+        self
+    }
+    /// Where a listener looks up cached cross-model maps.
+    pub fn maps(mut self, maps: Arc<dyn MapLookup>) -> Self {
+        self.maps = Some(maps);
+        self
+    }
+    /// Shared-memory knobs.
+    pub fn shm(mut self, shm: ShmOptions) -> Self {
+        self.shm = shm;
+        self
+    }
+    /// TCP knobs.
+    pub fn tcp(mut self, tcp: TcpOptions) -> Self {
+        self.tcp = tcp;
+        self
+    }
+}
+
+/// Shared memory's knobs.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ShmOptions {
+    /// Slots in the sender's pool (messages in flight), 1–32.
+    pub slots: usize,
+    /// Bytes per slot (rounded up to whole pages); larger messages get a
+    /// dedicated segment.
+    pub slot_size: usize,
+    /// How long `loan` waits for a free slot before failing (backpressure).
+    pub loan_timeout: Duration,
+    /// How long a receiver spins on the ring before blocking on the
+    /// eventfd. [`Duration::MAX`] is spin mode: lowest latency, one busy core.
+    pub spin: Duration,
+}
+
+impl Default for ShmOptions {
+    fn default() -> Self {
+        ShmOptions {
+            slots: 4,
+            slot_size: 16 << 20,
+            loan_timeout: Duration::from_secs(10),
+            spin: Duration::from_micros(50),
+        }
+    }
+}
+
+impl ShmOptions {
+    /// Slots in the sender's pool, 1–32.
+    pub fn slots(mut self, n: usize) -> Self {
+        self.slots = n;
+        self
+    }
+    /// Bytes per slot.
+    pub fn slot_size(mut self, bytes: usize) -> Self {
+        self.slot_size = bytes;
+        self
+    }
+    /// How long `loan` waits for a free slot.
+    pub fn loan_timeout(mut self, t: Duration) -> Self {
+        self.loan_timeout = t;
+        self
+    }
+    /// How long a receiver spins before sleeping (`Duration::MAX`: always).
+    pub fn spin(mut self, t: Duration) -> Self {
+        self.spin = t;
+        self
+    }
+}
+
+/// TCP's knobs.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct TcpOptions {
+    /// Whether a TCP connection to a peer on the same host may switch to
+    /// shared memory (a listener offers its socket, a connecting peer takes it).
+    pub shm_upgrade: bool,
+    /// How long a receiver waits for the rest of a message once its first
+    /// bytes arrived; a stalled peer's connection is then closed.
+    pub stall_timeout: Duration,
+    /// TLS for TCP sessions (feature `tls`): a client config to connect with and/or
+    /// a server config to accept with. Shared-memory sessions never leave the host.
+    #[cfg(feature = "tls")]
+    pub tls: Option<Tls>,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions {
+            shm_upgrade: true,
+            stall_timeout: Duration::from_secs(10),
             #[cfg(feature = "tls")]
             tls: None,
         }
     }
+}
+
+impl TcpOptions {
+    /// Whether a peer on the same host may switch to shared memory.
+    pub fn shm_upgrade(mut self, allow: bool) -> Self {
+        self.shm_upgrade = allow;
+        self
+    }
+    /// How long a receiver waits for the rest of a message.
+    pub fn stall_timeout(mut self, t: Duration) -> Self {
+        self.stall_timeout = t;
+        self
+    }
+    /// TLS settings (feature `tls`).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+}
+
+/// TLS settings (feature `tls`).
+#[cfg(feature = "tls")]
+#[derive(Clone, Debug, Default)]
+pub struct Tls {
+    /// Used by [`crate::Endpoint::connect`] over TCP.
+    pub client: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// Used by [`crate::Listener::accept`] over TCP; peers must then speak TLS.
+    pub server: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// Name checked against the server's certificate (default: the address's host).
+    pub server_name: Option<String>,
 }

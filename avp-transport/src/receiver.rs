@@ -47,7 +47,7 @@ use crate::session::Session;
 /// drop(guard); // the slot goes back to the sender
 /// sender.join().unwrap()?;
 ///
-/// // ... or block: `recv` spins for `Options::spin`, then sleeps on a doorbell.
+/// // ... or block: `recv` spins for `ShmOptions::spin`, then sleeps on a doorbell.
 /// assert!(rx.recv(Duration::from_millis(10)).is_err()); // the sender left
 /// # Ok(())
 /// # }
@@ -100,7 +100,7 @@ impl Receiver {
     /// transport memory (a shared slot, or a pooled buffer on TCP); dropping it,
     /// on any thread, returns the memory.
     ///
-    /// Over shared memory it spins for `Options::spin`, waits awake while the
+    /// Over shared memory it spins for `ShmOptions::spin`, waits awake while the
     /// sender announces it is writing, else sleeps on a doorbell. Calls from
     /// several threads take turns.
     ///
@@ -117,7 +117,7 @@ impl Receiver {
     /// The next message if one has arrived, without waiting: `Ok(None)` when none
     /// has (or another thread is receiving right now). Over TCP a message whose
     /// first bytes have arrived is read whole, waiting for the rest up to the
-    /// stall timeout (`Options::connect_timeout`), after which the connection
+    /// stall timeout (`TcpOptions::stall_timeout`), after which the connection
     /// is closed as in `recv`. Over TLS a readable socket may carry no message
     /// data yet (a key update, say): the call then waits the same way.
     ///

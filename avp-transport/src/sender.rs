@@ -50,7 +50,7 @@ impl Sender {
     ///
     /// # Errors
     /// `TooLarge` or `SessionExpired` before anything is borrowed; `Timeout`
-    /// when no slot frees up within `Options::loan_timeout`; `PeerGone`.
+    /// when no slot frees up within `ShmOptions::loan_timeout`; `PeerGone`.
     pub fn loan<'a>(&'a mut self, layout: &'a MessageLayout) -> Result<Loan<'a>> {
         let len = layout.total_len();
         self.check(len as u64)?;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use avp_transport::{Endpoint, Options, TransportKind};
+use avp_transport::{Endpoint, Options, ShmOptions, TcpOptions, TransportKind};
 use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
 
 const T: Duration = Duration::from_secs(10);
@@ -63,20 +63,14 @@ async fn exchange(addr: String, opts: Options, count: u8) -> TransportKind {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_shm() {
-    let opts = Options {
-        slots: 2,
-        ..Options::default()
-    };
+    let opts = Options::default().shm(ShmOptions::default().slots(2));
     let kind = exchange(format!("shm://async-{}", std::process::id()), opts, 20).await;
     assert_eq!(kind, TransportKind::Shm);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_tcp() {
-    let opts = Options {
-        allow_shm_upgrade: false,
-        ..Options::default()
-    };
+    let opts = Options::default().tcp(TcpOptions::default().shm_upgrade(false));
     let kind = exchange("tcp://127.0.0.1:0".into(), opts, 20).await;
     assert_eq!(kind, TransportKind::Tcp);
 }

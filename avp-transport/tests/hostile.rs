@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use avp_transport::{Endpoint, Options, Receiver, TransportError};
+use avp_transport::{Endpoint, Options, Receiver, ShmOptions, TransportError};
 use avp_wire::{
     DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, PREAMBLE_LEN, Payload,
 };
@@ -116,11 +116,7 @@ fn a_header_rewritten_after_publishing_changes_nothing_the_receiver_reports() {
 fn a_sender_scribbling_on_headers_while_sending_gets_typed_errors_only() {
     let name = format!("shm://scribble-{}", std::process::id());
     let id = ModelIdentity::default();
-    let opts = Options {
-        slots: 2,
-        slot_size: 64 << 10,
-        ..Options::default()
-    };
+    let opts = Options::default().shm(ShmOptions::default().slots(2).slot_size(64 << 10));
     let listener = Endpoint::bind(&name, &id, opts.clone()).unwrap();
     let l = layout();
     let header_end = PREAMBLE_LEN + 2048.min(l.total_len() - PREAMBLE_LEN);

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use avp_transport::{Endpoint, Options, TransportError, TransportKind};
+use avp_transport::{Endpoint, Options, ShmOptions, TcpOptions, TransportError, TransportKind};
 use avp_wire::{
     DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, Mode, ModelIdentity, Payload,
 };
@@ -111,20 +111,14 @@ fn shm_round_trip_is_zero_copy() {
 
 #[test]
 fn shm_large_messages_use_dedicated_segments() {
-    let opts = Options {
-        slot_size: 64 << 10,
-        ..Options::default()
-    };
+    let opts = Options::default().shm(ShmOptions::default().slot_size(64 << 10));
     let (kind, _) = round_trip(&format!("shm://{}", unique("big")), opts, 2048, 3);
     assert_eq!(kind, TransportKind::Shm);
 }
 
 #[test]
 fn tcp_without_upgrade_stays_on_tcp() {
-    let opts = Options {
-        allow_shm_upgrade: false,
-        ..Options::default()
-    };
+    let opts = Options::default().tcp(TcpOptions::default().shm_upgrade(false));
     let (kind, _) = round_trip("tcp://127.0.0.1:0", opts, 64, 10);
     assert_eq!(kind, TransportKind::Tcp);
 }
@@ -138,10 +132,7 @@ fn tcp_on_the_same_host_switches_to_shm() {
 
 #[test]
 fn tcp_vectored_send_sections() {
-    let opts = Options {
-        allow_shm_upgrade: false,
-        ..Options::default()
-    };
+    let opts = Options::default().tcp(TcpOptions::default().shm_upgrade(false));
     let listener = Endpoint::bind("tcp://127.0.0.1:0", &identity(), opts.clone()).unwrap();
     let addr = listener.local_addr();
     let h = std::thread::spawn(move || {
@@ -167,11 +158,11 @@ fn tcp_vectored_send_sections() {
 
 #[test]
 fn backpressure_times_out_then_recovers() {
-    let opts = Options {
-        slots: 2,
-        loan_timeout: Duration::from_millis(200),
-        ..Options::default()
-    };
+    let opts = Options::default().shm(
+        ShmOptions::default()
+            .slots(2)
+            .loan_timeout(Duration::from_millis(200)),
+    );
     let name = format!("shm://{}", unique("bp"));
     let listener = Endpoint::bind(&name, &identity(), opts.clone()).unwrap();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
@@ -208,10 +199,7 @@ fn backpressure_times_out_then_recovers() {
 
 #[test]
 fn wrong_token_is_refused_and_nothing_is_delivered() {
-    let server = Options {
-        token: Some("right".into()),
-        ..Options::default()
-    };
+    let server = Options::default().token("right");
     let name = format!("shm://{}", unique("auth"));
     let listener = Endpoint::bind(&name, &identity(), server).unwrap();
     // The listener serves three peers in turn: wrong token, no token, right token.
@@ -229,19 +217,13 @@ fn wrong_token_is_refused_and_nothing_is_delivered() {
         }
         outcomes
     });
-    let bad = Options {
-        token: Some("wrong".into()),
-        ..Options::default()
-    };
+    let bad = Options::default().token("wrong");
     let e1 = Endpoint::connect(&name, &identity(), bad).expect_err("wrong token refused");
     assert!(matches!(e1, TransportError::Auth(_)), "{e1}");
     let e2 = Endpoint::connect(&name, &identity(), Options::default())
         .expect_err("missing token refused");
     assert!(e2.to_string().contains("requires a token"), "{e2}");
-    let good = Options {
-        token: Some("right".into()),
-        ..Options::default()
-    };
+    let good = Options::default().token("right");
     let mut tx = Endpoint::connect(&name, &identity(), good).unwrap();
     let l = layout(2);
     let mut loan = tx.loan(&l).unwrap();
@@ -258,10 +240,7 @@ fn wrong_token_is_refused_and_nothing_is_delivered() {
 
 #[test]
 fn expired_sessions_and_foreign_session_ids_are_refused() {
-    let opts = Options {
-        session_ttl: Duration::from_millis(300),
-        ..Options::default()
-    };
+    let opts = Options::default().session_ttl(Duration::from_millis(300));
     let name = format!("shm://{}", unique("ttl"));
     let listener = Endpoint::bind(&name, &identity(), opts.clone()).unwrap();
     let h = std::thread::spawn(move || {
@@ -342,10 +321,8 @@ fn try_recv_polls_without_waiting_over_shm_and_tcp() {
         (format!("shm://{}", unique("poll")), TransportKind::Shm),
         ("tcp://127.0.0.1:0".to_string(), TransportKind::Tcp),
     ] {
-        let opts = Options {
-            allow_shm_upgrade: kind == TransportKind::Shm,
-            ..Options::default()
-        };
+        let opts =
+            Options::default().tcp(TcpOptions::default().shm_upgrade(kind == TransportKind::Shm));
         let listener = Endpoint::bind(&addr, &identity(), opts.clone()).unwrap();
         let connect_to = listener.local_addr();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
@@ -381,11 +358,11 @@ fn try_recv_polls_without_waiting_over_shm_and_tcp() {
 fn spin_mode_delivers_large_messages_intact() {
     // Writing 8 MiB takes long enough for the spinning receiver to rehearse its
     // receive path many times; the rehearsals must change nothing.
-    let opts = Options {
-        spin: Duration::MAX,
-        slot_size: 16 << 20,
-        ..Options::default()
-    };
+    let opts = Options::default().shm(
+        ShmOptions::default()
+            .spin(Duration::MAX)
+            .slot_size(16 << 20),
+    );
     let (kind, zero_copy) = round_trip(&format!("shm://{}", unique("spin")), opts, 8192, 6);
     assert_eq!(kind, TransportKind::Shm);
     assert!(zero_copy);
@@ -399,12 +376,9 @@ fn unbounded_timeouts_wait_instead_of_panicking() {
         (format!("shm://{}", unique("forever")), Duration::MAX, true),
         ("tcp://127.0.0.1:0".to_string(), Duration::ZERO, false),
     ] {
-        let opts = Options {
-            spin,
-            loan_timeout: Duration::MAX,
-            allow_shm_upgrade: upgrade,
-            ..Options::default()
-        };
+        let opts = Options::default()
+            .shm(ShmOptions::default().spin(spin).loan_timeout(Duration::MAX))
+            .tcp(TcpOptions::default().shm_upgrade(upgrade));
         let listener = Endpoint::bind(&addr, &identity(), opts.clone()).unwrap();
         let connect_to = listener.local_addr();
         let sender = std::thread::spawn(move || {
@@ -444,10 +418,7 @@ fn validated_ahead_case(seq: u64) {
     let layout_of =
         |d: KvCacheDesc| MessageLayout::new(&Envelope::default(), &Payload::KvCache(d)).unwrap();
     let name = format!("shm://{}", unique("ahead"));
-    let opts = Options {
-        slots: 1,
-        ..Options::default()
-    };
+    let opts = Options::default().shm(ShmOptions::default().slots(1));
     let listener = Endpoint::bind(&name, &identity(), opts.clone()).unwrap();
     let connect_to = listener.local_addr();
     let (staged_tx, staged_rx) = std::sync::mpsc::channel::<()>();
@@ -512,10 +483,7 @@ fn validated_ahead_case(seq: u64) {
 #[test]
 fn shm_fast_paths_run_and_are_counted() {
     let name = format!("shm://{}", unique("stats"));
-    let opts = Options {
-        spin: Duration::ZERO,
-        ..Options::default()
-    };
+    let opts = Options::default().shm(ShmOptions::default().spin(Duration::ZERO));
     let listener = Endpoint::bind(&name, &identity(), opts.clone()).unwrap();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let sender = std::thread::spawn(move || {

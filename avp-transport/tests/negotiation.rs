@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use avp_transport::{Endpoint, Options, Session};
+use avp_transport::{Endpoint, Options, Session, TcpOptions};
 use avp_wire::{MapLookup, Mode, ModelIdentity, ResolutionPath, map_id};
 use serde_json::{Value, json};
 
@@ -75,10 +75,7 @@ fn negotiate(
 }
 
 fn with_vocab(v: &Arc<Vec<String>>) -> Options {
-    Options {
-        vocabulary: Some(v.clone()),
-        ..Options::default()
-    }
+    Options::default().vocabulary(v.clone())
 }
 
 #[test]
@@ -92,10 +89,8 @@ fn overlapping_vocabularies_negotiate_cross_model_over_shm_and_tcp() {
     assert!(n > 19_000, "{n}");
     for (addr, upgrade) in [(unique(), true), ("tcp://127.0.0.1:0".to_owned(), false)] {
         let (src, dst) = (model("llama", '1', 576), model("qwen2", '2', 896));
-        let opts = |v: &Arc<Vec<String>>| Options {
-            allow_shm_upgrade: upgrade,
-            ..with_vocab(v)
-        };
+        let opts =
+            |v: &Arc<Vec<String>>| with_vocab(v).tcp(TcpOptions::default().shm_upgrade(upgrade));
         let (c, l) = negotiate(&addr, (src.clone(), opts(&a)), (dst.clone(), opts(&b)));
         assert_eq!(l.transport.name(), if upgrade { "shm" } else { "tcp" });
         assert_eq!(
@@ -160,10 +155,7 @@ fn no_vocabulary_is_asked_for_when_another_rule_decides() {
             Some(map_id(s, t))
         }
     }
-    let listener_opts = Options {
-        maps: Some(Arc::new(Cached)),
-        ..with_vocab(&v)
-    };
+    let listener_opts = with_vocab(&v).maps(Arc::new(Cached));
     let (c, l) = negotiate(
         "tcp://127.0.0.1:0",
         (model("llama", '6', 64), with_vocab(&v)),
@@ -192,14 +184,8 @@ fn no_vocabulary_is_asked_for_when_another_rule_decides() {
 #[test]
 fn a_vocabulary_with_a_wrong_token_never_gets_past_authentication() {
     let v = vocab("t", 1_000);
-    let listener_opts = Options {
-        token: Some("right".into()),
-        ..with_vocab(&v)
-    };
-    let client_opts = Options {
-        token: Some("wrong".into()),
-        ..with_vocab(&v)
-    };
+    let listener_opts = with_vocab(&v).token("right");
+    let client_opts = with_vocab(&v).token("wrong");
     let listener = Endpoint::bind(&unique(), &model("qwen2", 'b', 128), listener_opts).unwrap();
     let to = listener.local_addr();
     let client = std::thread::spawn(move || {
@@ -232,10 +218,7 @@ fn raw_vocabulary_peer(addr: &str, announced: u32, parts: Vec<Value>) {
 #[test]
 fn bad_vocabularies_are_refused_and_the_listener_keeps_serving() {
     let v = vocab("t", 500);
-    let opts = Options {
-        allow_shm_upgrade: false,
-        ..with_vocab(&v)
-    };
+    let opts = with_vocab(&v).tcp(TcpOptions::default().shm_upgrade(false));
     let listener = Endpoint::bind("tcp://127.0.0.1:0", &model("qwen2", 'd', 128), opts).unwrap();
     let addr = listener.local_addr();
     let part = |first: u32, n: usize, last: bool| {
@@ -266,10 +249,7 @@ fn bad_vocabularies_are_refused_and_the_listener_keeps_serving() {
     // A well-behaved peer is still served.
     let to = addr.clone();
     let good = std::thread::spawn(move || {
-        let o = Options {
-            allow_shm_upgrade: false,
-            ..with_vocab(&vocab("t", 300))
-        };
+        let o = with_vocab(&vocab("t", 300)).tcp(TcpOptions::default().shm_upgrade(false));
         Endpoint::connect(&to, &model("llama", 'e', 64), o)
             .unwrap()
             .session()

@@ -6,7 +6,7 @@
 use std::net::TcpListener;
 use std::time::Duration;
 
-use avp_transport::{AuthFailure, Endpoint, Options, TransportError};
+use avp_transport::{AuthFailure, Endpoint, Options, TcpOptions, TransportError};
 use avp_wire::ModelIdentity;
 use serde_json::{Value, json};
 
@@ -16,11 +16,9 @@ use support::raw_peer::RawPeer;
 const T: Duration = Duration::from_secs(10);
 
 fn opts() -> Options {
-    Options {
-        token: Some("s3cret".into()),
-        allow_shm_upgrade: false,
-        ..Options::default()
-    }
+    Options::default()
+        .token("s3cret")
+        .tcp(TcpOptions::default().shm_upgrade(false))
 }
 
 /// The handshake's frames in order: the client's Hello, the listener's

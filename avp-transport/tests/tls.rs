@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use avp_transport::{Endpoint, Options, Tls, TransportError, TransportKind};
+use avp_transport::{Endpoint, Options, TcpOptions, Tls, TransportError, TransportKind};
 use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -51,11 +51,12 @@ fn client_tls(trusted: &CertificateDer<'static>) -> Tls {
 }
 
 fn opts(tls: Option<Tls>) -> Options {
-    Options {
-        allow_shm_upgrade: false,
-        token: Some("t0k3n".into()),
-        tls,
-        ..Options::default()
+    {
+        let mut o = Options::default()
+            .token("t0k3n")
+            .tcp(TcpOptions::default().shm_upgrade(false));
+        o.tcp.tls = tls;
+        o
     }
 }
 
@@ -120,10 +121,7 @@ fn plain_and_untrusting_peers_are_refused() {
         let plain = Endpoint::connect(
             &addr,
             &ModelIdentity::default(),
-            Options {
-                connect_timeout: Duration::from_secs(2),
-                ..opts(None)
-            },
+            opts(None).connect_timeout(Duration::from_secs(2)),
         );
         let untrusting = Endpoint::connect(
             &addr,

@@ -16,7 +16,7 @@ use avp_model::Model;
 use avp_model::crossmodel::CrossOptions;
 use avp_model::project::MapCache;
 use avp_model::quality::QualityGate;
-use avp_transport::{Endpoint, Options};
+use avp_transport::{Endpoint, Options, ShmOptions, TcpOptions};
 use avp_wire::MapLookup;
 
 /// Arguments of `avp agent`.
@@ -72,14 +72,15 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     // cached maps let it skip the exchange.
     let vocabulary = Some(Arc::new(model.vocabulary()));
     let maps: Arc<dyn MapLookup> = Arc::new(MapCache(avp_model::fetch::cache_dir()));
-    let options = |agent: &str| Options {
-        agent_id: agent.into(),
-        vocabulary: vocabulary.clone(),
-        maps: Some(maps.clone()),
-        allow_shm_upgrade: !a.no_shm_upgrade,
-        connect_timeout: timeout,
-        loan_timeout: timeout,
-        ..Options::default()
+    let options = |agent: &str| {
+        let mut o = Options::default()
+            .agent_id(agent)
+            .maps(maps.clone())
+            .connect_timeout(timeout)
+            .shm(ShmOptions::default().loan_timeout(timeout))
+            .tcp(TcpOptions::default().shm_upgrade(!a.no_shm_upgrade));
+        o.vocabulary = vocabulary.clone();
+        o
     };
     match a.role {
         Role::Solver => {

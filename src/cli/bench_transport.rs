@@ -27,7 +27,7 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use avp_transport::{Endpoint, Options};
+use avp_transport::{Endpoint, Options, ShmOptions, TcpOptions};
 use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
 use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::unistd::Pid;
@@ -342,17 +342,18 @@ fn avp_transport(
     gap: Duration,
 ) -> anyhow::Result<Row> {
     let layout = layout_for(size)?;
-    let opts = Options {
-        allow_shm_upgrade: shm,
-        slot_size: layout.total_len().max(1 << 20),
-        slots: 2,
-        spin: if spin {
-            Duration::MAX
-        } else {
-            Options::default().spin
-        },
-        ..Options::default()
-    };
+    let opts = Options::default()
+        .shm(
+            ShmOptions::default()
+                .slot_size(layout.total_len().max(1 << 20))
+                .slots(2)
+                .spin(if spin {
+                    Duration::MAX
+                } else {
+                    ShmOptions::default().spin
+                }),
+        )
+        .tcp(TcpOptions::default().shm_upgrade(shm));
     let addr = if shm {
         format!("shm://bench-{}", std::process::id())
     } else {

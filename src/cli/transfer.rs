@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use avp_transport::{Endpoint, Options, TransportError};
+use avp_transport::{Endpoint, Options, ShmOptions, TcpOptions, TransportError};
 use avp_wire::{Message, ModelIdentity, Payload, v1};
 
 /// Arguments shared by `send` and `recv`.
@@ -31,17 +31,20 @@ pub struct Common {
 
 impl Common {
     fn options(&self) -> Options {
-        Options {
-            agent_id: self.agent.clone(),
-            token: self.token.clone(),
-            max_message: self.max_message,
-            connect_timeout: self.timeout(),
-            loan_timeout: self.timeout(),
+        let mut o = Options::default()
+            .agent_id(self.agent.clone())
+            .max_message(self.max_message)
+            .connect_timeout(self.timeout())
             // Message files may come from other sessions: relay them as they are.
-            check_session_ids: false,
-            allow_shm_upgrade: !self.no_shm_upgrade,
-            ..Options::default()
-        }
+            .check_session_ids(false)
+            .shm(ShmOptions::default().loan_timeout(self.timeout()))
+            .tcp(
+                TcpOptions::default()
+                    .shm_upgrade(!self.no_shm_upgrade)
+                    .stall_timeout(self.timeout()),
+            );
+        o.token = self.token.clone();
+        o
     }
     fn timeout(&self) -> Duration {
         Duration::from_secs_f64(self.timeout)

@@ -102,7 +102,7 @@ pub(crate) fn try_upgrade(ours: &Hello, theirs: &Hello, o: &Options) -> (Option<
     let Some(path) = theirs.shm_socket.as_deref() else {
         return (None, "listener offers no shared memory".into());
     };
-    if !o.allow_shm_upgrade {
+    if !o.tcp.shm_upgrade {
         return (None, "shared memory upgrade disabled by options".into());
     }
     if ours.boot_id.is_empty() || ours.boot_id != theirs.boot_id {
@@ -146,7 +146,7 @@ pub(crate) fn connect_over(
         t,
     )?
     .expect("stay yields a session");
-    let port = ShmSender::new(io, o.slots, o.slot_size, o.loan_timeout)?;
+    let port = ShmSender::new(io, o.shm.slots, o.shm.slot_size, o.shm.loan_timeout)?;
     Ok((session, Box::new(port)))
 }
 
@@ -184,7 +184,7 @@ impl Acceptor for ShmAcceptor {
         .ok_or_else(|| {
             TransportError::Protocol("peer asked to switch away from shared memory".into())
         })?;
-        let port = ShmReceiver::new(io, t, ctx.options.spin, session.max_message)?;
+        let port = ShmReceiver::new(io, t, ctx.options.shm.spin, session.max_message)?;
         Ok(Some((session, Arc::new(port))))
     }
 }

@@ -2,7 +2,7 @@
 //! length), written with vectored writes straight from the caller's sections
 //! and read into pooled, page-aligned buffers (the kernel's copy only). Over
 //! TLS with the `tls` feature. A listener on a host with shared memory also
-//! offers it, and a peer on the same host switches (`Options::allow_shm_upgrade`).
+//! offers it, and a peer on the same host switches (`TcpOptions::shm_upgrade`).
 
 mod buf;
 mod conn;
@@ -50,7 +50,7 @@ impl Scheme for TcpScheme {
         let l = TcpListener::bind(host_port).map_err(TransportError::io("bind tcp"))?;
         let mut acceptors: Vec<Box<dyn Acceptor>> = Vec::new();
         #[cfg(target_os = "linux")]
-        if options.allow_shm_upgrade {
+        if options.tcp.shm_upgrade {
             let port = l
                 .local_addr()
                 .map_err(TransportError::io("local_addr"))?
@@ -150,7 +150,7 @@ impl Acceptor for TcpAcceptor {
         let offer = ctx
             .shm_offer
             .clone()
-            .filter(|_| ctx.options.allow_shm_upgrade);
+            .filter(|_| ctx.options.tcp.shm_upgrade);
         let t = ctx.options.connect_timeout;
         let session = handshake::server(
             &mut io,
@@ -162,7 +162,8 @@ impl Acceptor for TcpAcceptor {
         )
         .map_err(|e| with_peer(e, &peer.to_string()))?;
         Ok(session.map(|session| {
-            let port = TcpReceiver::new(io.stream, session.max_message, t);
+            let stall = ctx.options.tcp.stall_timeout;
+            let port = TcpReceiver::new(io.stream, session.max_message, stall);
             (session, Arc::new(port) as Arc<dyn RecvPort>)
         }))
     }
@@ -178,8 +179,9 @@ fn with_peer(e: TransportError, peer: &str) -> TransportError {
 /// Wrap a connected socket in TLS when the options ask for it.
 fn client_conn(stream: TcpStream, host_port: &str, o: &Options) -> Result<Conn> {
     #[cfg(feature = "tls")]
-    if let Some(cfg) = o.tls.as_ref().and_then(|t| t.client.clone()) {
+    if let Some(cfg) = o.tcp.tls.as_ref().and_then(|t| t.client.clone()) {
         let host = o
+            .tcp
             .tls
             .as_ref()
             .and_then(|t| t.server_name.clone())
@@ -208,7 +210,7 @@ fn client_conn(stream: TcpStream, host_port: &str, o: &Options) -> Result<Conn> 
 
 fn server_conn(stream: TcpStream, o: &Options) -> Result<Conn> {
     #[cfg(feature = "tls")]
-    if let Some(cfg) = o.tls.as_ref().and_then(|t| t.server.clone()) {
+    if let Some(cfg) = o.tcp.tls.as_ref().and_then(|t| t.server.clone()) {
         let conn = rustls::ServerConnection::new(cfg)
             .map_err(|e| TransportError::Auth(crate::error::AuthFailure::Tls(e.to_string())))?;
         return Ok(Conn::Server(Box::new(rustls::StreamOwned::new(
