@@ -138,7 +138,7 @@ mod tests {
         .unwrap();
         let auth = serde_json::json!({"type": "auth", "mac": null, "reason": "fuzz"});
         assert!(handshake_listener(&framed(&[hello.clone(), auth])));
-        assert!(!handshake_listener(&framed(&[hello.clone()])));
+        assert!(!handshake_listener(&framed(std::slice::from_ref(&hello))));
         assert_eq!(decode_frames(&framed(&[hello.clone(), hello])[1..]), 2);
         assert!(!handshake_client(b"\x00garbage"));
     }
