@@ -212,7 +212,7 @@ impl<S: Stream> FrameIo for StreamIo<S> {
         let mut len = [0u8; 4];
         self.stream
             .read_exact(&mut len)
-            .map_err(peer_or_io("read frame length"))?;
+            .map_err(stalled_after(timeout, "read frame length"))?;
         let len = u32::from_le_bytes(len) as usize;
         if len > MAX_FRAME {
             return Err(TransportError::Protocol(format!(
@@ -222,17 +222,29 @@ impl<S: Stream> FrameIo for StreamIo<S> {
         let mut body = vec![0u8; len];
         self.stream
             .read_exact(&mut body)
-            .map_err(peer_or_io("read frame"))?;
+            .map_err(stalled_after(timeout, "read frame"))?;
         Ok((decode(&body)?, Vec::new()))
     }
 }
 
-/// Map EOF and resets to `PeerGone`, other errors to `Io`.
-pub(crate) fn peer_or_io(op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
+/// [`peer_or_io`] for a read bounded by `timeout`: a read that timed out
+/// says how long it waited.
+fn stalled_after(
+    timeout: Duration,
+    op: &'static str,
+) -> impl FnOnce(std::io::Error) -> TransportError {
     move |e| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            TransportError::Timeout(Duration::ZERO, "the rest of a frame (peer stalled)")
+            TransportError::Timeout(timeout, "the rest of a control frame (peer stalled)")
         }
+        _ => peer_or_io(op)(e),
+    }
+}
+
+/// Map EOF and resets to `PeerGone`, other errors to `Io` (writes and reads
+/// without a timeout of their own).
+pub(crate) fn peer_or_io(op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
+    move |e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof
         | std::io::ErrorKind::ConnectionReset
         | std::io::ErrorKind::BrokenPipe

@@ -530,3 +530,29 @@ fn shm_fast_paths_run_and_are_counted() {
     assert_eq!(s.header_copies, 2, "{s:?}");
     assert_eq!(s.dedicated, 0, "{s:?}");
 }
+
+/// A guard handed to a worker thread and dropped there gives its slot back:
+/// with one slot, the next message can only come once the worker dropped it.
+#[test]
+fn a_guard_dropped_on_another_thread_returns_its_slot() {
+    let name = format!("shm://{}", unique("worker"));
+    let opts = Options::default().shm(ShmOptions::default().slots(1));
+    let listener = Endpoint::bind(&name, &identity(), opts.clone()).unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut tx = Endpoint::connect(&name, &identity(), opts).unwrap();
+        for n in 0..3 {
+            send_filled(&mut tx, &layout(8), n);
+        }
+    });
+    let rx = listener.accept(T).unwrap();
+    for n in 0..3 {
+        let g = rx.recv(T).unwrap();
+        let worker = std::thread::spawn(move || {
+            check_filled(g.message(), n, "on the worker");
+            drop(g);
+        });
+        worker.join().unwrap();
+    }
+    sender.join().unwrap();
+    assert_eq!(rx.stats().messages, 3);
+}
