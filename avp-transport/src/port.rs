@@ -36,6 +36,7 @@ pub(crate) struct LoanMem {
     ptr: NonNull<u8>,
     cap: usize,
     /// The transport's name for this memory (a slot index, say).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     pub(crate) key: u64,
     /// What keeps the memory alive (a mapping, a buffer), if the transport needs it.
     pub(crate) keep: Option<Box<dyn Any + Send>>,
@@ -90,6 +91,7 @@ impl LoanMem {
 /// What a receive guard holds until the message is released.
 pub(crate) struct Held {
     /// The transport's name for the memory (a slot index, say).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     pub(crate) key: u64,
     /// What keeps the memory alive (a mapping, a buffer), if anything.
     pub(crate) keep: Option<Box<dyn Any + Send + Sync>>,
@@ -117,6 +119,7 @@ pub(crate) enum Armed {
     /// A message.
     Ready(Delivery),
     /// The peer is busy producing one: poll again soon (yield, don't sleep).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     Busy,
     /// Nothing: wait until one of these descriptors is readable, then
     /// [`RecvPort::disarm`] and poll again.
@@ -159,6 +162,7 @@ pub(crate) enum AcquireArmed {
     Ready(LoanMem),
     /// Wait until one of these descriptors is readable, then
     /// [`SendPort::disarm_acquire`] and try again.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     Wait([RawFd; 2]),
 }
 
