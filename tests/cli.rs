@@ -50,9 +50,9 @@ fn inspect_v2_text_and_json() {
     assert_eq!(j["alignment"], 4096);
 }
 
-#[test]
-fn inspect_v1_message() {
-    let dir = tempfile::tempdir().unwrap();
+/// A v1 (Python reference) KV message of 2 layers x 1 head x 4 x 3 positions,
+/// f16, zstd-compressed, from the model `model_id`.
+fn v1_kv_message(model_id: &str, tensors: &[&[u8]]) -> Vec<u8> {
     let header = avp_wire::v1::KvHeader {
         num_layers: 2,
         num_kv_heads: 1,
@@ -60,18 +60,17 @@ fn inspect_v1_message() {
         seq_len: 3,
         dtype: avp_wire::DType::F16,
     };
-    let t = vec![7u8; 24];
     let meta = avp_wire::v1::Metadata {
-        model_id: "m".into(),
+        model_id: model_id.into(),
         ..Default::default()
     };
-    let bytes = avp_wire::v1::encode_kv(
-        &header,
-        &[&t, &t, &t, &t],
-        &meta,
-        avp_wire::v1::Compression::Fast,
-    )
-    .unwrap();
+    avp_wire::v1::encode_kv(&header, tensors, &meta, avp_wire::v1::Compression::Fast).unwrap()
+}
+
+#[test]
+fn inspect_v1_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = v1_kv_message("m", &[&[7u8; 24][..]; 4]);
     let path = dir.path().join("m.avp");
     std::fs::write(&path, bytes).unwrap();
     let out = avp(&["inspect", "--json", path.to_str().unwrap()]);
@@ -333,21 +332,9 @@ fn think_writes_a_context_that_generate_continues_in_another_process() {
 fn send_converts_v1_files_and_says_so() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let header = avp_wire::v1::KvHeader {
-        num_layers: 2,
-        num_kv_heads: 1,
-        head_dim: 4,
-        seq_len: 3,
-        dtype: avp_wire::DType::F16,
-    };
     let tensors: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i + 1; 24]).collect();
     let refs: Vec<&[u8]> = tensors.iter().map(|t| &t[..]).collect();
-    let meta = avp_wire::v1::Metadata {
-        model_id: "reference-model".into(),
-        ..Default::default()
-    };
-    let v1 =
-        avp_wire::v1::encode_kv(&header, &refs, &meta, avp_wire::v1::Compression::Fast).unwrap();
+    let v1 = v1_kv_message("reference-model", &refs);
     let path = dir.path().join("v1.avp");
     std::fs::write(&path, v1).unwrap();
     let out_dir = dir.path().join("out");
