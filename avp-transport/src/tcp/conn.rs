@@ -70,47 +70,40 @@ impl AsFd for Conn {
     }
 }
 
+/// A byte stream both ways.
+trait Duplex: Read + Write {}
+impl<T: Read + Write> Duplex for T {}
+
+impl Conn {
+    /// The stream to read and write, plain or through TLS.
+    fn io(&mut self) -> &mut dyn Duplex {
+        match self {
+            Conn::Plain(s) => s,
+            #[cfg(feature = "tls")]
+            Conn::Client(s) => s.as_mut(),
+            #[cfg(feature = "tls")]
+            Conn::Server(s) => s.as_mut(),
+        }
+    }
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Conn::Plain(s) => s.read(buf),
-            #[cfg(feature = "tls")]
-            Conn::Client(s) => s.read(buf),
-            #[cfg(feature = "tls")]
-            Conn::Server(s) => s.read(buf),
-        }
+        self.io().read(buf)
     }
 }
 
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Conn::Plain(s) => s.write(buf),
-            #[cfg(feature = "tls")]
-            Conn::Client(s) => s.write(buf),
-            #[cfg(feature = "tls")]
-            Conn::Server(s) => s.write(buf),
-        }
+        self.io().write(buf)
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
-        match self {
-            Conn::Plain(s) => s.write_vectored(bufs),
-            #[cfg(feature = "tls")]
-            Conn::Client(s) => s.write_vectored(bufs),
-            #[cfg(feature = "tls")]
-            Conn::Server(s) => s.write_vectored(bufs),
-        }
+        self.io().write_vectored(bufs)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Conn::Plain(s) => s.flush(),
-            #[cfg(feature = "tls")]
-            Conn::Client(s) => s.flush(),
-            #[cfg(feature = "tls")]
-            Conn::Server(s) => s.flush(),
-        }
+        self.io().flush()
     }
 }
 
