@@ -175,12 +175,7 @@ impl Sender {
     pub async fn send_bytes_async(&mut self, bytes: &[u8]) -> Result<()> {
         avp_wire::Message::parse(bytes)?;
         let mem = self.acquire_async(bytes.len()).await?;
-        if mem.capacity() < bytes.len() {
-            return self.publish_copy(mem, bytes);
-        }
-        // SAFETY: the loaned memory is ours and at least bytes.len() long.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), mem.ptr(), bytes.len()) };
-        self.port.stage(&mem, bytes.len());
+        let mem = self.copy_in(mem, bytes)?;
         self.port.publish_async(mem, bytes.len()).await
     }
 }

@@ -207,14 +207,18 @@ fn stand_in_message(session_id: &str) -> Vec<u8> {
         .expect("a one-position cache always encodes")
 }
 
-/// A private copy of the preamble and the header it declares (a few KiB).
+/// A private copy of the preamble and the header it declares (a few KiB), in
+/// one allocation of its exact size.
 fn copy_prefix(bytes: &[u8]) -> Result<Box<[u8]>> {
-    let pre = bytes.get(..PREAMBLE_LEN).unwrap_or(bytes).to_vec();
-    let p = Preamble::read(&pre)?;
+    let mut pre = [0u8; PREAMBLE_LEN];
+    let n = bytes.len().min(PREAMBLE_LEN);
+    pre[..n].copy_from_slice(&bytes[..n]);
+    let p = Preamble::read(&pre[..n])?;
     let end = (PREAMBLE_LEN + p.header_len as usize).min(bytes.len());
-    let mut copy = pre;
-    copy.extend_from_slice(&bytes[PREAMBLE_LEN..end]);
-    Ok(copy.into_boxed_slice())
+    let mut copy = Box::<[u8]>::from(&bytes[..end]);
+    // The preamble that was checked, even if the peer rewrote it meanwhile.
+    copy[..PREAMBLE_LEN].copy_from_slice(&pre);
+    Ok(copy)
 }
 
 /// A received message, held in transport memory until dropped. `Send` and

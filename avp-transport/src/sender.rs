@@ -68,13 +68,7 @@ impl Sender {
         mem: LoanMem,
     ) -> Result<Loan<'a>> {
         let len = layout.total_len();
-        if mem.capacity() < len {
-            let cap = mem.capacity();
-            self.port.abandon(mem);
-            return Err(TransportError::Protocol(format!(
-                "the transport loaned {cap} bytes for a message of {len}"
-            )));
-        }
+        let mem = self.fits(mem, len)?;
         // SAFETY: `mem` is exclusively ours until published or abandoned, spans at
         // least `len` bytes (checked above), and its memory (pool mapping,
         // dedicated mapping or heap buffer) does not move and outlives the loan.
@@ -110,23 +104,29 @@ impl Sender {
             .port
             .acquire(bytes.len(), true)?
             .expect("a waiting acquire yields memory");
-        self.publish_copy(mem, bytes)
+        let mem = self.copy_in(mem, bytes)?;
+        self.port.publish(mem, bytes.len())
     }
 
-    /// Copy `bytes` into `mem` and publish them.
-    pub(crate) fn publish_copy(&mut self, mem: LoanMem, bytes: &[u8]) -> Result<()> {
-        if mem.capacity() < bytes.len() {
-            let cap = mem.capacity();
-            self.port.abandon(mem);
-            return Err(TransportError::Protocol(format!(
-                "the transport loaned {cap} bytes for a message of {}",
-                bytes.len()
-            )));
+    /// `mem` if it holds `len` bytes; otherwise it goes back and the error says why.
+    fn fits(&mut self, mem: LoanMem, len: usize) -> Result<LoanMem> {
+        if mem.capacity() >= len {
+            return Ok(mem);
         }
+        let cap = mem.capacity();
+        self.port.abandon(mem);
+        Err(TransportError::Protocol(format!(
+            "the transport loaned {cap} bytes for a message of {len}"
+        )))
+    }
+
+    /// Copy `bytes` into `mem` and stage them: ready to publish.
+    pub(crate) fn copy_in(&mut self, mem: LoanMem, bytes: &[u8]) -> Result<LoanMem> {
+        let mem = self.fits(mem, bytes.len())?;
         // SAFETY: the loaned memory is ours and at least bytes.len() long (checked).
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), mem.ptr(), bytes.len()) };
         self.port.stage(&mem, bytes.len());
-        self.port.publish(mem, bytes.len())
+        Ok(mem)
     }
 
     /// Send a message from the caller's section buffers: copied once into a slot

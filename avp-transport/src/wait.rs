@@ -13,29 +13,18 @@ use crate::error::{Result, TransportError};
 /// timeout below a millisecond but above zero waits one. Returns whether one
 /// was; a signal counts as "not yet".
 pub(crate) fn readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> Result<bool> {
-    let mut p: Vec<PollFd<'_>> = fds
-        .iter()
-        .map(|f| PollFd::new(*f, PollFlags::POLLIN))
-        .collect();
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    let ms = if ms == 0 && !timeout.is_zero() { 1 } else { ms };
-    match poll(
-        &mut p,
-        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-    ) {
-        Ok(n) => Ok(n > 0),
-        Err(nix::errno::Errno::EINTR) => Ok(false),
-        Err(e) => Err(TransportError::errno("poll")(e)),
-    }
+    Ok(which_readable(fds, timeout)?.contains(&true))
 }
 
-/// Which of `fds` are readable now (or within `timeout`).
+/// Which of `fds` are readable (or hung up) now or within `timeout`, as
+/// [`readable`] waits.
 pub(crate) fn which_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> Result<Vec<bool>> {
     let mut p: Vec<PollFd<'_>> = fds
         .iter()
         .map(|f| PollFd::new(*f, PollFlags::POLLIN))
         .collect();
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    let ms = if ms == 0 && !timeout.is_zero() { 1 } else { ms };
     match poll(
         &mut p,
         PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
