@@ -74,6 +74,7 @@ fn session_info(s: &Session) -> avp_session_info {
         transport: match s.transport {
             TransportKind::Shm => avp_transport_kind::AVP_TRANSPORT_SHM,
             TransportKind::Tcp => avp_transport_kind::AVP_TRANSPORT_TCP,
+            TransportKind::Cuda => avp_transport_kind::AVP_TRANSPORT_CUDA,
         },
         max_message: s.max_message,
         map_id: [0; 64],

@@ -91,6 +91,8 @@ pub enum avp_transport_kind {
     AVP_TRANSPORT_SHM = 0,
     /// TCP.
     AVP_TRANSPORT_TCP = 1,
+    /// Shared memory with sections in device memory (`cuda://`).
+    AVP_TRANSPORT_CUDA = 2,
 }
 
 /// Envelope string fields of a message.

@@ -47,7 +47,11 @@ impl Endpoint {
             .transport()
             .connect(address.target(), identity, &options)?;
         tracing::info!("{}", session.explain());
-        Ok(Sender::new(session, port))
+        Ok(Sender::new(
+            session,
+            port,
+            options.device.as_ref().map(|d| d.device),
+        ))
     }
 }
 

@@ -75,9 +75,27 @@ pub enum TransportError {
     /// The shared-memory segment offered by the peer is unsafe to map.
     #[error("unsafe segment from peer: {0}")]
     Segment(String),
+    /// A device (GPU) operation failed, or the device cannot be used.
+    #[error("device memory, {op}: {reason}")]
+    Device {
+        /// What was being done.
+        op: &'static str,
+        /// What the driver (or the check) said.
+        reason: String,
+    },
+    /// The operation needs the message (or loan) somewhere else: device
+    /// sections read as host bytes, say.
+    #[error("{0}")]
+    Placement(String),
 }
 
 impl TransportError {
+    pub(crate) fn device(op: &'static str, reason: impl Into<String>) -> TransportError {
+        TransportError::Device {
+            op,
+            reason: reason.into(),
+        }
+    }
     pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
         move |source| TransportError::Io { op, source }
     }

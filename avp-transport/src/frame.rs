@@ -27,8 +27,11 @@ pub(crate) struct Hello {
     pub identity: ModelIdentity,
     /// Largest message the agent accepts.
     pub max_message: u64,
-    /// Transports the agent can use ("shm", "tcp").
+    /// Transports the agent can use ("shm", "tcp", "cuda").
     pub transports: Vec<String>,
+    /// The device the agent offers for device transports (`cuda`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<crate::device::DeviceInfo>,
     /// `/proc/sys/kernel/random/boot_id`: equal boot ids mean the same host.
     pub boot_id: String,
     /// A listener's shared-memory control socket, offered to TCP peers on the same host.
@@ -72,6 +75,9 @@ pub(crate) struct Accept {
 /// Every control frame.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
+// A handful of frames per session, never stored in bulk: boxing `Hello` would
+// buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Frame {
     /// Opening frame.
     Hello(Hello),
@@ -81,6 +87,9 @@ pub(crate) enum Frame {
         mac: Option<String>,
         /// Why the connecting side chose this transport.
         reason: Option<String>,
+        /// The transport it chose, when not the one it connected over ("cuda").
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transport: Option<String>,
     },
     /// Session accepted.
     Accept(Accept),
@@ -118,6 +127,24 @@ pub(crate) enum Frame {
     Dedicated {
         /// Message length.
         len: u64,
+    },
+    /// The sender's device pool (`cuda` transport), paired slot for slot with
+    /// the shared-memory pool: attached is the allocation's descriptor.
+    DevicePool {
+        /// Slots (as many as the shared-memory pool has).
+        slots: u32,
+        /// Bytes per slot (a multiple of the device's granularity).
+        slot_size: u64,
+        /// Bytes of the allocation (`slots × slot_size`).
+        len: u64,
+    },
+    /// A dedicated device allocation for one message larger than a device
+    /// slot: attached is its descriptor.
+    DeviceDedicated {
+        /// Message length.
+        len: u64,
+        /// Bytes of the allocation.
+        size: u64,
     },
 }
 

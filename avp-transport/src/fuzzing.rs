@@ -81,6 +81,7 @@ pub fn handshake_listener(data: &[u8]) -> bool {
         &ModelIdentity::default(),
         &options(flags),
         None,
+        None,
         TransportKind::Tcp,
         Duration::ZERO,
     )

@@ -28,6 +28,7 @@ use avp_wire::{Mode, ModelIdentity, Resolver};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use crate::device::DeviceInfo;
 use crate::error::{AuthFailure, Result, TransportError};
 use crate::frame::{Accept, Frame, FrameIo, Hello, PROTOCOL};
 use crate::options::Options;
@@ -115,6 +116,7 @@ pub(crate) fn hello(
         identity: identity.clone(),
         max_message: opts.max_message,
         transports: vec!["shm".into(), "tcp".into()],
+        device: None,
         boot_id: boot_id(),
         shm_socket,
         nonce: random_hex(32),
@@ -188,6 +190,7 @@ pub(crate) fn client_finish(
     let mut auth = Frame::Auth {
         mac: None,
         reason: Some(why.clone()),
+        transport: (transport == TransportKind::Cuda).then(|| "cuda".to_owned()),
     };
     transcript.add(&auth);
     if let (Some(t), Frame::Auth { mac, .. }) = (opts.token.as_deref(), &mut auth) {
@@ -344,6 +347,7 @@ pub(crate) fn server(
     identity: &ModelIdentity,
     opts: &Options,
     shm_socket: Option<String>,
+    device: Option<DeviceInfo>,
     transport: TransportKind,
     timeout: Duration,
 ) -> Result<Option<Session>> {
@@ -354,6 +358,10 @@ pub(crate) fn server(
         None => Resolver::new(),
     };
     let mut ours = hello(identity, opts, shm_socket, None);
+    if let Some(d) = device {
+        ours.transports.push("cuda".into());
+        ours.device = Some(d);
+    }
     // Only the vocabularies' overlap can still find a latent path: ask for the peer's.
     ours.want_vocabulary = opts.vocabulary.is_some()
         && theirs.vocab_tokens > 0
@@ -363,13 +371,18 @@ pub(crate) fn server(
     transcript.add(&Frame::Hello(theirs.clone()));
     transcript.add(&Frame::Hello(ours.clone()));
     let (f, _) = io.recv_frame(timeout)?;
-    let (client_mac, why) = match f {
-        Frame::Auth { mac, reason } => {
+    let (client_mac, why, chosen) = match f {
+        Frame::Auth {
+            mac,
+            reason,
+            transport,
+        } => {
             transcript.add(&Frame::Auth {
                 mac: None,
                 reason: reason.clone(),
+                transport: transport.clone(),
             });
-            (mac, reason)
+            (mac, reason, transport)
         }
         Frame::Switch { .. } => return Ok(None),
         other => {
@@ -389,6 +402,20 @@ pub(crate) fn server(
             peer: "the connecting peer",
         }));
     }
+    let transport = match chosen.as_deref() {
+        None => transport,
+        Some("cuda") if ours.device.is_some() && theirs.device.is_some() => TransportKind::Cuda,
+        Some(other) => {
+            let reason = format!("the peer chose transport {other:?}, which was not offered");
+            let _ = io.send_frame(
+                &Frame::Refuse {
+                    reason: reason.clone(),
+                },
+                &[],
+            );
+            return Err(TransportError::Protocol(reason));
+        }
+    };
     let peer_vocabulary = match ours.want_vocabulary {
         true => Some(Arc::new(recv_vocabulary(
             io,

@@ -31,6 +31,7 @@
 
 mod address;
 mod async_api;
+mod device;
 mod endpoint;
 mod error;
 mod frame;
@@ -50,12 +51,14 @@ mod tcp;
 mod wait;
 
 pub use address::Address;
+pub use device::loan::{DeviceLoan, DeviceReady};
+pub use device::{Device, DeviceSpan};
 pub use endpoint::{Endpoint, Listener};
 pub use error::{AuthFailure, Result, TransportError};
 pub use handshake::boot_id;
 #[cfg(feature = "tls")]
 pub use options::Tls;
-pub use options::{Options, ShmOptions, TcpOptions};
+pub use options::{DeviceOptions, Options, ShmOptions, TcpOptions};
 pub use port::Stats;
 pub use receiver::{Receiver, RecvGuard};
 pub use sender::{Loan, Ready, Sender};

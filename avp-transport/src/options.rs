@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use avp_wire::MapLookup;
 
+use crate::device::Device;
+
 /// How an endpoint behaves, whichever transport carries the session.
 /// `Options::default()` suits most uses.
 #[derive(Clone, Debug)]
@@ -49,6 +51,10 @@ pub struct Options {
     pub shm: ShmOptions,
     /// TCP knobs.
     pub tcp: TcpOptions,
+    /// The device that `cuda://` sessions keep message sections on; `None`
+    /// (the default) offers no device. Listeners bound at `cuda://` offer it;
+    /// senders use it to copy from device memory on any transport.
+    pub device: Option<DeviceOptions>,
 }
 
 impl Default for Options {
@@ -64,6 +70,7 @@ impl Default for Options {
             maps: None,
             shm: ShmOptions::default(),
             tcp: TcpOptions::default(),
+            device: None,
         }
     }
 }
@@ -117,6 +124,11 @@ impl Options {
     /// TCP knobs.
     pub fn tcp(mut self, tcp: TcpOptions) -> Self {
         self.tcp = tcp;
+        self
+    }
+    /// Set [`device`](Self::device).
+    pub fn device(mut self, device: DeviceOptions) -> Self {
+        self.device = Some(device);
         self
     }
 }
@@ -227,4 +239,38 @@ pub struct Tls {
     pub server: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// Name checked against the server's certificate (default: the address's host).
     pub server_name: Option<String>,
+}
+
+/// The device of `cuda://` sessions and how its pool is cut.
+///
+/// ```
+/// use avp_transport::{Device, DeviceOptions, Options};
+/// let o = Options::default().device(DeviceOptions::new(Device::Emulated).slot_size(1 << 20));
+/// assert_eq!(o.device.unwrap().device, Device::Emulated);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct DeviceOptions {
+    /// Which device.
+    pub device: Device,
+    /// Bytes per device slot (rounded up to the device's allocation
+    /// granularity); there are as many device slots as shared-memory slots
+    /// (`ShmOptions::slots`). Larger messages get a dedicated allocation.
+    /// Default 64 MiB.
+    pub slot_size: usize,
+}
+
+impl DeviceOptions {
+    /// `device` with the default pool.
+    pub fn new(device: Device) -> Self {
+        DeviceOptions {
+            device,
+            slot_size: 64 << 20,
+        }
+    }
+    /// Set [`slot_size`](Self::slot_size).
+    pub fn slot_size(mut self, bytes: usize) -> Self {
+        self.slot_size = bytes;
+        self
+    }
 }

@@ -26,6 +26,9 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use crate::device::{DeviceMem, DeviceSpan, Dir};
 use crate::error::Result;
 
 /// A future a port returns from an async operation.
@@ -40,6 +43,9 @@ pub(crate) struct LoanMem {
     pub(crate) key: u64,
     /// What keeps the memory alive (a mapping, a buffer), if the transport needs it.
     pub(crate) keep: Option<Box<dyn Any + Send>>,
+    /// Device memory for the sections of a device message (the host memory
+    /// at `ptr` then holds only its preamble and header).
+    pub(crate) device: Option<DeviceSpan>,
 }
 
 // SAFETY: a loan is memory owned by exactly one holder until it is published or
@@ -62,6 +68,7 @@ impl LoanMem {
             cap,
             key,
             keep,
+            device: None,
         }
     }
 
@@ -108,6 +115,9 @@ pub(crate) struct Delivery {
     /// Whether the peer can still write the memory (shared memory): the header
     /// is then validated and read from a private copy.
     pub(crate) peer_writable: bool,
+    /// Where the sections are when they are in device memory (`ptr`/`len`
+    /// then hold the preamble and header, and at most `len` bytes are read).
+    pub(crate) device: Option<DeviceSpan>,
 }
 
 // SAFETY: the pointer is to memory that `held` keeps (a slot, a mapping, a
@@ -152,6 +162,10 @@ pub(crate) trait RecvPort: Send + Sync {
     fn pool_range(&self) -> Option<std::ops::Range<usize>> {
         None
     }
+    /// The device that device deliveries are on, if the session has one.
+    fn device(&self) -> Option<Arc<dyn DeviceMem>> {
+        None
+    }
     /// The port's counters.
     fn stats(&self) -> &Counters;
 }
@@ -176,6 +190,13 @@ pub(crate) trait SendPort: Send {
     fn stage(&mut self, _mem: &LoanMem, _len: usize) {}
     /// Hand `len` bytes written into `mem` to the receiver.
     fn publish(&mut self, mem: LoanMem, len: usize) -> Result<()>;
+    /// Memory for a device message of `len` bytes whose preamble and header
+    /// take `prefix_len`: host memory for those, device memory for the
+    /// sections ([`LoanMem::device`]); waits for a slot up to the loan
+    /// timeout. `None` when the session has no device pool.
+    fn acquire_device(&mut self, _len: usize, _prefix_len: usize) -> Result<Option<LoanMem>> {
+        Ok(None)
+    }
     /// Give back memory that will not be sent.
     fn abandon(&mut self, mem: LoanMem);
     /// How long `acquire` waits.
@@ -216,6 +237,10 @@ pub(crate) trait SendPort: Send {
     fn pool_range(&self) -> Option<std::ops::Range<usize>> {
         None
     }
+    /// The device of the session's device pool, if it has one.
+    fn device(&self) -> Option<Arc<dyn DeviceMem>> {
+        None
+    }
     /// The port's counters.
     fn stats(&self) -> &Counters;
 }
@@ -234,6 +259,10 @@ pub(crate) struct Counters {
     pub(crate) header_copies: AtomicU64,
     pub(crate) dedicated: AtomicU64,
     pub(crate) warmups: AtomicU64,
+    pub(crate) device_messages: AtomicU64,
+    pub(crate) host_to_device_bytes: AtomicU64,
+    pub(crate) device_to_host_bytes: AtomicU64,
+    pub(crate) device_to_device_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -241,6 +270,16 @@ impl Counters {
     #[inline]
     pub(crate) fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count `bytes` copied in direction `dir`.
+    pub(crate) fn copied(&self, dir: Dir, bytes: u64) {
+        let c = match dir {
+            Dir::HostToDevice => &self.host_to_device_bytes,
+            Dir::DeviceToHost => &self.device_to_host_bytes,
+            Dir::DeviceToDevice => &self.device_to_device_bytes,
+        };
+        c.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// A snapshot.
@@ -257,6 +296,10 @@ impl Counters {
             header_copies: r(&self.header_copies),
             dedicated: r(&self.dedicated),
             warmups: r(&self.warmups),
+            device_messages: r(&self.device_messages),
+            host_to_device_bytes: r(&self.host_to_device_bytes),
+            device_to_host_bytes: r(&self.device_to_host_bytes),
+            device_to_device_bytes: r(&self.device_to_device_bytes),
         }
     }
 }
@@ -289,4 +332,14 @@ pub struct Stats {
     /// Receiver: runs of the delivery path on a private stand-in message while
     /// the sender was writing (shared memory), to keep that path cached.
     pub warmups: u64,
+    /// Messages whose sections were in device memory (`cuda`).
+    pub device_messages: u64,
+    /// Bytes this end copied from host memory into device memory while
+    /// sending or receiving (0 on a device-to-device handoff).
+    pub host_to_device_bytes: u64,
+    /// Bytes this end copied from device memory into host memory (a device
+    /// context sent over a host transport, or read on the host).
+    pub device_to_host_bytes: u64,
+    /// Bytes this end copied between device buffers (into and out of device slots).
+    pub device_to_device_bytes: u64,
 }

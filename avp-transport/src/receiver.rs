@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use avp_wire::{Message, PREAMBLE_LEN, Preamble};
+use avp_wire::{Header, Message, PREAMBLE_LEN, Preamble};
 
+use crate::device::{DeviceMem, DeviceSpan, Dir};
 use crate::error::{Result, TransportError};
 use crate::options::Options;
 use crate::port::{Counters, Delivery, Held, RecvPort, Stats};
@@ -140,8 +141,69 @@ impl Receiver {
     /// can still write has its preamble and header copied out first, and only
     /// the copy is validated and read (see `Message::parse_split`).
     pub(crate) fn deliver(&self, d: Delivery) -> Result<RecvGuard> {
+        if let Some(span) = d.device {
+            return self.device_guard(d.held, d.ptr, d.len, span);
+        }
         let writable = d.peer_writable;
         self.guard(Some(d.held), d.ptr, d.len, writable)
+    }
+
+    /// The guard of a message whose sections are in device memory at `span`:
+    /// its preamble and header, at most `len` bytes at `ptr` in memory the
+    /// peer can write, are copied and validated; the sections are not read.
+    fn device_guard(
+        &self,
+        held: Held,
+        ptr: *const u8,
+        len: usize,
+        span: DeviceSpan,
+    ) -> Result<RecvGuard> {
+        let mut guard = RecvGuard {
+            msg: None,
+            head: None,
+            device: Some(span),
+            header: Box::default(),
+            held: Some(held),
+            port: Arc::clone(&self.port),
+        };
+        Counters::bump(&self.port.stats().header_copies);
+        // SAFETY: as in `guard`: the port keeps these `len` host bytes mapped
+        // until `held` is released, after the guard dropped `head`; they are
+        // only copied from.
+        let bytes: &[u8] = unsafe { std::slice::from_raw_parts(ptr, len) };
+        guard.header = copy_prefix(bytes)?;
+        // SAFETY: the copy is heap memory owned by the guard, never written
+        // after this point and freed only after `head` is dropped.
+        let prefix: &'static [u8] = unsafe { &*std::ptr::from_ref::<[u8]>(&guard.header) };
+        let head = Header::parse(prefix)?;
+        if !head.device_sections() || head.total_len() != span.len {
+            return Err(TransportError::Segment(format!(
+                "device ring entry of {} bytes, header of {} bytes{}",
+                span.len,
+                head.total_len(),
+                if head.device_sections() {
+                    ""
+                } else {
+                    " without the device-sections flag"
+                }
+            )));
+        }
+        self.check_envelope(&head.envelope())?;
+        guard.head = Some(head);
+        Ok(guard)
+    }
+
+    /// The session still lives and the message belongs to it.
+    fn check_envelope(&self, envelope: &avp_wire::EnvelopeRef<'_>) -> Result<()> {
+        self.session.check_alive()?;
+        let sid = envelope.session_id();
+        if self.check_session_ids && !sid.is_empty() && sid != self.session.id {
+            return Err(TransportError::WrongSession {
+                expected: self.session.id.clone(),
+                found: sid.to_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// [`deliver`](Self::deliver) of `len` bytes at `ptr`, held by `held`
@@ -157,6 +219,8 @@ impl Receiver {
         let counted = held.is_some();
         let mut guard = RecvGuard {
             msg: None,
+            head: None,
+            device: None,
             header: Box::default(),
             held,
             port: Arc::clone(&self.port),
@@ -180,14 +244,7 @@ impl Receiver {
         } else {
             Message::parse(bytes)?
         };
-        self.session.check_alive()?;
-        let sid = msg.envelope().session_id();
-        if self.check_session_ids && !sid.is_empty() && sid != self.session.id {
-            return Err(TransportError::WrongSession {
-                expected: self.session.id.clone(),
-                found: sid.to_owned(),
-            });
-        }
+        self.check_envelope(&msg.envelope())?;
         guard.msg = Some(msg);
         Ok(guard)
     }
@@ -225,6 +282,10 @@ fn copy_prefix(bytes: &[u8]) -> Result<Box<[u8]>> {
 /// `Sync`: hand it to a worker thread, which drops it when done.
 pub struct RecvGuard {
     msg: Option<Message<'static>>,
+    /// The header of a device message (whose sections the host cannot read).
+    head: Option<Header<'static>>,
+    /// Where a device message's sections are.
+    device: Option<DeviceSpan>,
     /// The private copy of the preamble and header that `msg` reads (empty
     /// when the memory is private to this side anyway).
     header: Box<[u8]>,
@@ -234,21 +295,150 @@ pub struct RecvGuard {
 
 impl RecvGuard {
     /// The validated message; its borrows end with the guard.
+    ///
+    /// # Panics
+    /// When the sections are in device memory ([`on_device`](Self::on_device)),
+    /// which host code cannot read: use [`header`](Self::header),
+    /// [`device_section`](Self::device_section) and the copies. Only a
+    /// receiver bound at `cuda://` gets such messages.
     pub fn message(&self) -> &Message<'_> {
-        self.msg.as_ref().expect("set before the guard is returned")
+        match &self.msg {
+            Some(m) => m,
+            None => panic!(
+                "the message's sections are in device memory: read them with \
+                 RecvGuard::device_section or copy_section_to_host (RecvGuard::on_device)"
+            ),
+        }
     }
 
     /// The raw message bytes, in transport memory. Over shared memory the
     /// sender could rewrite them: [`message`](Self::message) reads the header
     /// from a validated private copy instead.
+    ///
+    /// # Panics
+    /// As [`message`](Self::message), for device messages.
     pub fn as_bytes(&self) -> &[u8] {
         self.message().as_bytes()
     }
+
+    /// The validated preamble and header, wherever the sections are.
+    pub fn header(&self) -> &Header<'_> {
+        match (&self.msg, &self.head) {
+            (Some(m), _) => m.header(),
+            (None, Some(h)) => h,
+            (None, None) => unreachable!("a guard holds a message or a header"),
+        }
+    }
+
+    /// Whether the sections are in device memory (a `cuda` session).
+    pub fn on_device(&self) -> bool {
+        self.device.is_some()
+    }
+
+    /// Where section `index` is in device memory, for the receiver's kernels
+    /// or copies to read until the guard drops. The bytes are the sender's
+    /// and carry no checksum (see `avp_wire::FLAG_DEVICE_SECTIONS`).
+    ///
+    /// # Errors
+    /// `Wire` for no such section; `Placement` for a host message.
+    pub fn device_section(&self, index: usize) -> Result<DeviceSpan> {
+        let info = self.header().section(index)?;
+        let span = self.device.ok_or_else(|| {
+            TransportError::Placement(
+                "this message is in host memory: read it with RecvGuard::message".into(),
+            )
+        })?;
+        Ok(span
+            .sub(info.offset, info.len)
+            .expect("validated sections lie inside the message"))
+    }
+
+    /// Copy section `index` into `dst` (host memory of the section's
+    /// length): device to host for a device message (counted in
+    /// `Stats::device_to_host_bytes`), a plain copy otherwise.
+    ///
+    /// # Errors
+    /// `Wire` for no such section or a `dst` of another length; `Device`.
+    pub fn copy_section_to_host(&self, index: usize, dst: &mut [u8]) -> Result<()> {
+        let info = self.header().section(index)?;
+        check_dst(index, info.len, dst.len())?;
+        let Some(span) = self.device else {
+            dst.copy_from_slice(self.message().section(index)?.bytes);
+            return Ok(());
+        };
+        let src = span.sub(info.offset, info.len).expect("validated");
+        let dev = self.device_mem()?;
+        // SAFETY: `src` is the section inside the mapped device slot, held
+        // until the guard drops; `dst` is `len` writable bytes borrowed until
+        // the copy is synchronised below.
+        unsafe {
+            dev.copy(
+                dst.as_mut_ptr() as u64,
+                src.addr,
+                dst.len(),
+                Dir::DeviceToHost,
+            )
+        }?;
+        dev.sync()?;
+        self.port.stats().copied(Dir::DeviceToHost, info.len);
+        Ok(())
+    }
+
+    /// Copy section `index` to `dst`, device memory of the section's length
+    /// on the session's device: device to device for a device message, host
+    /// to device otherwise (counted). Finished when this returns.
+    ///
+    /// # Errors
+    /// `Wire` for no such section; `Placement` when the session has no
+    /// device; `Device`.
+    ///
+    /// # Safety
+    /// `dst` must be writable device memory of the section's length on the
+    /// session's device, unused by anyone else during the call.
+    pub unsafe fn copy_section_to_device(&self, index: usize, dst: u64) -> Result<()> {
+        let info = self.header().section(index)?;
+        let dev = self.device_mem()?;
+        let (src, dir) = match self.device {
+            Some(span) => (
+                span.sub(info.offset, info.len).expect("validated").addr,
+                Dir::DeviceToDevice,
+            ),
+            None => (
+                self.message().section(index)?.bytes.as_ptr() as u64,
+                Dir::HostToDevice,
+            ),
+        };
+        // SAFETY: `src` is the section (device slot or host bytes) held
+        // until the guard drops; `dst` is the caller's promise.
+        unsafe { dev.copy(dst, src, info.len as usize, dir) }?;
+        dev.sync()?;
+        self.port.stats().copied(dir, info.len);
+        Ok(())
+    }
+
+    fn device_mem(&self) -> Result<Arc<dyn DeviceMem>> {
+        self.port.device().ok_or_else(|| {
+            TransportError::Placement(
+                "this session has no device (it is not a cuda:// session)".into(),
+            )
+        })
+    }
+}
+
+fn check_dst(index: usize, expected: u64, found: usize) -> Result<()> {
+    if expected == found as u64 {
+        return Ok(());
+    }
+    Err(TransportError::Wire(avp_wire::WireError::BadSection {
+        index,
+        reason: format!("section is {expected} bytes, the destination {found}"),
+    }))
 }
 
 impl Drop for RecvGuard {
     fn drop(&mut self) {
         self.msg.take();
+        self.head.take();
         if let Some(held) = self.held.take() {
             self.port.release(held);
         }

@@ -79,6 +79,13 @@ pub(crate) static SCHEMES: &[&dyn Scheme] = &[
         why: "shared memory needs Linux (memfd, sealing, eventfd); use tcp:// on this platform",
     },
     &crate::tcp::TcpScheme,
+    #[cfg(target_os = "linux")]
+    &crate::device::scheme::CudaScheme,
+    #[cfg(not(target_os = "linux"))]
+    &Unsupported {
+        name: "cuda",
+        why: "device transports need Linux (file-descriptor passing); use tcp:// on this platform",
+    },
 ];
 
 /// The scheme named `name`.

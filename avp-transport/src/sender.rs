@@ -3,6 +3,10 @@
 
 use avp_wire::{Message, MessageLayout, MessageWriter, checksum};
 
+use std::sync::Arc;
+
+use crate::device::loan::DeviceLoan;
+use crate::device::{Device, DeviceMem};
 use crate::error::{Result, TransportError};
 use crate::port::{LoanMem, SendPort, Stats};
 use crate::session::Session;
@@ -11,11 +15,79 @@ use crate::session::Session;
 pub struct Sender {
     pub(crate) session: Session,
     pub(crate) port: Box<dyn SendPort>,
+    /// `Options::device`, opened on first use when the port has none.
+    device: Option<Device>,
+    opened: Option<Arc<dyn DeviceMem>>,
 }
 
 impl Sender {
-    pub(crate) fn new(session: Session, port: Box<dyn SendPort>) -> Sender {
-        Sender { session, port }
+    pub(crate) fn new(session: Session, port: Box<dyn SendPort>, device: Option<Device>) -> Sender {
+        let opened = port.device();
+        Sender {
+            session,
+            port,
+            device,
+            opened,
+        }
+    }
+
+    /// The device to copy from: the session's, else `Options::device` opened.
+    fn device_mem(&mut self) -> Result<Arc<dyn DeviceMem>> {
+        if let Some(d) = &self.opened {
+            return Ok(Arc::clone(d));
+        }
+        let device = self.device.ok_or_else(|| TransportError::InvalidOption {
+            option: "device",
+            reason: "loan_device needs Options::device (the device the sections come from)".into(),
+        })?;
+        let d = crate::device::open(device)?;
+        self.opened = Some(Arc::clone(&d));
+        Ok(d)
+    }
+
+    /// Borrow memory for one message laid out by `layout` whose sections come
+    /// from device memory (see [`DeviceLoan`]): a device slot on a `cuda`
+    /// session, else host memory that the sections are copied into.
+    ///
+    /// # Errors
+    /// `InvalidOption` without `Options::device`; then as [`loan`](Self::loan).
+    pub fn loan_device<'a>(&'a mut self, layout: &'a MessageLayout) -> Result<DeviceLoan<'a>> {
+        let len = layout.total_len();
+        self.check(len as u64)?;
+        let dev = self.device_mem()?;
+        let prefix_len = layout.sections().next().map_or(len, |s| s.offset as usize);
+        if let Some(mem) = self.port.acquire_device(len, prefix_len)? {
+            return Ok(DeviceLoan {
+                port: Some(&mut *self.port),
+                mem: Some(mem),
+                layout,
+                dev,
+                writer: None,
+                written: vec![false; layout.section_count()],
+            });
+        }
+        let mem = self
+            .port
+            .acquire(len, true)?
+            .expect("a waiting acquire yields memory");
+        let mem = self.fits(mem, len)?;
+        // SAFETY: as in `loan_in`: `mem` is ours, at least `len` bytes, unmoved.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(mem.ptr(), len) };
+        let writer = match layout.writer(bytes) {
+            Ok(w) => w,
+            Err(e) => {
+                self.port.abandon(mem);
+                return Err(e.into());
+            }
+        };
+        Ok(DeviceLoan {
+            port: Some(&mut *self.port),
+            mem: Some(mem),
+            layout,
+            dev,
+            writer: Some(writer),
+            written: Vec::new(),
+        })
     }
 
     /// What was negotiated.

@@ -15,6 +15,9 @@ pub enum TransportKind {
     Shm,
     /// TCP.
     Tcp,
+    /// Shared memory on one host with message sections in device memory (a
+    /// GPU's, or host memory emulating one: `Session::explain` says which).
+    Cuda,
 }
 
 impl TransportKind {
@@ -23,6 +26,7 @@ impl TransportKind {
         match self {
             TransportKind::Shm => "shm",
             TransportKind::Tcp => "tcp",
+            TransportKind::Cuda => "cuda",
         }
     }
 }

@@ -13,8 +13,13 @@ pub const MAGIC: [u8; 2] = *b"AV";
 pub const VERSION_V2: u8 = 2;
 /// Length of the fixed v2 preamble.
 pub const PREAMBLE_LEN: usize = 32;
-/// Flag bits defined by v2.0 (none yet; a decoder refuses unknown bits).
-pub const KNOWN_FLAGS: u8 = 0;
+/// Preamble flag: the sections were written in device (GPU) memory and never
+/// crossed to the host, so their CRC32 fields are 0 and are not checked. Only
+/// the preamble and header (host memory) are checksummed. Set by a sender that
+/// fills sections on a device (the `cuda` transport); a host message never has it.
+pub const FLAG_DEVICE_SECTIONS: u8 = 0x01;
+/// Flag bits defined by v2 (a decoder refuses unknown bits).
+pub const KNOWN_FLAGS: u8 = FLAG_DEVICE_SECTIONS;
 /// Largest header a decoder accepts (a header is a few hundred bytes; this bounds work on hostile input).
 pub const MAX_HEADER_LEN: u32 = 1 << 20;
 
@@ -23,7 +28,7 @@ pub const MAX_HEADER_LEN: u32 = 1 << 20;
 /// ```text
 /// 0   2  magic "AV"
 /// 2   1  version = 2
-/// 3   1  flags (none defined; must be 0)
+/// 3   1  flags: 0x01 sections on a device, not checksummed; other bits 0
 /// 4   4  header_len   u32 LE, length of the rkyv header that starts at byte 32
 /// 8   8  total_len    u64 LE, length of the whole message
 /// 16  4  header_crc   u32 LE, CRC32 of the header bytes

@@ -210,6 +210,17 @@ impl MessageLayout {
     /// sections whose CRC32s are `crcs`. Lets a sender write the sections from its
     /// own buffers (vectored I/O) without assembling the message.
     pub fn prefix(&self, crcs: &[u32]) -> Result<Vec<u8>> {
+        self.prefix_with(crcs, 0)
+    }
+
+    /// The prefix of a message whose sections are written in device memory:
+    /// [`FLAG_DEVICE_SECTIONS`](crate::FLAG_DEVICE_SECTIONS) set and every
+    /// section CRC32 0 (nothing on the host can checksum them).
+    pub fn device_prefix(&self) -> Result<Vec<u8>> {
+        self.prefix_with(&vec![0; self.section_count()], header::FLAG_DEVICE_SECTIONS)
+    }
+
+    fn prefix_with(&self, crcs: &[u32], flags: u8) -> Result<Vec<u8>> {
         if crcs.len() != self.section_count() {
             return Err(WireError::BadSection {
                 index: crcs.len().min(self.section_count()),
@@ -229,7 +240,7 @@ impl MessageLayout {
         let mut out = vec![0u8; end];
         out[PREAMBLE_LEN..PREAMBLE_LEN + header.len()].copy_from_slice(&header);
         Preamble {
-            flags: 0,
+            flags,
             header_len: self.header_len,
             total_len: self.total_len,
             header_crc: crc32fast::hash(&header),

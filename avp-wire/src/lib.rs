@@ -62,13 +62,15 @@ mod view;
 pub use dtype::{DType, Element, KvLayout};
 pub use envelope::{Envelope, EnvelopeRef};
 pub use error::{Result, WireError};
-pub use header::{KNOWN_FLAGS, MAGIC, MAX_HEADER_LEN, PREAMBLE_LEN, Preamble, VERSION_V2};
+pub use header::{
+    FLAG_DEVICE_SECTIONS, KNOWN_FLAGS, MAGIC, MAX_HEADER_LEN, PREAMBLE_LEN, Preamble, VERSION_V2,
+};
 pub use identity::ModelIdentity;
 pub use layout::{
     MAX_ALIGNMENT, MIN_ALIGNMENT, MessageLayout, MessageWriter, PAGE_ALIGN_FROM, PAGE_ALIGNMENT,
     SMALL_ALIGNMENT, SectionSpan, encode_to_vec,
 };
-pub use message::{Message, Section};
+pub use message::{Header, Message, Section, SectionInfo};
 pub use payload::{
     HiddenStateDesc, KvCacheDesc, LayerRange, Payload, SectionRole, TextDesc, TextFormat,
 };

@@ -24,10 +24,47 @@ use crate::view::{HiddenView, KvView, TextView};
 #[derive(Clone)]
 pub struct Message<'a> {
     bytes: &'a [u8],
-    header: &'a ArchivedRawHeader,
+    head: Header<'a>,
+}
+
+/// The validated preamble and header of a v2 message, without its section
+/// bytes: what a receiver reads when the sections are somewhere it cannot
+/// address (device memory, say). [`Header::parse`] checks everything
+/// [`Message::parse`] checks before the tensor bytes, against the length the
+/// preamble declares.
+///
+/// ```
+/// # use avp_wire::*;
+/// let layout = MessageLayout::new(&Envelope::default(),
+///     &Payload::KvCache(KvCacheDesc::new(1, 1, 4, 2, DType::F16, KvLayout::Hnd)))?;
+/// let prefix = layout.device_prefix()?; // sections written elsewhere
+/// let h = Header::parse(&prefix)?;
+/// assert!(h.device_sections());
+/// assert_eq!(h.section(1)?.len, 16);
+/// assert_eq!(h.total_len(), layout.total_len() as u64);
+/// # Ok::<(), WireError>(())
+/// ```
+#[derive(Clone)]
+pub struct Header<'a> {
+    raw: &'a ArchivedRawHeader,
     preamble: Preamble,
     /// The payload shape (`map_id` left empty; read it from the archive).
     shape: Payload,
+}
+
+/// Where one section of a message lies, from its [`Header`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SectionInfo {
+    /// What the section holds.
+    pub role: SectionRole,
+    /// Model layer (0 for non-layer sections).
+    pub layer: u32,
+    /// Offset from the start of the message.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// The CRC32 recorded in the header (0 for device sections).
+    pub crc32: u32,
 }
 
 /// One section of a parsed message.
@@ -118,49 +155,28 @@ impl<'a> Message<'a> {
     /// Validate the header that follows the preamble in `prefix` and the
     /// section table against `bytes` (`preamble.total_len` long).
     fn build(preamble: Preamble, prefix: &'a [u8], bytes: &'a [u8]) -> Result<Message<'a>> {
-        let header_end = PREAMBLE_LEN + preamble.header_len as usize;
-        let header_bytes = prefix
-            .get(PREAMBLE_LEN..header_end)
-            .ok_or(WireError::Truncated {
-                what: "v2 header",
-                needed: header_end as u64,
-                available: prefix.len() as u64,
-            })?;
-        let actual = crc32fast::hash(header_bytes);
-        if actual != preamble.header_crc {
-            return Err(WireError::ChecksumMismatch {
-                what: "header".into(),
-                expected: preamble.header_crc,
-                actual,
-            });
-        }
-        let header = header::access(header_bytes)?;
-        let shape = shape_of(&header.payload)?;
-        let alignment = header.alignment.to_native();
-        check_alignment(alignment)?;
-        let count = shape.section_count();
-        if header.sections.len() != count {
-            return Err(WireError::BadSection {
-                index: header.sections.len().min(count),
-                reason: format!(
-                    "the {} payload implies {count} sections, the header lists {}",
-                    shape.kind_name(),
-                    header.sections.len()
-                ),
-            });
-        }
-        let plan = shape.plan()?;
-        let sections = header.sections.as_slice();
-        let (start, total) = (header_end as u64, preamble.total_len);
-        if !sections_in_place(sections, &plan, start, alignment, total) {
-            check_sections(sections, &plan, start, alignment, total)?;
-        }
         Ok(Message {
             bytes,
-            header,
-            preamble,
-            shape,
+            head: Header::build(preamble, prefix)?,
         })
+    }
+
+    /// `Err` when the sections carry no checksums (written on a device).
+    fn checksummed(&self) -> Result<()> {
+        if self.head.device_sections() {
+            return Err(WireError::InvalidField {
+                field: "flags",
+                reason: "the sections were written in device memory and carry no CRC32s \
+                         (FLAG_DEVICE_SECTIONS); nothing to verify them against"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The validated preamble and header.
+    pub fn header(&self) -> &Header<'a> {
+        &self.head
     }
 
     /// The whole message.
@@ -170,63 +186,43 @@ impl<'a> Message<'a> {
 
     /// Total length in bytes.
     pub fn total_len(&self) -> u64 {
-        self.preamble.total_len
+        self.head.total_len()
     }
 
     /// Length of the archived header.
     pub fn header_len(&self) -> u32 {
-        self.preamble.header_len
+        self.head.header_len()
     }
 
     /// The declared section alignment.
     pub fn alignment(&self) -> u32 {
-        self.header.alignment.to_native()
+        self.head.alignment()
     }
 
     /// Who sent the message and from which model.
     pub fn envelope(&self) -> EnvelopeRef<'a> {
-        EnvelopeRef {
-            raw: &self.header.envelope,
-        }
+        self.head.envelope()
     }
 
     /// An owned description of the payload.
     pub fn payload(&self) -> Payload {
-        match (&self.shape, &self.header.payload) {
-            (Payload::HiddenState(h), ArchivedRawPayload::HiddenState { map_id, .. }) => {
-                Payload::HiddenState(HiddenStateDesc {
-                    map_id: map_id.as_str().to_owned(),
-                    ..h.clone()
-                })
-            }
-            (shape, _) => shape.clone(),
-        }
+        self.head.payload()
     }
 
     /// Number of sections.
     pub fn section_count(&self) -> usize {
-        self.header.sections.len()
-    }
-
-    fn raw_section(&self, index: usize) -> Result<&'a ArchivedRawSection> {
-        let sections: &'a [ArchivedRawSection] = self.header.sections.as_slice();
-        sections.get(index).ok_or(WireError::BadSection {
-            index,
-            reason: format!("no such section; the message has {}", sections.len()),
-        })
+        self.head.section_count()
     }
 
     /// Section `index`.
     pub fn section(&self, index: usize) -> Result<Section<'a>> {
-        let s = self.raw_section(index)?;
-        let offset = s.offset.to_native();
-        let len = s.len.to_native();
+        let s = self.head.section(index)?;
         Ok(Section {
-            role: SectionRole::from_code(s.role).expect("validated by parse"),
-            layer: s.layer.to_native(),
-            offset,
-            bytes: &self.bytes[offset as usize..(offset + len) as usize],
-            crc32: s.crc32.to_native(),
+            role: s.role,
+            layer: s.layer,
+            offset: s.offset,
+            bytes: &self.bytes[s.offset as usize..(s.offset + s.len) as usize],
+            crc32: s.crc32,
         })
     }
 
@@ -235,8 +231,10 @@ impl<'a> Message<'a> {
         (0..self.section_count()).map(|i| self.section(i).expect("index in range"))
     }
 
-    /// Check section `index` against its recorded CRC32.
+    /// Check section `index` against its recorded CRC32. A message whose
+    /// sections were written on a device has none to check: the error says so.
     pub fn verify_section(&self, index: usize) -> Result<()> {
+        self.checksummed()?;
         let s = self.section(index)?;
         check_crc(index, &s, crc32fast::hash(s.bytes))
     }
@@ -244,6 +242,7 @@ impl<'a> Message<'a> {
     /// Check every section against its CRC32 (several threads for large messages)
     /// and that all padding bytes are zero.
     pub fn verify(&self) -> Result<()> {
+        self.checksummed()?;
         let sections: Vec<Section<'a>> = self.sections().collect();
         let slices: Vec<&[u8]> = sections.iter().map(|s| s.bytes).collect();
         for (index, (s, crc)) in sections.iter().zip(checksum::crc_many(&slices)).enumerate() {
@@ -270,7 +269,7 @@ impl<'a> Message<'a> {
 
     /// The KV cache this message carries.
     pub fn kv(&self) -> Result<KvView<'a>> {
-        match &self.shape {
+        match &self.head.shape {
             Payload::KvCache(desc) => Ok(KvView {
                 desc: *desc,
                 msg: self.clone(),
@@ -284,7 +283,7 @@ impl<'a> Message<'a> {
 
     /// The hidden states this message carries.
     pub fn hidden(&self) -> Result<HiddenView<'a>> {
-        match (&self.shape, &self.header.payload) {
+        match (&self.head.shape, &self.head.raw.payload) {
             (Payload::HiddenState(h), ArchivedRawPayload::HiddenState { map_id, .. }) => {
                 Ok(HiddenView {
                     rows: h.rows,
@@ -303,7 +302,7 @@ impl<'a> Message<'a> {
 
     /// The text this message carries.
     pub fn text(&self) -> Result<TextView<'a>> {
-        match &self.shape {
+        match &self.head.shape {
             Payload::Text(t) => Ok(TextView {
                 format: t.format,
                 bytes: self.section(0)?.bytes,
@@ -313,6 +312,144 @@ impl<'a> Message<'a> {
                 found: other.kind_name(),
             }),
         }
+    }
+}
+
+impl<'a> Header<'a> {
+    /// Parse and validate the preamble and header at the start of `prefix`
+    /// (bytes beyond the header are ignored): the checksums of both, the
+    /// archived header, and that the sections tile the length the preamble
+    /// declares. Nothing past the header is read.
+    pub fn parse(prefix: &'a [u8]) -> Result<Header<'a>> {
+        Self::build(Preamble::read(prefix)?, prefix)
+    }
+
+    fn build(preamble: Preamble, prefix: &'a [u8]) -> Result<Header<'a>> {
+        let header_end = PREAMBLE_LEN + preamble.header_len as usize;
+        let header_bytes = prefix
+            .get(PREAMBLE_LEN..header_end)
+            .ok_or(WireError::Truncated {
+                what: "v2 header",
+                needed: header_end as u64,
+                available: prefix.len() as u64,
+            })?;
+        let actual = crc32fast::hash(header_bytes);
+        if actual != preamble.header_crc {
+            return Err(WireError::ChecksumMismatch {
+                what: "header".into(),
+                expected: preamble.header_crc,
+                actual,
+            });
+        }
+        let raw = header::access(header_bytes)?;
+        let shape = shape_of(&raw.payload)?;
+        let alignment = raw.alignment.to_native();
+        check_alignment(alignment)?;
+        let count = shape.section_count();
+        if raw.sections.len() != count {
+            return Err(WireError::BadSection {
+                index: raw.sections.len().min(count),
+                reason: format!(
+                    "the {} payload implies {count} sections, the header lists {}",
+                    shape.kind_name(),
+                    raw.sections.len()
+                ),
+            });
+        }
+        let plan = shape.plan()?;
+        let sections = raw.sections.as_slice();
+        let (start, total) = (header_end as u64, preamble.total_len);
+        if !sections_in_place(sections, &plan, start, alignment, total) {
+            check_sections(sections, &plan, start, alignment, total)?;
+        }
+        Ok(Header {
+            raw,
+            preamble,
+            shape,
+        })
+    }
+
+    /// The preamble's flag bits.
+    pub fn flags(&self) -> u8 {
+        self.preamble.flags
+    }
+
+    /// Whether the sections were written in device memory and carry no
+    /// checksums ([`FLAG_DEVICE_SECTIONS`](crate::FLAG_DEVICE_SECTIONS)).
+    pub fn device_sections(&self) -> bool {
+        self.preamble.flags & header::FLAG_DEVICE_SECTIONS != 0
+    }
+
+    /// Total length of the message in bytes.
+    pub fn total_len(&self) -> u64 {
+        self.preamble.total_len
+    }
+
+    /// Length of the archived header.
+    pub fn header_len(&self) -> u32 {
+        self.preamble.header_len
+    }
+
+    /// The declared section alignment.
+    pub fn alignment(&self) -> u32 {
+        self.raw.alignment.to_native()
+    }
+
+    /// Who sent the message and from which model.
+    pub fn envelope(&self) -> EnvelopeRef<'a> {
+        EnvelopeRef {
+            raw: &self.raw.envelope,
+        }
+    }
+
+    /// An owned description of the payload.
+    pub fn payload(&self) -> Payload {
+        match (&self.shape, &self.raw.payload) {
+            (Payload::HiddenState(h), ArchivedRawPayload::HiddenState { map_id, .. }) => {
+                Payload::HiddenState(HiddenStateDesc {
+                    map_id: map_id.as_str().to_owned(),
+                    ..h.clone()
+                })
+            }
+            (shape, _) => shape.clone(),
+        }
+    }
+
+    /// Number of sections.
+    pub fn section_count(&self) -> usize {
+        self.raw.sections.len()
+    }
+
+    /// Where section `index` lies.
+    pub fn section(&self, index: usize) -> Result<SectionInfo> {
+        let sections: &'a [ArchivedRawSection] = self.raw.sections.as_slice();
+        let s = sections.get(index).ok_or(WireError::BadSection {
+            index,
+            reason: format!("no such section; the message has {}", sections.len()),
+        })?;
+        Ok(SectionInfo {
+            role: SectionRole::from_code(s.role).expect("validated by parse"),
+            layer: s.layer.to_native(),
+            offset: s.offset.to_native(),
+            len: s.len.to_native(),
+            crc32: s.crc32.to_native(),
+        })
+    }
+
+    /// All sections, in order.
+    pub fn sections(&self) -> impl ExactSizeIterator<Item = SectionInfo> + '_ {
+        (0..self.section_count()).map(|i| self.section(i).expect("index in range"))
+    }
+}
+
+impl std::fmt::Debug for Header<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Header")
+            .field("flags", &self.flags())
+            .field("total_len", &self.total_len())
+            .field("envelope", &self.envelope())
+            .field("payload", &self.payload())
+            .finish()
     }
 }
 
@@ -523,6 +660,45 @@ mod tests {
         }
         w.finish().unwrap();
         (buf, desc)
+    }
+
+    #[test]
+    fn a_device_prefix_parses_alone_and_its_sections_are_not_verifiable() {
+        let desc = KvCacheDesc::new(2, 2, 8, 4, DType::F16, KvLayout::Hnd);
+        let layout = MessageLayout::new(&Envelope::default(), &Payload::KvCache(desc)).unwrap();
+        let prefix = layout.device_prefix().unwrap();
+        let h = Header::parse(&prefix).unwrap();
+        assert!(h.device_sections());
+        assert_eq!(h.flags(), crate::FLAG_DEVICE_SECTIONS);
+        assert_eq!(h.total_len(), layout.total_len() as u64);
+        assert_eq!(h.section_count(), 4);
+        for (info, span) in h.sections().zip(layout.sections()) {
+            assert_eq!(
+                (info.offset, info.len, info.crc32),
+                (span.offset, span.len, 0)
+            );
+        }
+        // The same prefix over host bytes parses, but nothing can verify it.
+        let mut whole = vec![0u8; layout.total_len()];
+        whole[..prefix.len()].copy_from_slice(&prefix);
+        let m = Message::parse(&whole).unwrap();
+        assert!(m.header().device_sections());
+        let err = m.verify().unwrap_err().to_string();
+        assert!(err.contains("device memory"), "{err}");
+        assert!(m.verify_section(0).is_err());
+        // A host message's header says so too.
+        let (buf, _) = kv_message(DType::F32);
+        let hm = Message::parse(&buf).unwrap();
+        assert!(!hm.header().device_sections());
+        assert_eq!(
+            Header::parse(&buf).unwrap().section(0).unwrap().len,
+            hm.section(0).unwrap().bytes.len() as u64
+        );
+        // A header cut short, or a bad bit, is refused.
+        assert!(Header::parse(&prefix[..prefix.len() / 2]).is_err());
+        let mut bad = prefix.clone();
+        bad[3] = 0x02;
+        assert!(Header::parse(&bad).is_err());
     }
 
     #[test]
@@ -755,7 +931,7 @@ mod tests {
     /// `role`, `layer`, `offset` and `len` fields lie within the record.
     fn section_record(buf: &[u8], index: usize) -> (usize, [usize; 4]) {
         let m = Message::parse(buf).unwrap();
-        let s = &m.header.sections.as_slice()[index];
+        let s = &m.head.raw.sections.as_slice()[index];
         let at = |p: *const u8| p as usize - s as *const ArchivedRawSection as usize;
         let fields = [
             at(&s.role),

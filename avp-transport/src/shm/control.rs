@@ -34,6 +34,10 @@ pub(crate) const CONTROL_LEN: usize = 4096;
 pub(crate) const RING: u32 = 64;
 /// `flags` of an entry whose message is in a dedicated segment sent on the socket.
 pub(crate) const DEDICATED: u32 = 1;
+/// `flags` of an entry whose sections are in the device pool's slot of the
+/// same index (the slot itself holds the preamble and header). With
+/// [`DEDICATED`]: in a dedicated device allocation sent on the socket.
+pub(crate) const DEVICE: u32 = 2;
 const MAGIC: u64 = 0x4156_5053_484d_0002; // "AVPSHM" v2
 const VERSION: u32 = 2;
 const HEAD: usize = 64;

@@ -17,7 +17,7 @@
 mod control;
 mod packet;
 mod receiver;
-mod segment;
+pub(crate) mod segment;
 mod sender;
 
 use std::os::fd::BorrowedFd;
@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use avp_wire::ModelIdentity;
 
+use crate::device::DeviceMem;
 use crate::error::{Result, TransportError};
 use crate::frame::Hello;
 use crate::handshake::{self, ClientStep};
@@ -68,11 +69,7 @@ impl Scheme for ShmScheme {
     }
 
     fn bind(&self, name: &str, _options: &Options) -> Result<Vec<Box<dyn Acceptor>>> {
-        let uds = UdsListener::bind(&socket_path(name))?;
-        Ok(vec![Box::new(ShmAcceptor {
-            uds,
-            address: Some(format!("shm://{name}")),
-        })])
+        bind_named("shm", name, None)
     }
 
     fn connect(
@@ -83,8 +80,28 @@ impl Scheme for ShmScheme {
     ) -> Result<(Session, Box<dyn SendPort>)> {
         let io = connect_uds(&socket_path(name))?;
         let reason = format!("address shm://{name} is shared memory on this host");
-        connect_over(io, identity, options, reason)
+        connect_over(io, identity, options, reason, None)
     }
+}
+
+/// Listen on the control socket of `NAME` for `SCHEME://NAME`, offering
+/// `device` to peers that ask for it (`cuda`).
+pub(crate) fn bind_named(
+    scheme: &str,
+    name: &str,
+    device: Option<Arc<dyn DeviceMem>>,
+) -> Result<Vec<Box<dyn Acceptor>>> {
+    let uds = UdsListener::bind(&socket_path(name))?;
+    Ok(vec![Box::new(ShmAcceptor {
+        uds,
+        address: Some(format!("{scheme}://{name}")),
+        device,
+    })])
+}
+
+/// Connect to the control socket of `NAME`.
+pub(crate) fn connect_named(name: &str) -> Result<PacketIo> {
+    connect_uds(&socket_path(name))
 }
 
 /// A shared-memory control socket for a listener of another scheme to offer
@@ -94,6 +111,7 @@ pub(crate) fn bind_offer(label: &str) -> Result<Box<dyn Acceptor>> {
     Ok(Box::new(ShmAcceptor {
         uds: UdsListener::bind(&socket_path(&name))?,
         address: None,
+        device: None,
     }))
 }
 
@@ -123,30 +141,71 @@ pub(crate) fn try_upgrade(ours: &Hello, theirs: &Hello, o: &Options) -> (Option<
     }
 }
 
-/// Handshake over a connected control socket and set up the pool.
+/// Handshake over a connected control socket and set up the pool. With a
+/// `device`, offer it and use it when the listener's device can map its
+/// memory (a `cuda` session); otherwise the session is plain shared memory
+/// and its explanation says why the device was not used.
 pub(crate) fn connect_over(
     mut io: PacketIo,
     identity: &ModelIdentity,
     o: &Options,
     reason: String,
+    device: Option<Arc<dyn DeviceMem>>,
 ) -> Result<(Session, Box<dyn SendPort>)> {
     let t = o.connect_timeout;
-    let (ours, theirs) = handshake::client_hello(
-        &mut io,
-        handshake::hello(identity, o, None, Some(reason.clone())),
-        t,
-    )?;
+    let mut hello = handshake::hello(identity, o, None, Some(reason.clone()));
+    if let Some(d) = &device {
+        hello.transports.push("cuda".into());
+        hello.device = Some(d.info());
+    }
+    let (ours, theirs) = handshake::client_hello(&mut io, hello, t)?;
+    let (kind, reason, device) = match (device, &theirs.device) {
+        (None, _) => (TransportKind::Shm, reason, None),
+        (Some(_), None) => (
+            TransportKind::Shm,
+            format!(
+                "{reason}; device not used: the listener offers none (bound without cuda:// \
+                 and Options::device)"
+            ),
+            None,
+        ),
+        (Some(d), Some(peer)) => match d.reach(peer) {
+            Ok(why) if !ours.boot_id.is_empty() && ours.boot_id == theirs.boot_id => {
+                (TransportKind::Cuda, format!("{reason}; {why}"), Some(d))
+            }
+            Ok(_) => (
+                TransportKind::Shm,
+                format!("{reason}; device not used: the peer is on another host"),
+                None,
+            ),
+            Err(why) => (
+                TransportKind::Shm,
+                format!("{reason}; device not used: {why}"),
+                None,
+            ),
+        },
+    };
+    if kind == TransportKind::Shm && o.device.is_some() {
+        tracing::warn!("falling back to shared memory: {reason}");
+    }
     let session = handshake::client_finish(
         &mut io,
         &ours,
         &theirs,
         o,
         ClientStep::Stay(reason),
-        TransportKind::Shm,
+        kind,
         t,
     )?
     .expect("stay yields a session");
-    let port = ShmSender::new(io, o.shm.slots, o.shm.slot_size, o.shm.loan_timeout)?;
+    let slot_size = o.device.as_ref().map_or(0, |d| d.slot_size);
+    let port = ShmSender::new(
+        io,
+        o.shm.slots,
+        o.shm.slot_size,
+        o.shm.loan_timeout,
+        device.map(|d| (d, slot_size)),
+    )?;
     Ok((session, Box::new(port)))
 }
 
@@ -155,6 +214,8 @@ struct ShmAcceptor {
     uds: UdsListener,
     /// `shm://NAME` when this is the listener's own address.
     address: Option<String>,
+    /// The device offered to peers (`cuda://NAME`).
+    device: Option<Arc<dyn DeviceMem>>,
 }
 
 impl Acceptor for ShmAcceptor {
@@ -178,13 +239,18 @@ impl Acceptor for ShmAcceptor {
             ctx.identity,
             ctx.options,
             None,
+            self.device.as_ref().map(|d| d.info()),
             TransportKind::Shm,
             t,
         )?
         .ok_or_else(|| {
             TransportError::Protocol("peer asked to switch away from shared memory".into())
         })?;
-        let port = ShmReceiver::new(io, t, ctx.options.shm.spin, session.max_message)?;
+        let device = self
+            .device
+            .clone()
+            .filter(|_| session.transport == TransportKind::Cuda);
+        let port = ShmReceiver::new(io, t, ctx.options.shm.spin, session.max_message, device)?;
         Ok(Some((session, Arc::new(port))))
     }
 }

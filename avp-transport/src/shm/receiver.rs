@@ -2,14 +2,17 @@
 //! read-only, takes messages off the ring, and gives slots back from any thread.
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, TransportError};
 use crate::frame::{Frame, FrameIo};
 use crate::port::{Armed, Counters, Delivery, Held, Idle, RecvPort};
 
-use super::control::{CONTROL_LEN, Control, DEDICATED, Entry, RING};
+use crate::device::DeviceMem;
+use crate::device::pool::DevicePool;
+
+use super::control::{CONTROL_LEN, Control, DEDICATED, DEVICE, Entry, RING};
 use super::packet::PacketIo;
 use super::segment::{self, Event, Mapping, page_size, page_up};
 use super::sender::data_offset;
@@ -59,16 +62,20 @@ pub(crate) struct ShmReceiver {
     releasing: Mutex<()>,
     spin: Duration,
     max_message: u64,
+    /// The sender's device pool, mapped (a `cuda` session).
+    device: Option<DevicePool>,
     counters: Counters,
 }
 
 impl ShmReceiver {
-    /// Read the sender's `Pool` frame, check and map the pool.
+    /// Read the sender's `Pool` frame, check and map the pool; then, with a
+    /// `device`, its `DevicePool` frame, and import that pool.
     pub(crate) fn new(
         mut io: PacketIo,
         timeout: Duration,
         spin: Duration,
         max_message: u64,
+        device: Option<Arc<dyn DeviceMem>>,
     ) -> Result<ShmReceiver> {
         let (frame, mut fds) = io.recv_frame(timeout)?;
         let Frame::Pool {
@@ -114,6 +121,13 @@ impl ShmReceiver {
                 "control block does not match the Pool frame (or is another layout version)".into(),
             ));
         }
+        let device = match device {
+            Some(mem) => {
+                let (frame, fds) = io.recv_frame(timeout)?;
+                Some(DevicePool::receive(mem, frame, fds, slots)?)
+            }
+            None => None,
+        };
         let io_fd = io.fd().as_raw_fd();
         Ok(ShmReceiver {
             state: Mutex::new(RxState {
@@ -133,6 +147,7 @@ impl ShmReceiver {
             releasing: Mutex::new(()),
             spin,
             max_message,
+            device,
             counters: Counters::default(),
         })
     }
@@ -148,6 +163,9 @@ impl ShmReceiver {
                 size: e.len,
                 limit: self.max_message,
             });
+        }
+        if e.flags & DEVICE != 0 {
+            return self.take_device(st, e);
         }
         if e.flags == DEDICATED {
             let (frame, mut fds) = st.io.recv_frame(DEDICATED_FRAME_WAIT)?;
@@ -173,6 +191,7 @@ impl ShmReceiver {
                 ptr,
                 len: len as usize,
                 peer_writable: true,
+                device: None,
             });
         }
         if e.flags != 0 || e.slot >= self.slots || e.len as usize > self.slot_size {
@@ -191,6 +210,64 @@ impl ShmReceiver {
             ptr,
             len: e.len as usize,
             peer_writable: true,
+            device: None,
+        })
+    }
+
+    /// Locate a device message: its preamble and header in host slot
+    /// `e.slot`, its sections in the device slot of that index or in a
+    /// dedicated device allocation whose descriptor precedes the entry.
+    fn take_device(&self, st: &mut RxState, e: Entry) -> Result<Delivery> {
+        let Some(pool) = &self.device else {
+            return Err(TransportError::Segment(
+                "a device message on a session without a device pool".into(),
+            ));
+        };
+        if e.slot >= self.slots || (e.flags != DEVICE && e.flags != DEVICE | DEDICATED) {
+            return Err(TransportError::Segment(format!(
+                "device ring entry out of bounds: slot {} of {}, flags {:#x}",
+                e.slot, self.slots, e.flags
+            )));
+        }
+        let (span, keep) = if e.flags & DEDICATED != 0 {
+            let (frame, mut fds) = st.io.recv_frame(DEDICATED_FRAME_WAIT)?;
+            let Frame::DeviceDedicated { len, size } = frame else {
+                return Err(TransportError::Protocol(format!(
+                    "expected DeviceDedicated, got {frame:?}"
+                )));
+            };
+            let (Some(fd), true) = (fds.pop(), len == e.len && fds.is_empty()) else {
+                return Err(TransportError::Protocol(
+                    "dedicated device frame does not match the ring".into(),
+                ));
+            };
+            let (span, keep) = pool.import_dedicated(fd, size, len)?;
+            (
+                span,
+                Some(Box::new(keep) as Box<dyn std::any::Any + Send + Sync>),
+            )
+        } else {
+            let span = pool.slot(e.slot, e.len as usize).ok_or_else(|| {
+                TransportError::Segment(format!(
+                    "device message of {} bytes exceeds a device slot of {}",
+                    e.len,
+                    pool.slot_size()
+                ))
+            })?;
+            (span, None)
+        };
+        Counters::bump(&self.counters.device_messages);
+        // SAFETY: slot < slots, so the host slot lies inside `data`.
+        let ptr = unsafe { self.data.ptr().add(e.slot as usize * self.slot_size) };
+        Ok(Delivery {
+            held: Held {
+                key: u64::from(e.slot),
+                keep,
+            },
+            ptr,
+            len: self.slot_size,
+            peer_writable: true,
+            device: Some(span),
         })
     }
 
@@ -407,6 +484,10 @@ impl RecvPort for ShmReceiver {
 
     fn pool_range(&self) -> Option<std::ops::Range<usize>> {
         Some(self.data.range())
+    }
+
+    fn device(&self) -> Option<Arc<dyn DeviceMem>> {
+        self.device.as_ref().map(|p| Arc::clone(&p.mem))
     }
 
     fn stats(&self) -> &Counters {

@@ -9,7 +9,9 @@ use crate::error::{Result, TransportError};
 use crate::frame::{Frame, FrameIo};
 use crate::port::{AcquireArmed, Counters, LoanMem, SendPort};
 
-use super::control::{CONTROL_LEN, Control, DEDICATED, Entry, RING};
+use crate::device::pool::{DeviceKeep, DevicePool};
+
+use super::control::{CONTROL_LEN, Control, DEDICATED, DEVICE, Entry, RING};
 use super::packet::PacketIo;
 use super::segment::{self, Event, Mapping, page_size, page_up};
 
@@ -41,18 +43,22 @@ pub(crate) struct ShmSender {
     scratch: Vec<u32>,
     /// The entry written for message number `head` by `stage`, not yet announced.
     staged: Option<Entry>,
+    /// The device pool of a `cuda` session.
+    device: Option<DevicePool>,
     counters: Counters,
 }
 
 impl ShmSender {
     /// Create the pool (`slots` × `slot_size`, pre-faulted) and hand it to the
-    /// receiver. `slots` must be 1..=32 and `slot_size` at least a page (it is
-    /// rounded up to whole pages).
+    /// receiver, then the device pool if the session has one (`device`: the
+    /// device and its slot size). `slots` must be 1..=32 and `slot_size` at
+    /// least a page (it is rounded up to whole pages).
     pub(crate) fn new(
         mut io: PacketIo,
         slots: usize,
         slot_size: usize,
         loan_timeout: Duration,
+        device: Option<(std::sync::Arc<dyn crate::device::DeviceMem>, usize)>,
     ) -> Result<ShmSender> {
         let max_slots = RING as usize / 2;
         if !(1..=max_slots).contains(&slots) {
@@ -62,6 +68,9 @@ impl ShmSender {
             });
         }
         let slots = slots as u32;
+        let device = device
+            .map(|(mem, size)| DevicePool::create(mem, slots, size))
+            .transpose()?;
         let slot_size = page_up(slot_size.max(page_size()));
         let total = data_offset() + slots as usize * slot_size;
         let fd = segment::create_memfd("avp-pool", total)?;
@@ -87,6 +96,9 @@ impl ShmSender {
                 released.fd().as_raw_fd(),
             ],
         )?;
+        if let Some(d) = &device {
+            d.send(&mut io)?;
+        }
         Ok(ShmSender {
             io,
             pool,
@@ -101,6 +113,7 @@ impl ShmSender {
             loan_timeout,
             scratch: Vec::new(),
             staged: None,
+            device,
             counters: Counters::default(),
         })
     }
@@ -199,7 +212,25 @@ impl ShmSender {
             }
             self.wait_for("room in the shared-memory ring", |s| s.ring_has_room())?;
         }
-        let entry = if mem.key == DEDICATED_KEY {
+        let entry = if let Some(keep) = mem.take_keep::<DeviceKeep>() {
+            let span = mem.device.expect("a device loan has a device span");
+            // The descriptor travels first, so it is there when the entry is read.
+            let fd = keep.0.export()?;
+            self.io.send_frame(
+                &Frame::DeviceDedicated {
+                    len: len as u64,
+                    size: keep.0.len() as u64,
+                },
+                &[fd.as_raw_fd()],
+            )?;
+            debug_assert!(span.len >= len as u64);
+            Counters::bump(&self.counters.dedicated);
+            Entry {
+                slot: mem.key as u32,
+                flags: DEVICE | DEDICATED,
+                len: len as u64,
+            }
+        } else if mem.key == DEDICATED_KEY {
             let Some((fd, map)) = mem.take_keep::<(OwnedFd, Mapping)>() else {
                 unreachable!("a dedicated loan keeps its segment");
             };
@@ -216,7 +247,7 @@ impl ShmSender {
         } else {
             Entry {
                 slot: mem.key as u32,
-                flags: 0,
+                flags: entry_flags(&mem),
                 len: len as u64,
             }
         };
@@ -266,10 +297,11 @@ impl SendPort for ShmSender {
     /// head only.
     fn stage(&mut self, mem: &LoanMem, len: usize) {
         self.staged = None;
-        if mem.key != DEDICATED_KEY && self.ring_has_room() {
+        let device_dedicated = mem.keep.as_ref().is_some_and(|k| k.is::<DeviceKeep>());
+        if mem.key != DEDICATED_KEY && !device_dedicated && self.ring_has_room() {
             let entry = Entry {
                 slot: mem.key as u32,
-                flags: 0,
+                flags: entry_flags(mem),
                 len: len as u64,
             };
             self.ctrl.stage(self.head, entry);
@@ -279,9 +311,13 @@ impl SendPort for ShmSender {
 
     fn publish(&mut self, mem: LoanMem, len: usize) -> Result<()> {
         Counters::bump(&self.counters.messages);
+        if mem.device.is_some() {
+            Counters::bump(&self.counters.device_messages);
+        }
         if let Some(entry) = self.staged.take()
             && u64::from(entry.slot) == mem.key
             && entry.len == len as u64
+            && entry.flags == entry_flags(&mem)
         {
             Counters::bump(&self.counters.staged_publishes);
             let wake = self.ctrl.commit(self.head);
@@ -293,6 +329,40 @@ impl SendPort for ShmSender {
             return Ok(());
         }
         self.publish_slow(mem, len)
+    }
+
+    /// A host slot for the preamble and header, and the device slot of the
+    /// same index for the sections (or a dedicated device allocation when
+    /// `len` exceeds a device slot).
+    fn acquire_device(&mut self, len: usize, prefix_len: usize) -> Result<Option<LoanMem>> {
+        let Some(pool) = &self.device else {
+            return Ok(None);
+        };
+        if prefix_len > self.slot_size {
+            return Err(TransportError::TooLarge {
+                size: prefix_len as u64,
+                limit: self.slot_size as u64,
+            });
+        }
+        let dedicated = if len > pool.slot_size() {
+            Some(pool.dedicated(len)?)
+        } else {
+            None
+        };
+        let mut mem = self
+            .acquire(prefix_len, true)?
+            .expect("a waiting acquire yields memory");
+        let pool = self.device.as_ref().expect("checked above");
+        mem.device = Some(match dedicated {
+            Some((span, keep)) => {
+                mem.keep = Some(Box::new(keep));
+                span
+            }
+            None => pool
+                .slot(mem.key as u32, len)
+                .expect("host and device slots pair up"),
+        });
+        Ok(Some(mem))
     }
 
     fn abandon(&mut self, mem: LoanMem) {
@@ -335,6 +405,10 @@ impl SendPort for ShmSender {
         true
     }
 
+    fn device(&self) -> Option<std::sync::Arc<dyn crate::device::DeviceMem>> {
+        self.device.as_ref().map(|p| std::sync::Arc::clone(&p.mem))
+    }
+
     fn pool_range(&self) -> Option<std::ops::Range<usize>> {
         Some(self.pool.range())
     }
@@ -342,6 +416,11 @@ impl SendPort for ShmSender {
     fn stats(&self) -> &Counters {
         &self.counters
     }
+}
+
+/// The ring-entry flags of a pool-slot message in `mem`.
+fn entry_flags(mem: &LoanMem) -> u32 {
+    if mem.device.is_some() { DEVICE } else { 0 }
 }
 
 /// Whether `ctrl`'s ring has room for entry number `head`. A tail ahead of the

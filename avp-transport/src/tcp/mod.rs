@@ -101,7 +101,7 @@ impl Scheme for TcpScheme {
                     t,
                 )?;
                 drop(io);
-                return crate::shm::connect_over(pio, identity, options, reason);
+                return crate::shm::connect_over(pio, identity, options, reason, None);
             }
             reason
         };
@@ -157,6 +157,7 @@ impl Acceptor for TcpAcceptor {
             ctx.identity,
             ctx.options,
             offer,
+            None,
             TransportKind::Tcp,
             t,
         )

@@ -125,6 +125,7 @@ impl TcpReceiver {
             ptr,
             len,
             peer_writable: false,
+            device: None,
         })
     }
 

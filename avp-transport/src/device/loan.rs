@@ -1,0 +1,254 @@
+//! A message whose sections come from device memory: [`DeviceLoan`] →
+//! [`DeviceReady`].
+//!
+//! On a `cuda` session the sections go into a device slot: the caller's
+//! kernels write them in place ([`DeviceLoan::section`]) or the loan copies
+//! them device to device ([`DeviceLoan::write_from_device`]); no byte crosses
+//! to the host. On any other session the same calls copy the sections into
+//! the host loan (device to host, counted in `Stats::device_to_host_bytes`)
+//! and the message is an ordinary checksummed one: a GPU agent can always
+//! talk to a CPU agent.
+//!
+//! Synchronisation contract: before [`DeviceLoan::finish`], the caller's own
+//! work that writes the sections, or the buffers copied from, has finished
+//! (synchronise your stream or event); `finish` then waits for the loan's
+//! copies, writes the header on the host, and the message can be sent.
+
+use std::sync::Arc;
+
+use avp_wire::{Message, MessageLayout, MessageWriter};
+
+use crate::error::{Result, TransportError};
+use crate::port::{Counters, LoanMem, SendPort};
+
+use super::{DeviceMem, DeviceSpan, Dir};
+
+/// A loan for a message whose sections are written from device memory.
+pub struct DeviceLoan<'a> {
+    pub(crate) port: Option<&'a mut dyn SendPort>,
+    pub(crate) mem: Option<LoanMem>,
+    pub(crate) layout: &'a MessageLayout,
+    pub(crate) dev: Arc<dyn DeviceMem>,
+    /// Host sessions: the writer over the host loan.
+    pub(crate) writer: Option<MessageWriter<'a>>,
+    /// Device sessions: which sections were written.
+    pub(crate) written: Vec<bool>,
+}
+
+impl<'a> DeviceLoan<'a> {
+    /// Whether the sections go to device memory (a `cuda` session); `false`
+    /// when the session keeps messages in host memory and the copies below
+    /// cross to the host (`Session::explain` says why).
+    pub fn on_device(&self) -> bool {
+        self.device_base().is_some()
+    }
+
+    fn device_base(&self) -> Option<DeviceSpan> {
+        self.mem.as_ref().and_then(|m| m.device)
+    }
+
+    fn counters(&self) -> &Counters {
+        self.port
+            .as_deref()
+            .expect("port present until finish")
+            .stats()
+    }
+
+    /// Offset and length of section `index`.
+    fn span(&self, index: usize) -> Result<(u64, u64)> {
+        if index >= self.layout.section_count() {
+            return Err(TransportError::Wire(avp_wire::WireError::BadSection {
+                index,
+                reason: format!(
+                    "no such section; the message has {}",
+                    self.layout.section_count()
+                ),
+            }));
+        }
+        let s = self.layout.section(index);
+        Ok((s.offset, s.len))
+    }
+
+    /// Where section `index` lives in device memory, for the caller's kernels
+    /// or copies to write (it counts as written). Only on a device session.
+    ///
+    /// # Errors
+    /// `Placement` when the session keeps messages in host memory (use
+    /// [`write_from_device`](Self::write_from_device), which copies).
+    pub fn section(&mut self, index: usize) -> Result<DeviceSpan> {
+        let (offset, len) = self.span(index)?;
+        let base = self.device_base().ok_or_else(|| {
+            TransportError::Placement(
+                "this session keeps messages in host memory, so a section has no device \
+                 address: copy into it with write_from_device (Session::explain says why \
+                 no device pool was set up)"
+                    .into(),
+            )
+        })?;
+        self.written[index] = true;
+        Ok(base
+            .sub(offset, len)
+            .expect("sections lie inside the message"))
+    }
+
+    /// Copy `src` (host memory) into section `index`.
+    ///
+    /// # Errors
+    /// `Wire` when `src` is not the section's length; `Device` when the copy fails.
+    pub fn write_from_host(&mut self, index: usize, src: &[u8]) -> Result<()> {
+        let (_, len) = self.span(index)?;
+        check_len(index, len, src.len() as u64)?;
+        if let Some(w) = &mut self.writer {
+            return Ok(w.write_section(index, src)?);
+        }
+        let dst = self.section(index)?;
+        // SAFETY: `dst` is the section's range of our device slot, `src` is
+        // `len` readable host bytes borrowed until the copy is synchronised
+        // below.
+        unsafe {
+            self.dev
+                .copy(dst.addr, src.as_ptr() as u64, src.len(), Dir::HostToDevice)
+        }?;
+        // The borrow of `src` ends with this call: finish the copy now.
+        self.dev.sync()?;
+        self.counters().copied(Dir::HostToDevice, len);
+        Ok(())
+    }
+
+    /// Copy section `index` from `src`, a device address holding the
+    /// section's length in bytes: device to device on a device session,
+    /// device to host otherwise. The copy is issued on the loan's stream and
+    /// finished by [`finish`](Self::finish).
+    ///
+    /// # Safety
+    /// `src` must be readable device memory of the section's length on the
+    /// session's device, finished by the caller's own work, and not written
+    /// until `finish` returns.
+    pub unsafe fn write_from_device(&mut self, index: usize, src: u64) -> Result<()> {
+        let (_, len) = self.span(index)?;
+        let (dst, dir) = match &mut self.writer {
+            Some(w) => (w.section_mut(index)?.as_mut_ptr() as u64, Dir::DeviceToHost),
+            None => (self.section(index)?.addr, Dir::DeviceToDevice),
+        };
+        // SAFETY: `dst` is the section's range in our loan (host bytes of
+        // the writer, or our device slot), exclusively ours until the loan
+        // ends; `src` is the caller's promise.
+        unsafe { self.dev.copy(dst, src, len as usize, dir) }?;
+        self.counters().copied(dir, len);
+        Ok(())
+    }
+
+    /// Wait for the loan's copies, write the header (on the host), and
+    /// validate: the message can now be sent.
+    ///
+    /// # Errors
+    /// `Wire` when a section was not written; `Device` when a copy failed.
+    /// The memory goes back unsent either way.
+    pub fn finish(mut self) -> Result<DeviceReady<'a>> {
+        self.dev.sync()?;
+        let len = self.layout.total_len();
+        let mem = self.mem.as_ref().expect("memory present until finish");
+        match self.writer.take() {
+            Some(w) => {
+                Message::parse(w.seal()?)?;
+            }
+            None => {
+                if let Some(i) = self.written.iter().position(|w| !w) {
+                    let s = self.layout.section(i);
+                    return Err(avp_wire::WireError::SectionNotWritten {
+                        index: i,
+                        name: s.role.describe(s.layer),
+                    }
+                    .into());
+                }
+                let prefix = self.layout.device_prefix()?;
+                // SAFETY: the host part of a device loan is a slot of at least
+                // the prefix's length (checked by the port), exclusively ours.
+                let host = unsafe { std::slice::from_raw_parts_mut(mem.ptr(), prefix.len()) };
+                host.copy_from_slice(&prefix);
+                avp_wire::Header::parse(host)?;
+            }
+        }
+        let port = self.port.take().expect("port present until finish");
+        let mem = self.mem.take().expect("memory present until finish");
+        port.stage(&mem, len);
+        Ok(DeviceReady {
+            port,
+            mem: Some(mem),
+            len,
+        })
+    }
+}
+
+fn check_len(index: usize, expected: u64, found: u64) -> Result<()> {
+    if expected == found {
+        return Ok(());
+    }
+    Err(TransportError::Wire(avp_wire::WireError::BadSection {
+        index,
+        reason: format!("section is {expected} bytes, {found} given"),
+    }))
+}
+
+impl Drop for DeviceLoan<'_> {
+    fn drop(&mut self) {
+        self.writer.take();
+        if let (Some(port), Some(mem)) = (self.port.take(), self.mem.take()) {
+            // Copies still in flight must land before the slot is reused.
+            let _ = self.dev.sync();
+            port.abandon(mem);
+        }
+    }
+}
+
+/// A finished device message, ready to send.
+pub struct DeviceReady<'a> {
+    port: &'a mut dyn SendPort,
+    mem: Option<LoanMem>,
+    len: usize,
+}
+
+impl DeviceReady<'_> {
+    /// Bytes of the message (header and sections).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the message is empty (never).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Hand the message to the receiver.
+    ///
+    /// # Errors
+    /// `PeerGone` when the receiver left.
+    pub fn send(mut self) -> Result<()> {
+        let mem = self.mem.take().expect("memory present until sent");
+        self.port.publish(mem, self.len)
+    }
+}
+
+impl Drop for DeviceReady<'_> {
+    fn drop(&mut self) {
+        if let Some(mem) = self.mem.take() {
+            self.port.abandon(mem);
+        }
+    }
+}
+
+impl std::fmt::Debug for DeviceLoan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceLoan")
+            .field("on_device", &self.on_device())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for DeviceReady<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceReady")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
