@@ -120,6 +120,10 @@ typedef enum avp_transport_kind {
    * TCP.
    */
   AVP_TRANSPORT_TCP = 1,
+  /**
+   * Shared memory with sections in device memory (`cuda://`).
+   */
+  AVP_TRANSPORT_CUDA = 2,
 } avp_transport_kind;
 
 /**

@@ -327,3 +327,55 @@ fn dropped_device_loans_give_their_slots_back() {
     assert_eq!(rx.recv(T).unwrap().header().section_count(), 4);
     assert_eq!(rx.recv(T).unwrap().header().section_count(), 4);
 }
+
+/// A device message whose host part the sender rewrites after finishing it:
+/// the receiver refuses a header that lost the device flag or disagrees
+/// with the ring about the length, gives the slot back, and goes on.
+#[test]
+fn a_device_header_that_disagrees_with_the_ring_is_refused_and_the_slot_returns() {
+    let n = name("forged");
+    let slot = 64 << 10;
+    let opts = || emulated().shm(ShmOptions::default().slots(2).slot_size(slot));
+    let (mut tx, rx) = pair(
+        &format!("cuda://{n}"),
+        opts(),
+        &format!("cuda://{n}"),
+        opts(),
+    );
+    let pool = tx.pool_range().expect("a shared-memory pool");
+    let page = 4096; // the control block; slots follow it
+    let l = layout(8);
+    let other = layout(16);
+    let forgeries: [Vec<u8>; 2] = [
+        // The same message as a host message (no device flag).
+        l.prefix(&vec![0; l.section_count()]).unwrap(),
+        // A device header of another length than the ring entry's.
+        other.device_prefix().unwrap(),
+    ];
+    for forged in &forgeries {
+        let mut loan = tx.loan_device(&l).unwrap();
+        for i in 0..l.section_count() {
+            loan.section(i).unwrap();
+        }
+        let ready = loan.finish().unwrap();
+        for s in 0..2 {
+            let at = (pool.start + page + s * slot) as *mut u8;
+            // SAFETY: the sender's own writable mapping of its pool: both
+            // slots' first bytes (the test plays a sender that rewrites them).
+            unsafe { std::ptr::copy_nonoverlapping(forged.as_ptr(), at, forged.len()) };
+        }
+        ready.send().unwrap();
+        let e = rx.recv(T).unwrap_err();
+        assert!(matches!(e, TransportError::Segment(_)), "{e}");
+    }
+    // Both slots came back: two honest messages go out without a receive.
+    for _ in 0..2 {
+        let mut loan = tx.loan_device(&l).unwrap();
+        for i in 0..l.section_count() {
+            loan.section(i).unwrap();
+        }
+        loan.finish().unwrap().send().unwrap();
+    }
+    assert!(rx.recv(T).unwrap().on_device());
+    assert!(rx.recv(T).unwrap().on_device());
+}
