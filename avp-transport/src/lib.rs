@@ -51,6 +51,8 @@ mod tcp;
 mod wait;
 
 pub use address::Address;
+#[cfg(target_os = "linux")]
+pub use device::buffer::DeviceBuffer;
 pub use device::loan::{DeviceLoan, DeviceReady};
 pub use device::{Device, DeviceSpan};
 pub use endpoint::{Endpoint, Listener};

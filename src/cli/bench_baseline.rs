@@ -52,6 +52,7 @@ pub(super) fn memcpy(size: usize, reps: usize) -> Row {
         lat_us: Vec::new(),
         e2e_s: e2e,
         produce_s: Vec::new(),
+        extra: Vec::new(),
     }
 }
 
@@ -103,6 +104,7 @@ pub(super) fn raw_tcp(
             .map(|(&s, &end)| end.saturating_sub(s) as f64 / 1e9)
             .collect(),
         produce_s: Vec::new(),
+        extra: Vec::new(),
     })
 }
 

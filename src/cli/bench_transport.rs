@@ -35,6 +35,7 @@ use serde_json::json;
 
 use super::bench::{PageBuf, parse_size};
 use super::bench_baseline::{idle, memcpy, raw_shm, raw_tcp};
+use super::bench_device;
 
 /// Arguments of `avp bench transport`.
 #[derive(clap::Args, Debug)]
@@ -69,6 +70,10 @@ pub struct TransportArgs {
     /// would between handoffs. 0 sends back to back.
     #[arg(long, default_value_t = 0)]
     gap_us: u64,
+    /// The device of the `cuda` transport: cuda:N, or emulated (host memory
+    /// standing in for a GPU, to run the protocol without one).
+    #[arg(long)]
+    device: Option<avp_transport::Device>,
 }
 
 /// Where the two threads of a measurement run: the receiver on one CPU, the
@@ -144,7 +149,7 @@ pub(super) fn layout_for(size: usize) -> anyhow::Result<MessageLayout> {
     )?)
 }
 
-fn pct(mut v: Vec<f64>, p: f64) -> f64 {
+pub(super) fn pct(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
@@ -155,6 +160,8 @@ pub(super) struct Row {
     pub(super) lat_us: Vec<f64>,
     pub(super) e2e_s: Vec<f64>,
     pub(super) produce_s: Vec<f64>,
+    /// Further figures of this row (JSON key, value), printed as they are.
+    pub(super) extra: Vec<(&'static str, f64)>,
 }
 
 impl Row {
@@ -179,6 +186,7 @@ impl Row {
             produce_s: pairs()
                 .map(|(s, _)| s.sent.saturating_sub(s.started) as f64 / 1e9)
                 .collect(),
+            extra: Vec::new(),
         }
     }
 
@@ -187,6 +195,14 @@ impl Row {
         self.lat_us.extend(other.lat_us);
         self.e2e_s.extend(other.e2e_s);
         self.produce_s.extend(other.produce_s);
+        for (k, v) in other.extra {
+            match self.extra.iter_mut().find(|(key, _)| *key == k) {
+                // Counters add up across rounds; rates keep the best round.
+                Some((_, old)) if k.ends_with("_bytes") => *old += v,
+                Some((_, old)) => *old = old.max(v),
+                None => self.extra.push((k, v)),
+            }
+        }
     }
 
     /// Size over the median end-to-end time.
@@ -234,11 +250,17 @@ impl Row {
             if let Some(p) = produce {
                 row["produce_gbps"] = json!(p);
             }
+            for (k, v) in &self.extra {
+                row[*k] = json!(r2(*v));
+            }
             println!("{row}");
         } else {
-            let extra = produce
+            let mut extra = produce
                 .map(|p| format!("  (producing {p:.2} GB/s)"))
                 .unwrap_or_default();
+            for (k, v) in &self.extra {
+                extra.push_str(&format!("  {k} {v:.2}"));
+            }
             println!(
                 "{:>8} {:>10} B  p50 {:>10.2} us  p99 {:>10.2} us  {:>9.2} GB/s{extra}",
                 self.transport, self.size, p50, p99, gbps
@@ -272,9 +294,18 @@ pub fn run(a: TransportArgs) -> anyhow::Result<()> {
                     "raw_shm" => raw_shm(size, per_round, cpus, gap)?,
                     "shm" => avp_transport(size, per_round, true, a.spin, cpus, gap)?,
                     "tcp" => avp_transport(size, per_round, false, a.spin, cpus, gap)?,
+                    "cuda" => {
+                        let device = a.device.ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "the cuda transport needs --device (cuda:N, or emulated to run \
+                                 its protocol in host memory)"
+                            )
+                        })?;
+                        bench_device::cuda(size, per_round, a.spin, cpus, gap, device)?
+                    }
                     other => {
                         anyhow::bail!(
-                            "unknown transport {other:?} (memcpy, raw_tcp, raw_shm, shm, tcp)"
+                            "unknown transport {other:?} (memcpy, raw_tcp, raw_shm, shm, tcp, cuda)"
                         )
                     }
                 };

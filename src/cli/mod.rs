@@ -3,6 +3,7 @@
 mod agent;
 mod bench;
 mod bench_baseline;
+mod bench_device;
 mod bench_model;
 mod bench_report;
 mod bench_transport;

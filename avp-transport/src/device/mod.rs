@@ -13,6 +13,8 @@
 //!   ([`Device::Emulated`]) and every session using it says so in
 //!   `Session::explain`.
 
+#[cfg(target_os = "linux")]
+pub(crate) mod buffer;
 #[cfg(all(feature = "cuda", target_os = "linux"))]
 mod cuda;
 #[cfg(target_os = "linux")]
@@ -41,6 +43,23 @@ pub enum Device {
     /// Host memory standing in for a device: for tests and machines without a
     /// GPU. Both ends must choose it; sessions report it as emulated.
     Emulated,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    /// `emulated`, `cuda` (GPU 0) or `cuda:N`.
+    fn from_str(s: &str) -> std::result::Result<Device, String> {
+        match s {
+            "emulated" => Ok(Device::Emulated),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("device {s:?}: expected emulated, cuda or cuda:N")),
+        }
+    }
 }
 
 impl std::fmt::Display for Device {
