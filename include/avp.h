@@ -88,6 +88,15 @@ typedef enum avp_status {
    * A bug inside avp was caught at the boundary.
    */
   AVP_ERR_PANIC = 14,
+  /**
+   * A device (GPU) could not be opened or a device operation failed.
+   */
+  AVP_ERR_DEVICE = 15,
+  /**
+   * The data is elsewhere than the call needs: device sections read as
+   * host bytes, or a device address asked of a host message.
+   */
+  AVP_ERR_PLACEMENT = 16,
 } avp_status;
 
 /**
@@ -255,6 +264,25 @@ typedef enum avp_envelope_field {
 } avp_envelope_field;
 
 /**
+ * Which device `cuda://` sessions keep message sections on.
+ */
+typedef enum avp_device_kind {
+  /**
+   * No device.
+   */
+  AVP_DEVICE_NONE = 0,
+  /**
+   * An NVIDIA GPU (libavp built with the `cuda` feature).
+   */
+  AVP_DEVICE_CUDA = 1,
+  /**
+   * Host memory standing in for a device (tests, machines without a GPU):
+   * device addresses are then host addresses.
+   */
+  AVP_DEVICE_EMULATED = 2,
+} avp_device_kind;
+
+/**
  * Endpoint settings. Fill with `avp_options_default` first, then change fields.
  */
 typedef struct avp_options {
@@ -298,6 +326,19 @@ typedef struct avp_options {
    * Non-zero: a TCP connection on one host may switch to shared memory.
    */
   uint8_t allow_shm_upgrade;
+  /**
+   * The device of `cuda://` sessions: an `avp_device_kind` value
+   * (AVP_DEVICE_NONE: none).
+   */
+  uint32_t device;
+  /**
+   * GPU ordinal (AVP_DEVICE_CUDA), as this process numbers GPUs.
+   */
+  uint32_t device_ordinal;
+  /**
+   * Bytes per device slot (rounded up to the device's granularity).
+   */
+  uint64_t device_slot_size;
 } avp_options;
 
 /**
@@ -576,6 +617,11 @@ typedef struct avp_message_info {
    * Text length in bytes.
    */
   uint64_t text_len;
+  /**
+   * Non-zero when the sections are in device memory (a `cuda://` session):
+   * read them with `avp_message_device_section` or the copy functions.
+   */
+  uint8_t on_device;
 } avp_message_info;
 
 /**
@@ -598,7 +644,8 @@ extern "C" {
 const char *avp_version(void);
 
 /**
- * The ABI version: incremented on any incompatible change of this header.
+ * The ABI version: incremented on any incompatible change of this header
+ * (2: device fields in `avp_options` and `avp_message_info`).
  */
 uint32_t avp_abi_version(void);
 
@@ -715,8 +762,9 @@ enum avp_status avp_sender_loan_kv_section(struct avp_sender sender,
                                            size_t *len);
 
 /**
- * Checksum the loaned message, write its header, and send it. Every section must
- * have been obtained (and written) first. The loan ends either way.
+ * Finish the loaned message (host loan: checksums; device loan: wait for
+ * its copies), write its header, and send it. Every section must have been
+ * obtained (and written) first. The loan ends either way.
  */
 enum avp_status avp_sender_loan_send(struct avp_sender sender);
 
@@ -724,6 +772,55 @@ enum avp_status avp_sender_loan_send(struct avp_sender sender);
  * Give the loaned memory back without sending.
  */
 enum avp_status avp_sender_loan_discard(struct avp_sender sender);
+
+/**
+ * Loan memory for one message whose sections come from device memory
+ * (`options.device` must name the device): a device slot on a `cuda://`
+ * session, else host memory the sections are copied into (device to host;
+ * a CPU receiver still gets an ordinary message). Then, per section, either
+ * write it with your own kernels at `avp_sender_loan_device_section` or copy
+ * it with `avp_sender_loan_copy_from_device` / `_from_host`, and call
+ * `avp_sender_loan_send`. Synchronise your own stream before sending: the
+ * send waits only for the loan's copies.
+ */
+enum avp_status avp_sender_loan_device(struct avp_sender sender,
+                                       const struct avp_envelope *envelope,
+                                       const struct avp_payload *payload);
+
+/**
+ * Whether the outstanding device loan's sections are in device memory
+ * (`*out` 1: a `cuda://` session) or copied to the host (`*out` 0).
+ */
+enum avp_status avp_sender_loan_on_device(struct avp_sender sender, uint8_t *out);
+
+/**
+ * The device address (`*addr`) and length of section `index` of the
+ * outstanding device loan, for your kernels to write; it counts as written.
+ * AVP_ERR_PLACEMENT when the session keeps messages in host memory (copy
+ * with `avp_sender_loan_copy_from_device` instead).
+ */
+enum avp_status avp_sender_loan_device_section(struct avp_sender sender,
+                                               size_t index,
+                                               uint64_t *addr,
+                                               size_t *len);
+
+/**
+ * Copy section `index` of the outstanding device loan from `src`, device
+ * memory of the section's length on the device of `options.device`. The
+ * copy is finished by `avp_sender_loan_send`; keep `src` unchanged until then.
+ */
+enum avp_status avp_sender_loan_copy_from_device(struct avp_sender sender,
+                                                 size_t index,
+                                                 uint64_t src);
+
+/**
+ * Copy section `index` of the outstanding device loan from `len` bytes of
+ * host memory at `src` (exactly the section's length). Finished on return.
+ */
+enum avp_status avp_sender_loan_copy_from_host(struct avp_sender sender,
+                                               size_t index,
+                                               const uint8_t *src,
+                                               size_t len);
 
 /**
  * Send an already-encoded v2 message (`len` bytes at `bytes`), copying it once
@@ -809,6 +906,38 @@ enum avp_status avp_message_verify_layer(struct avp_message message, uint32_t la
  * and every pointer obtained from it become invalid.
  */
 enum avp_status avp_message_release(struct avp_message message);
+
+/**
+ * Where section `index` of a received device message is: `*addr` a device
+ * address (a CUDA device pointer; a host address with AVP_DEVICE_EMULATED)
+ * of `*len` bytes, readable by the caller's kernels or copies until the
+ * message is released. The sender synchronised its writes before sending.
+ * AVP_ERR_PLACEMENT for a host message.
+ */
+enum avp_status avp_message_device_section(struct avp_message message,
+                                           size_t index,
+                                           uint64_t *addr,
+                                           size_t *len);
+
+/**
+ * Copy section `index` into `dst` (`len` bytes of host memory, exactly the
+ * section's length): device to host for a device message, a plain copy
+ * otherwise. Finished when this returns.
+ */
+enum avp_status avp_message_copy_section_to_host(struct avp_message message,
+                                                 size_t index,
+                                                 uint8_t *dst,
+                                                 size_t len);
+
+/**
+ * Copy section `index` of a received message to `dst`, device memory of the
+ * section's length on the session's device: device to device for a device
+ * message, host to device otherwise. Finished when this returns.
+ * AVP_ERR_PLACEMENT when the session has no device.
+ */
+enum avp_status avp_message_copy_section_to_device(struct avp_message message,
+                                                   size_t index,
+                                                   uint64_t dst);
 
 /**
  * The message of the last failed call on this thread ("" after a success).

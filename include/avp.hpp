@@ -51,6 +51,13 @@ struct MutBytes {
   size_t size = 0;
 };
 
+/// A range of device memory: a CUDA device pointer (a host address on the
+/// emulated device) and its length.
+struct DeviceSpan {
+  uint64_t addr = 0;
+  size_t size = 0;
+};
+
 /// Endpoint options, initialised to the library defaults.
 struct Options {
   avp_options raw;
@@ -108,6 +115,22 @@ class Message {
   }
   void verify() const { check(avp_message_verify(h_)); }
   void verify_layer(uint32_t layer) const { check(avp_message_verify_layer(h_, layer)); }
+  /// Whether the sections are in device memory (a cuda:// session).
+  bool on_device() const { return info().on_device != 0; }
+  /// Section `index` of a device message: valid until the Message is destroyed.
+  DeviceSpan device_section(size_t index) const {
+    DeviceSpan d;
+    check(avp_message_device_section(h_, index, &d.addr, &d.size));
+    return d;
+  }
+  /// Copy section `index` into host memory (exactly its length); finished on return.
+  void copy_section_to_host(size_t index, void* dst, size_t size) const {
+    check(avp_message_copy_section_to_host(h_, index, static_cast<uint8_t*>(dst), size));
+  }
+  /// Copy section `index` to device memory of its length; finished on return.
+  void copy_section_to_device(size_t index, uint64_t dst) const {
+    check(avp_message_copy_section_to_device(h_, index, dst));
+  }
   avp_message handle() const noexcept { return h_; }
 
  private:
@@ -243,6 +266,51 @@ class Loan {
   bool active_;
 };
 
+/// Loaned memory for a message whose sections come from device memory;
+/// discarded on destruction unless sent. Synchronise your own stream before
+/// send(): it waits only for the loan's copies.
+class DeviceLoan {
+ public:
+  explicit DeviceLoan(avp_sender s) noexcept : s_(s), active_(true) {}
+  DeviceLoan(DeviceLoan&& o) noexcept : s_(o.s_), active_(std::exchange(o.active_, false)) {}
+  DeviceLoan& operator=(DeviceLoan&&) = delete;
+  DeviceLoan(const DeviceLoan&) = delete;
+  DeviceLoan& operator=(const DeviceLoan&) = delete;
+  ~DeviceLoan() {
+    if (active_) avp_sender_loan_discard(s_);
+  }
+
+  /// Whether the sections go to device memory (false: copied to the host).
+  bool on_device() const {
+    uint8_t on = 0;
+    check(avp_sender_loan_on_device(s_, &on));
+    return on != 0;
+  }
+  /// Where section `index` is, for your kernels to write (device sessions).
+  DeviceSpan section(size_t index) {
+    DeviceSpan d;
+    check(avp_sender_loan_device_section(s_, index, &d.addr, &d.size));
+    return d;
+  }
+  /// Copy section `index` from device memory; keep `src` unchanged until send().
+  void copy_from_device(size_t index, uint64_t src) {
+    check(avp_sender_loan_copy_from_device(s_, index, src));
+  }
+  /// Copy section `index` from host memory (exactly its length).
+  void copy_from_host(size_t index, const void* src, size_t size) {
+    check(avp_sender_loan_copy_from_host(s_, index, static_cast<const uint8_t*>(src), size));
+  }
+  /// Wait for the copies, write the header and send.
+  void send() {
+    active_ = false;
+    check(avp_sender_loan_send(s_));
+  }
+
+ private:
+  avp_sender s_;
+  bool active_;
+};
+
 /// The sending half of a session.
 class Sender {
  public:
@@ -273,6 +341,12 @@ class Sender {
   Loan loan(const avp_payload& payload, const avp_envelope* envelope = nullptr) {
     check(avp_sender_loan(h_, envelope, &payload));
     return Loan(h_);
+  }
+  /// Loan memory for a message whose sections come from device memory
+  /// (options.device must be set).
+  DeviceLoan loan_device(const avp_payload& payload, const avp_envelope* envelope = nullptr) {
+    check(avp_sender_loan_device(h_, envelope, &payload));
+    return DeviceLoan(h_);
   }
   void send_bytes(const uint8_t* data, size_t size) { check(avp_sender_send_bytes(h_, data, size)); }
   /// Send a one-section payload (hidden states or text) copied from `data`.

@@ -85,7 +85,11 @@ fn command(exe: &Path, valgrind: bool) -> Command {
 
 /// Run a receiver and a sender; both must succeed and the receiver must print OK.
 fn exchange(exe: &Path, addr: &str, tcp: bool, valgrind: bool) {
-    let mode: &[&str] = if tcp { &["tcp"] } else { &[] };
+    exchange_in(exe, addr, if tcp { &["tcp"] } else { &[] }, valgrind)
+}
+
+/// [`exchange`] with the programs' mode arguments.
+fn exchange_in(exe: &Path, addr: &str, mode: &[&str], valgrind: bool) {
     let mut recv: Child = command(exe, valgrind)
         .args(["recv", addr])
         .args(mode)
@@ -145,6 +149,22 @@ fn cpp_program_exchanges_kv_over_shm_and_tcp() {
     );
     exchange(&exe, &unique("cpp"), false, false);
     exchange(&exe, "tcp://127.0.0.1:0", true, false);
+    let device = format!("cuda://ffi-cpp-dev-{}", std::process::id());
+    exchange_in(&exe, &device, &["cuda"], false);
+}
+
+#[test]
+fn c_programs_exchange_device_sections_over_cuda() {
+    let exe = compile(
+        "gcc",
+        "-std=c99",
+        "tests/ffi/device_exchange.c",
+        "device_c",
+        false,
+    );
+    let addr = format!("cuda://ffi-dev-{}", std::process::id());
+    exchange(&exe, &addr, false, false);
+    exchange(&exe, &addr, false, true);
 }
 
 #[test]

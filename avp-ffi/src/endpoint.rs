@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use avp_transport::{Endpoint, Listener, Loan, Receiver, Sender, Session, TransportKind};
+use avp_transport::{
+    DeviceLoan, Endpoint, Listener, Loan, Receiver, Sender, Session, TransportKind,
+};
 use avp_wire::{MessageLayout, Mode, Payload};
 
 use crate::message::{MESSAGES, MessageObj};
@@ -52,11 +54,25 @@ pub(crate) struct ReceiverObj {
 }
 
 struct SenderObj {
-    // Field order is drop order: the loan borrows the layout and the sender.
+    // Field order is drop order: the loans borrow the layout and the sender.
     loan: Option<Loan<'static>>,
+    device_loan: Option<DeviceLoan<'static>>,
     layout: Option<Box<MessageLayout>>,
     tx: Box<Sender>,
     session: Session,
+}
+
+impl SenderObj {
+    /// `Err(BUSY)` while a loan of either kind is outstanding.
+    fn idle(&self) -> Result<(), Error> {
+        if self.loan.is_some() || self.device_loan.is_some() {
+            return Err(Error::new(
+                avp_status::AVP_ERR_BUSY,
+                "a loan is already outstanding on this sender",
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn ms(t: u32) -> Duration {
@@ -304,6 +320,7 @@ pub unsafe extern "C" fn avp_sender_connect(
         let handle = avp_sender {
             id: SENDERS.insert(SenderObj {
                 loan: None,
+                device_loan: None,
                 layout: None,
                 tx: Box::new(tx),
                 session,
@@ -349,12 +366,7 @@ pub unsafe extern "C" fn avp_sender_loan(
         };
         let s = SENDERS.get(sender.id)?;
         let mut obj = lock(&s);
-        if obj.loan.is_some() {
-            return Err(Error::new(
-                avp_status::AVP_ERR_BUSY,
-                "a loan is already outstanding on this sender",
-            ));
-        }
+        obj.idle()?;
         let layout = Box::new(MessageLayout::new(&env, &payload)?);
         let layout_ref: *const MessageLayout = &*layout;
         let tx: *mut Sender = &mut *obj.tx;
@@ -433,21 +445,25 @@ fn last_error() -> String {
         .into_owned()
 }
 
-/// Checksum the loaned message, write its header, and send it. Every section must
-/// have been obtained (and written) first. The loan ends either way.
+/// Finish the loaned message (host loan: checksums; device loan: wait for
+/// its copies), write its header, and send it. Every section must have been
+/// obtained (and written) first. The loan ends either way.
 #[unsafe(no_mangle)]
 pub extern "C" fn avp_sender_loan_send(sender: avp_sender) -> avp_status {
     ffi(|| {
         let s = SENDERS.get(sender.id)?;
         let mut obj = lock(&s);
-        let loan = obj
-            .loan
-            .take()
-            .ok_or_else(|| Error::arg("no loan is outstanding on this sender"))?;
-        let r = loan
-            .finish()
-            .map_err(Error::from)
-            .and_then(|ready| ready.send().map_err(Error::from));
+        let r = if let Some(loan) = obj.loan.take() {
+            loan.finish()
+                .map_err(Error::from)
+                .and_then(|ready| ready.send().map_err(Error::from))
+        } else if let Some(loan) = obj.device_loan.take() {
+            loan.finish()
+                .map_err(Error::from)
+                .and_then(|ready| ready.send().map_err(Error::from))
+        } else {
+            return Err(Error::arg("no loan is outstanding on this sender"));
+        };
         obj.layout = None;
         r
     })
@@ -459,11 +475,137 @@ pub extern "C" fn avp_sender_loan_discard(sender: avp_sender) -> avp_status {
     ffi(|| {
         let s = SENDERS.get(sender.id)?;
         let mut obj = lock(&s);
-        obj.loan
-            .take()
-            .ok_or_else(|| Error::arg("no loan is outstanding on this sender"))?;
+        if obj.loan.take().is_none() && obj.device_loan.take().is_none() {
+            return Err(Error::arg("no loan is outstanding on this sender"));
+        }
         obj.layout = None;
         Ok(())
+    })
+}
+
+/// Loan memory for one message whose sections come from device memory
+/// (`options.device` must name the device): a device slot on a `cuda://`
+/// session, else host memory the sections are copied into (device to host;
+/// a CPU receiver still gets an ordinary message). Then, per section, either
+/// write it with your own kernels at `avp_sender_loan_device_section` or copy
+/// it with `avp_sender_loan_copy_from_device` / `_from_host`, and call
+/// `avp_sender_loan_send`. Synchronise your own stream before sending: the
+/// send waits only for the loan's copies.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn avp_sender_loan_device(
+    sender: avp_sender,
+    envelope: *const avp_envelope,
+    payload: *const avp_payload,
+) -> avp_status {
+    ffi(|| {
+        // SAFETY: pointers are NULL or valid per the header's contract.
+        let (env, payload) = unsafe {
+            (
+                types::envelope(envelope.as_ref())?,
+                types::payload(types::required(payload, "payload")?)?,
+            )
+        };
+        let s = SENDERS.get(sender.id)?;
+        let mut obj = lock(&s);
+        obj.idle()?;
+        let layout = Box::new(MessageLayout::new(&env, &payload)?);
+        let layout_ref: *const MessageLayout = &*layout;
+        let tx: *mut Sender = &mut *obj.tx;
+        // SAFETY: as in avp_sender_loan: the loan borrows the boxed sender and
+        // layout of this object, dropped after it, and nothing else uses the
+        // sender while it exists.
+        let loan = unsafe { (*tx).loan_device(&*layout_ref) }?;
+        obj.layout = Some(layout);
+        obj.device_loan = Some(loan);
+        Ok(())
+    })
+}
+
+fn with_device_loan<R>(
+    sender: avp_sender,
+    f: impl FnOnce(&mut DeviceLoan<'static>) -> Result<R, Error>,
+) -> Result<R, Error> {
+    let s = SENDERS.get(sender.id)?;
+    let mut obj = lock(&s);
+    match obj.device_loan.as_mut() {
+        Some(l) => f(l),
+        None => Err(Error::arg(
+            "no device loan is outstanding on this sender; call avp_sender_loan_device first",
+        )),
+    }
+}
+
+/// Whether the outstanding device loan's sections are in device memory
+/// (`*out` 1: a `cuda://` session) or copied to the host (`*out` 0).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn avp_sender_loan_on_device(sender: avp_sender, out: *mut u8) -> avp_status {
+    ffi(|| {
+        let on = with_device_loan(sender, |l| Ok(l.on_device() as u8))?;
+        // SAFETY: `put` checks NULL; the caller passes writable memory.
+        unsafe { types::put(out, "out", on) }
+    })
+}
+
+/// The device address (`*addr`) and length of section `index` of the
+/// outstanding device loan, for your kernels to write; it counts as written.
+/// AVP_ERR_PLACEMENT when the session keeps messages in host memory (copy
+/// with `avp_sender_loan_copy_from_device` instead).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn avp_sender_loan_device_section(
+    sender: avp_sender,
+    index: usize,
+    addr: *mut u64,
+    len: *mut usize,
+) -> avp_status {
+    ffi(|| {
+        if addr.is_null() || len.is_null() {
+            return Err(Error::null("addr and len"));
+        }
+        let span = with_device_loan(sender, |l| Ok(l.section(index)?))?;
+        // SAFETY: both checked non-NULL above.
+        unsafe {
+            addr.write(span.addr);
+            len.write(span.len as usize);
+        }
+        Ok(())
+    })
+}
+
+/// Copy section `index` of the outstanding device loan from `src`, device
+/// memory of the section's length on the device of `options.device`. The
+/// copy is finished by `avp_sender_loan_send`; keep `src` unchanged until then.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn avp_sender_loan_copy_from_device(
+    sender: avp_sender,
+    index: usize,
+    src: u64,
+) -> avp_status {
+    ffi(|| {
+        if src == 0 {
+            return Err(Error::null("src"));
+        }
+        // SAFETY: the caller passes readable device memory of the section's
+        // length, unchanged until the send.
+        with_device_loan(sender, |l| Ok(unsafe { l.write_from_device(index, src) }?))
+    })
+}
+
+/// Copy section `index` of the outstanding device loan from `len` bytes of
+/// host memory at `src` (exactly the section's length). Finished on return.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn avp_sender_loan_copy_from_host(
+    sender: avp_sender,
+    index: usize,
+    src: *const u8,
+    len: usize,
+) -> avp_status {
+    ffi(|| {
+        if src.is_null() {
+            return Err(Error::null("src"));
+        }
+        // SAFETY: the caller passes `len` readable bytes at `src`.
+        let data = unsafe { std::slice::from_raw_parts(src, len) };
+        with_device_loan(sender, |l| Ok(l.write_from_host(index, data)?))
     })
 }
 
@@ -483,12 +625,7 @@ pub unsafe extern "C" fn avp_sender_send_bytes(
         let data = unsafe { std::slice::from_raw_parts(bytes, len) };
         let s = SENDERS.get(sender.id)?;
         let mut obj = lock(&s);
-        if obj.loan.is_some() {
-            return Err(Error::new(
-                avp_status::AVP_ERR_BUSY,
-                "a loan is outstanding on this sender",
-            ));
-        }
+        obj.idle()?;
         obj.tx.send_bytes(data)?;
         Ok(())
     })
@@ -534,12 +671,7 @@ pub unsafe extern "C" fn avp_sender_send_data(
         let layout = MessageLayout::new(&env, &payload)?;
         let s = SENDERS.get(sender.id)?;
         let mut obj = lock(&s);
-        if obj.loan.is_some() {
-            return Err(Error::new(
-                avp_status::AVP_ERR_BUSY,
-                "a loan is outstanding on this sender",
-            ));
-        }
+        obj.idle()?;
         obj.tx.send_sections(&layout, &[bytes])?;
         Ok(())
     })

@@ -33,10 +33,11 @@ pub extern "C" fn avp_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
-/// The ABI version: incremented on any incompatible change of this header.
+/// The ABI version: incremented on any incompatible change of this header
+/// (2: device fields in `avp_options` and `avp_message_info`).
 #[unsafe(no_mangle)]
 pub extern "C" fn avp_abi_version() -> u32 {
-    1
+    2
 }
 
 /// Fill `out` with the default options (then change what you need).

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use avp_transport::RecvGuard;
-use avp_wire::{Message, Payload};
+use avp_wire::{Header, Message, Payload};
 
 use crate::registry::{Table, lock};
 use crate::status::{Error, avp_status, ffi};
@@ -32,10 +32,31 @@ pub(crate) enum MessageObj {
 }
 
 impl MessageObj {
-    fn message(&self) -> &Message<'_> {
+    /// The message, if its sections are host memory.
+    fn message(&self) -> Result<&Message<'_>, Error> {
         match self {
-            MessageObj::Received { guard, .. } => guard.message(),
-            MessageObj::Parsed(m) => m,
+            MessageObj::Received { guard, .. } if guard.on_device() => Err(Error::new(
+                avp_status::AVP_ERR_PLACEMENT,
+                "the message's sections are in device memory: use avp_message_device_section \
+                 or avp_message_copy_section_to_host",
+            )),
+            MessageObj::Received { guard, .. } => Ok(guard.message()),
+            MessageObj::Parsed(m) => Ok(m),
+        }
+    }
+
+    /// The validated header, wherever the sections are.
+    fn header(&self) -> &Header<'_> {
+        match self {
+            MessageObj::Received { guard, .. } => guard.header(),
+            MessageObj::Parsed(m) => m.header(),
+        }
+    }
+
+    fn guard(&self) -> Option<&RecvGuard> {
+        match self {
+            MessageObj::Received { guard, .. } => Some(guard),
+            MessageObj::Parsed(_) => None,
         }
     }
 }
@@ -51,7 +72,17 @@ impl Drop for MessageObj {
 fn with<R>(m: avp_message, f: impl FnOnce(&Message<'_>) -> Result<R, Error>) -> Result<R, Error> {
     let obj = MESSAGES.get(m.id)?;
     let obj = lock(&obj);
-    f(obj.message())
+    f(obj.message()?)
+}
+
+/// `f` of the message's header and, for a received one, its guard.
+fn with_header<R>(
+    m: avp_message,
+    f: impl FnOnce(&Header<'_>, Option<&RecvGuard>) -> Result<R, Error>,
+) -> Result<R, Error> {
+    let obj = MESSAGES.get(m.id)?;
+    let obj = lock(&obj);
+    f(obj.header(), obj.guard())
 }
 
 /// Parse (validate) the v2 message in the caller's buffer without copying it.
@@ -85,7 +116,7 @@ pub unsafe extern "C" fn avp_message_get_info(
     out: *mut avp_message_info,
 ) -> avp_status {
     ffi(|| {
-        let info = with(message, |m| {
+        let info = with_header(message, |m, guard| {
             let mut info = avp_message_info {
                 kind: avp_kind::AVP_KIND_KV_CACHE,
                 total_len: m.total_len(),
@@ -104,6 +135,7 @@ pub unsafe extern "C" fn avp_message_get_info(
                 hidden_dtype: types::avp_dtype::AVP_DTYPE_F32,
                 text_format: avp_text_format::AVP_TEXT_JSON,
                 text_len: 0,
+                on_device: guard.is_some_and(RecvGuard::on_device) as u8,
             };
             match m.payload() {
                 Payload::KvCache(d) => info.kv = types::kv_desc_out(&d),
@@ -224,7 +256,7 @@ pub unsafe extern "C" fn avp_message_envelope(
     len: *mut usize,
 ) -> avp_status {
     ffi(|| {
-        with(message, |m| {
+        with_header(message, |m, _| {
             let e = m.envelope();
             let s: &str = match field {
                 0 => e.model_id(),
@@ -234,7 +266,7 @@ pub unsafe extern "C" fn avp_message_envelope(
                 4 => e.session_id(),
                 5 => e.source_agent_id(),
                 6 => e.target_agent_id(),
-                7 => m.hidden().map(|h| h.map_id).unwrap_or(""),
+                7 => m.map_id(),
                 f => {
                     return Err(Error::arg(format!(
                         "field {f} is not an avp_envelope_field"
@@ -268,4 +300,97 @@ pub extern "C" fn avp_message_verify_layer(message: avp_message, layer: u32) -> 
 #[unsafe(no_mangle)]
 pub extern "C" fn avp_message_release(message: avp_message) -> avp_status {
     ffi(|| MESSAGES.remove_if(message.id, |_| Ok(())).map(drop))
+}
+
+/// The guard of a received message, or why there is none.
+fn received(guard: Option<&RecvGuard>) -> Result<&RecvGuard, Error> {
+    guard.ok_or_else(|| {
+        Error::new(
+            avp_status::AVP_ERR_PLACEMENT,
+            "a parsed message is in host memory: use avp_message_section",
+        )
+    })
+}
+
+/// Where section `index` of a received device message is: `*addr` a device
+/// address (a CUDA device pointer; a host address with AVP_DEVICE_EMULATED)
+/// of `*len` bytes, readable by the caller's kernels or copies until the
+/// message is released. The sender synchronised its writes before sending.
+/// AVP_ERR_PLACEMENT for a host message.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn avp_message_device_section(
+    message: avp_message,
+    index: usize,
+    addr: *mut u64,
+    len: *mut usize,
+) -> avp_status {
+    ffi(|| {
+        if addr.is_null() || len.is_null() {
+            return Err(Error::null("addr and len"));
+        }
+        let span = with_header(message, |_, g| Ok(received(g)?.device_section(index)?))?;
+        // SAFETY: both checked non-NULL above.
+        unsafe {
+            addr.write(span.addr);
+            len.write(span.len as usize);
+        }
+        Ok(())
+    })
+}
+
+/// Copy section `index` into `dst` (`len` bytes of host memory, exactly the
+/// section's length): device to host for a device message, a plain copy
+/// otherwise. Finished when this returns.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn avp_message_copy_section_to_host(
+    message: avp_message,
+    index: usize,
+    dst: *mut u8,
+    len: usize,
+) -> avp_status {
+    ffi(|| {
+        if dst.is_null() {
+            return Err(Error::null("dst"));
+        }
+        // SAFETY: the caller passes `len` writable bytes at `dst`.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst, len) };
+        let obj = MESSAGES.get(message.id)?;
+        let obj = lock(&obj);
+        match obj.guard() {
+            Some(g) => Ok(g.copy_section_to_host(index, out)?),
+            None => {
+                let s = obj.message()?.section(index)?;
+                if s.bytes.len() != len {
+                    return Err(Error::arg(format!(
+                        "section {index} is {} bytes, the destination {len}",
+                        s.bytes.len()
+                    )));
+                }
+                out.copy_from_slice(s.bytes);
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Copy section `index` of a received message to `dst`, device memory of the
+/// section's length on the session's device: device to device for a device
+/// message, host to device otherwise. Finished when this returns.
+/// AVP_ERR_PLACEMENT when the session has no device.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn avp_message_copy_section_to_device(
+    message: avp_message,
+    index: usize,
+    dst: u64,
+) -> avp_status {
+    ffi(|| {
+        if dst == 0 {
+            return Err(Error::null("dst"));
+        }
+        with_header(message, |_, g| {
+            // SAFETY: the caller passes writable device memory of the
+            // section's length at `dst`.
+            Ok(unsafe { received(g)?.copy_section_to_device(index, dst) }?)
+        })
+    })
 }

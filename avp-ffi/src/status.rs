@@ -42,6 +42,11 @@ pub enum avp_status {
     AVP_ERR_BUFFER_TOO_SMALL = 13,
     /// A bug inside avp was caught at the boundary.
     AVP_ERR_PANIC = 14,
+    /// A device (GPU) could not be opened or a device operation failed.
+    AVP_ERR_DEVICE = 15,
+    /// The data is elsewhere than the call needs: device sections read as
+    /// host bytes, or a device address asked of a host message.
+    AVP_ERR_PLACEMENT = 16,
 }
 
 /// An error on its way to C.
@@ -80,6 +85,9 @@ impl From<TransportError> for Error {
                 AVP_ERR_SESSION
             }
             TransportError::Wire(_) => AVP_ERR_WIRE,
+            TransportError::InvalidOption { .. } => AVP_ERR_INVALID_ARGUMENT,
+            TransportError::Device { .. } => AVP_ERR_DEVICE,
+            TransportError::Placement(_) => AVP_ERR_PLACEMENT,
             _ => AVP_ERR_IO,
         };
         Error::new(status, e.to_string())
@@ -144,7 +152,7 @@ pub extern "C" fn avp_last_error_message() -> *const c_char {
 #[unsafe(no_mangle)]
 pub extern "C" fn avp_status_name(status: i32) -> *const c_char {
     use avp_status::*;
-    const ALL: [avp_status; 15] = [
+    const ALL: [avp_status; 17] = [
         AVP_OK,
         AVP_ERR_NULL,
         AVP_ERR_INVALID_ARGUMENT,
@@ -160,6 +168,8 @@ pub extern "C" fn avp_status_name(status: i32) -> *const c_char {
         AVP_ERR_PROTOCOL,
         AVP_ERR_BUFFER_TOO_SMALL,
         AVP_ERR_PANIC,
+        AVP_ERR_DEVICE,
+        AVP_ERR_PLACEMENT,
     ];
     let Some(&status) = ALL.iter().find(|s| **s as i32 == status) else {
         return c"AVP_STATUS_UNKNOWN".as_ptr();
@@ -180,6 +190,8 @@ pub extern "C" fn avp_status_name(status: i32) -> *const c_char {
         AVP_ERR_PROTOCOL => c"AVP_ERR_PROTOCOL",
         AVP_ERR_BUFFER_TOO_SMALL => c"AVP_ERR_BUFFER_TOO_SMALL",
         AVP_ERR_PANIC => c"AVP_ERR_PANIC",
+        AVP_ERR_DEVICE => c"AVP_ERR_DEVICE",
+        AVP_ERR_PLACEMENT => c"AVP_ERR_PLACEMENT",
     };
     s.as_ptr()
 }

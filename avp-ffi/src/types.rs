@@ -163,6 +163,26 @@ pub struct avp_options {
     pub session_ttl_s: u32,
     /// Non-zero: a TCP connection on one host may switch to shared memory.
     pub allow_shm_upgrade: u8,
+    /// The device of `cuda://` sessions: an `avp_device_kind` value
+    /// (AVP_DEVICE_NONE: none).
+    pub device: u32,
+    /// GPU ordinal (AVP_DEVICE_CUDA), as this process numbers GPUs.
+    pub device_ordinal: u32,
+    /// Bytes per device slot (rounded up to the device's granularity).
+    pub device_slot_size: u64,
+}
+
+/// Which device `cuda://` sessions keep message sections on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum avp_device_kind {
+    /// No device.
+    AVP_DEVICE_NONE = 0,
+    /// An NVIDIA GPU (libavp built with the `cuda` feature).
+    AVP_DEVICE_CUDA = 1,
+    /// Host memory standing in for a device (tests, machines without a GPU):
+    /// device addresses are then host addresses.
+    AVP_DEVICE_EMULATED = 2,
 }
 
 /// Identity and routing fields of a message. NULL strings mean empty.
@@ -261,6 +281,9 @@ pub struct avp_message_info {
     pub text_format: avp_text_format,
     /// Text length in bytes.
     pub text_len: u64,
+    /// Non-zero when the sections are in device memory (a `cuda://` session):
+    /// read them with `avp_message_device_section` or the copy functions.
+    pub on_device: u8,
 }
 
 /// What a handshake negotiated. Strings are NUL-terminated and truncated to fit.
@@ -355,6 +378,10 @@ pub(crate) fn default_options() -> avp_options {
         spin_us: d.shm.spin.as_micros() as u32,
         session_ttl_s: d.session_ttl.as_secs() as u32,
         allow_shm_upgrade: d.tcp.shm_upgrade as u8,
+        device: avp_device_kind::AVP_DEVICE_NONE as u32,
+        device_ordinal: 0,
+        device_slot_size: avp_transport::DeviceOptions::new(avp_transport::Device::Emulated)
+            .slot_size as u64,
     }
 }
 
@@ -362,6 +389,22 @@ pub(crate) fn default_options() -> avp_options {
 /// The struct's string pointers are NULL or NUL-terminated.
 pub(crate) unsafe fn options(o: Option<&avp_options>) -> Result<Options, Error> {
     let o = o.copied().unwrap_or_else(default_options);
+    let o_device = match o.device {
+        0 => avp_device_kind::AVP_DEVICE_NONE,
+        1 => avp_device_kind::AVP_DEVICE_CUDA,
+        2 => avp_device_kind::AVP_DEVICE_EMULATED,
+        other => {
+            return Err(Error::arg(format!(
+                "options.device {other} is not an avp_device_kind"
+            )));
+        }
+    };
+    let (o_ordinal, o_slot) = (o.device_ordinal, o.device_slot_size);
+    if o_device != avp_device_kind::AVP_DEVICE_NONE && o_slot == 0 {
+        return Err(Error::arg(
+            "options.device_slot_size must be > 0 with a device",
+        ));
+    }
     if o.slots == 0 || o.slot_size == 0 {
         return Err(Error::arg(
             "options.slots and options.slot_size must be > 0",
@@ -398,6 +441,14 @@ pub(crate) unsafe fn options(o: Option<&avp_options>) -> Result<Options, Error> 
                     .stall_timeout(Duration::from_millis(o.connect_timeout_ms as u64)),
             );
         o.token = (!token.is_empty()).then_some(token);
+        let device = match o_device {
+            avp_device_kind::AVP_DEVICE_NONE => None,
+            avp_device_kind::AVP_DEVICE_CUDA => Some(avp_transport::Device::Cuda(o_ordinal)),
+            avp_device_kind::AVP_DEVICE_EMULATED => Some(avp_transport::Device::Emulated),
+        };
+        if let Some(d) = device {
+            o = o.device(avp_transport::DeviceOptions::new(d).slot_size(o_slot as usize));
+        }
         o
     })
 }

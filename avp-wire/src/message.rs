@@ -420,6 +420,14 @@ impl<'a> Header<'a> {
         self.raw.sections.len()
     }
 
+    /// The cross-model map id of a hidden-state payload ("" otherwise), in place.
+    pub fn map_id(&self) -> &'a str {
+        match &self.raw.payload {
+            ArchivedRawPayload::HiddenState { map_id, .. } => map_id.as_str(),
+            _ => "",
+        }
+    }
+
     /// Where section `index` lies.
     pub fn section(&self, index: usize) -> Result<SectionInfo> {
         let sections: &'a [ArchivedRawSection] = self.raw.sections.as_slice();

@@ -262,7 +262,7 @@ static int do_badargs(void) {
   size_t n;
   char buf[8];
 
-  if (strlen(avp_version()) == 0 || avp_abi_version() != 1) failures++;
+  if (strlen(avp_version()) == 0 || avp_abi_version() != 2) failures++;
   EXPECT(avp_options_default(NULL), AVP_ERR_NULL);
   struct avp_options o;
   CHECK(avp_options_default(&o));

@@ -1,6 +1,9 @@
 // The C++ RAII layer (avp.hpp) moving a multi-layer KV cache between two processes.
 //
-//   kv_exchange_cpp recv ADDR [tcp]   /   kv_exchange_cpp send ADDR [tcp]
+//   kv_exchange_cpp recv ADDR [tcp|cuda]   /   kv_exchange_cpp send ADDR [tcp|cuda]
+//
+// With "cuda" the sections live in device memory (the emulated device: device
+// addresses are host addresses, so this program plays the kernels).
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -28,6 +31,65 @@ avp_payload kv() {
   p.kv.dtype = AVP_DTYPE_BF16;
   p.kv.layout = AVP_LAYOUT_NHD;
   return p;
+}
+
+avp::Options device_options() {
+  avp::Options o;
+  o.raw.device = AVP_DEVICE_EMULATED;
+  o.raw.device_slot_size = 64 * 1024;
+  return o;
+}
+
+int recv_device(const std::string& addr) {
+  avp::Options o = device_options();
+  auto listener = avp::Listener::bind(addr, nullptr, &o);
+  std::cout << "ADDR " << listener.address() << std::endl;
+  avp::Receiver rx = listener.accept(kTimeout);
+  if (rx.session().transport != AVP_TRANSPORT_CUDA) throw std::runtime_error("not a cuda session");
+  for (uint32_t n = 0; n < kCount; n++) {
+    avp::Message m = rx.recv(kTimeout);
+    if (!m.on_device()) throw std::runtime_error("not on the device");
+    for (size_t s = 0; s < 2 * kLayers; s++) {
+      avp::DeviceSpan d = m.device_section(s);
+      std::string host(d.size, '\0');
+      m.copy_section_to_host(s, host.data(), host.size());
+      const uint8_t* kernel_view = reinterpret_cast<const uint8_t*>(d.addr);
+      for (size_t j = 0; j < d.size; j++) {
+        uint8_t want = pattern(n, static_cast<uint32_t>(s / 2), static_cast<uint32_t>(s % 2), j);
+        if (kernel_view[j] != want || static_cast<uint8_t>(host[j]) != want)
+          throw std::runtime_error("device byte differs");
+      }
+    }
+    try {
+      m.section(0);
+      throw std::runtime_error("device sections read as host bytes");
+    } catch (const avp::Error& e) {
+      if (e.status() != AVP_ERR_PLACEMENT) throw;
+    }
+  }
+  std::cout << "OK" << std::endl;
+  return 0;
+}
+
+int send_device(const std::string& addr) {
+  avp::Options o = device_options();
+  avp::Sender tx = avp::Sender::connect(addr, nullptr, &o);
+  for (uint32_t n = 0; n < kCount; n++) {
+    avp::DeviceLoan loan = tx.loan_device(kv());
+    if (!loan.on_device()) throw std::runtime_error("loan not on the device");
+    for (size_t s = 0; s < 2 * kLayers; s++) {
+      auto layer = static_cast<uint32_t>(s / 2), part = static_cast<uint32_t>(s % 2);
+      avp::DeviceSpan d = loan.section(s);  // "kernel" writes in place
+      auto* out = reinterpret_cast<uint8_t*>(d.addr);
+      for (size_t j = 0; j < d.size; j++) out[j] = pattern(n, layer, part, j);
+    }
+    loan.send();
+  }
+  {
+    avp::DeviceLoan unused = tx.loan_device(kv());  // dropped: discarded
+  }
+  std::cout << "SENT" << std::endl;
+  return 0;
 }
 
 int recv(const std::string& addr, bool tcp) {
@@ -94,7 +156,9 @@ int send(const std::string& addr, bool tcp) {
 int main(int argc, char** argv) {
   if (argc < 3) return 64;
   bool tcp = argc >= 4 && std::strcmp(argv[3], "tcp") == 0;
+  bool cuda = argc >= 4 && std::strcmp(argv[3], "cuda") == 0;
   try {
+    if (cuda) return std::strcmp(argv[1], "recv") == 0 ? recv_device(argv[2]) : send_device(argv[2]);
     return std::strcmp(argv[1], "recv") == 0 ? recv(argv[2], tcp) : send(argv[2], tcp);
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << std::endl;
