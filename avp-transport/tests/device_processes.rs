@@ -1,10 +1,14 @@
-//! The `cuda` transport between real processes, on the emulated device (host
-//! memory standing in for a GPU; the same protocol runs on one with
-//! `Device::Cuda`): the device pool's descriptor crosses on SCM_RIGHTS and
-//! is mapped once, messages in device slots and dedicated allocations arrive
-//! intact, a receiver keeps reading what it holds after the exporter is
-//! gone, and peers killed mid-copy yield errors and leak no descriptor or
-//! mapping.
+//! The `cuda` transport between real processes: the device pool's descriptor
+//! crosses on SCM_RIGHTS and is mapped once, messages in device slots and
+//! dedicated allocations arrive intact, a receiver keeps reading what it
+//! holds after the exporter is gone, and peers killed mid-copy yield errors.
+//!
+//! The device is `AVP_TEST_DEVICE` (`emulated`, the default: host memory
+//! standing in for a GPU; or `cuda:N` on a machine with an NVIDIA GPU, built
+//! with `--features cuda`). With `AVP_REQUIRE_GPU=1` a run that is not on a
+//! GPU fails instead of passing on the emulation. On the emulated device the
+//! tests also check that no descriptor or mapping leaks (a GPU driver keeps
+//! descriptors of its own).
 //!
 //! Child processes are this test binary re-executed with `AVP_DEVICE_ROLE`
 //! set (see `child_role`).
@@ -15,7 +19,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use avp_transport::{
-    Device, DeviceOptions, Endpoint, Options, ShmOptions, TransportError, TransportKind,
+    Device, DeviceBuffer, DeviceOptions, Endpoint, Options, ShmOptions, TransportError,
+    TransportKind,
 };
 use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
 
@@ -28,10 +33,31 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The device under test (see the module docs).
+fn device() -> Device {
+    let d = std::env::var("AVP_TEST_DEVICE")
+        .ok()
+        .map(|s| s.parse::<Device>().unwrap())
+        .unwrap_or(Device::Emulated);
+    if std::env::var("AVP_REQUIRE_GPU").as_deref() == Ok("1") {
+        assert!(
+            matches!(d, Device::Cuda(_)),
+            "AVP_REQUIRE_GPU=1 but AVP_TEST_DEVICE is {d}"
+        );
+    }
+    d
+}
+
 fn options() -> Options {
     Options::default()
         .shm(ShmOptions::default().slots(2).loan_timeout(T))
-        .device(DeviceOptions::new(Device::Emulated).slot_size(256 << 10))
+        .device(DeviceOptions::new(device()).slot_size(256 << 10))
+}
+
+/// Descriptors and mappings, compared before and after on the emulated
+/// device only (a GPU driver opens descriptors of its own as it goes).
+fn leak_check() -> Option<(usize, usize)> {
+    (device() == Device::Emulated).then(resources)
 }
 
 /// 4 layers × K/V of `seq` positions: 8 KiB per section per 16 positions.
@@ -91,19 +117,25 @@ fn resources() -> (usize, usize) {
     )
 }
 
-/// Send every round of [`ROUNDS`] with device-to-device copies.
+/// Send every round of [`ROUNDS`] with device-to-device copies from the
+/// producer's device buffers.
 fn send_rounds(tx: &mut avp_transport::Sender) {
     for (round, seq) in ROUNDS {
         let l = layout(seq);
-        let srcs: Vec<Vec<u8>> = (0..l.section_count())
-            .map(|i| pattern(&l, i, round))
+        let srcs: Vec<DeviceBuffer> = (0..l.section_count())
+            .map(|i| {
+                let bytes = pattern(&l, i, round);
+                let mut b = DeviceBuffer::new(device(), bytes.len()).unwrap();
+                b.write(&bytes).unwrap();
+                b
+            })
             .collect();
         let mut loan = tx.loan_device(&l).unwrap();
         assert!(loan.on_device());
         for (i, s) in srcs.iter().enumerate() {
-            // SAFETY: `s` is readable emulated device memory of the section's
-            // length, alive until `finish`.
-            unsafe { loan.write_from_device(i, s.as_ptr() as u64) }.unwrap();
+            // SAFETY: `s` is device memory of the section's length on the
+            // session's device, unchanged until `finish`.
+            unsafe { loan.write_from_device(i, s.span().addr) }.unwrap();
         }
         loan.finish().unwrap().send().unwrap();
     }
@@ -140,9 +172,10 @@ fn child_role() {
             let mut tx = Endpoint::connect(&arg, &id, options()).unwrap();
             let l = layout(4096); // a dedicated allocation, half written
             let mut loan = tx.loan_device(&l).unwrap();
-            let src = pattern(&l, 0, 9);
+            let mut src = DeviceBuffer::new(device(), l.section(0).len as usize).unwrap();
+            src.write(&pattern(&l, 0, 9)).unwrap();
             // SAFETY: as in `send_rounds`.
-            unsafe { loan.write_from_device(0, src.as_ptr() as u64) }.unwrap();
+            unsafe { loan.write_from_device(0, src.span().addr) }.unwrap();
             println!("stalled");
             std::thread::sleep(Duration::from_secs(600));
         }
@@ -172,14 +205,19 @@ fn device_messages_cross_processes_and_outlive_their_exporter() {
         )
         .unwrap(),
     );
-    let before = resources();
+    let before = leak_check();
     {
         let name = format!("cuda://dev-proc-{}", std::process::id());
         let listener = Endpoint::bind(&name, &id, options()).unwrap();
         let mut child = spawn_role("sender", &name);
         let rx = listener.accept(T).unwrap();
         assert_eq!(rx.session().transport, TransportKind::Cuda);
-        assert!(rx.session().explain().contains("emulate"));
+        let why = rx.session().explain();
+        match device() {
+            Device::Emulated => assert!(why.contains("emulate"), "{why}"),
+            _ => assert!(why.contains("GPU"), "{why}"),
+        }
+        println!("{why}");
         // Two slots: the sender can only finish once we give slots back.
         let first = rx.recv(T).unwrap();
         let second = rx.recv(T).unwrap();
@@ -201,7 +239,7 @@ fn device_messages_cross_processes_and_outlive_their_exporter() {
         check_round(&fourth, ROUNDS[3].0, ROUNDS[3].1);
         assert_eq!(rx.stats().device_messages, 4);
     }
-    assert_eq!(resources(), before, "(fds, avp mappings) before vs after");
+    assert_eq!(leak_check(), before, "(fds, avp mappings) before vs after");
 }
 
 #[test]
@@ -237,7 +275,7 @@ fn peers_killed_mid_copy_yield_errors_and_leak_nothing() {
         )
         .unwrap(),
     );
-    let before = resources();
+    let before = leak_check();
     // 1. The sender dies with a half-copied dedicated device allocation.
     {
         let name = format!("cuda://dev-stall-{}", std::process::id());
@@ -292,5 +330,5 @@ fn peers_killed_mid_copy_yield_errors_and_leak_nothing() {
         );
         killer.join().unwrap();
     }
-    assert_eq!(resources(), before, "(fds, avp mappings) before vs after");
+    assert_eq!(leak_check(), before, "(fds, avp mappings) before vs after");
 }
