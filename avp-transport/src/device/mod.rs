@@ -116,6 +116,7 @@ pub(crate) enum Dir {
 }
 
 /// Device memory that this process allocated or imported; released on drop.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))] // the backends are Linux-only
 pub(crate) trait Region: Send + Sync {
     /// Start address on the device.
     fn addr(&self) -> u64;
@@ -126,6 +127,7 @@ pub(crate) trait Region: Send + Sync {
 }
 
 /// What a transport needs from a device.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))] // the backends are Linux-only
 pub(crate) trait DeviceMem: Send + Sync {
     /// What to tell the peer.
     fn info(&self) -> DeviceInfo;
@@ -179,6 +181,7 @@ pub(crate) fn open(device: Device) -> Result<Arc<dyn DeviceMem>> {
 }
 
 /// `n` rounded up to a multiple of `g` (a power of two or any positive size).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub(crate) fn round_up(n: usize, g: usize) -> Option<usize> {
     n.max(1).checked_next_multiple_of(g.max(1))
 }
