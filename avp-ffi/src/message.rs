@@ -316,7 +316,9 @@ fn received(guard: Option<&RecvGuard>) -> Result<&RecvGuard, Error> {
 /// address (a CUDA device pointer; a host address with AVP_DEVICE_EMULATED)
 /// of `*len` bytes, readable by the caller's kernels or copies until the
 /// message is released. The sender synchronised its writes before sending.
-/// AVP_ERR_PLACEMENT for a host message.
+/// Releasing hands the slot back to the sender at once: synchronise the work
+/// that reads it before `avp_message_release`. AVP_ERR_PLACEMENT for a host
+/// message.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn avp_message_device_section(
     message: avp_message,
@@ -361,10 +363,14 @@ pub unsafe extern "C" fn avp_message_copy_section_to_host(
             None => {
                 let s = obj.message()?.section(index)?;
                 if s.bytes.len() != len {
-                    return Err(Error::arg(format!(
-                        "section {index} is {} bytes, the destination {len}",
-                        s.bytes.len()
-                    )));
+                    return Err(avp_wire::WireError::BadSection {
+                        index,
+                        reason: format!(
+                            "section is {} bytes, the destination {len}",
+                            s.bytes.len()
+                        ),
+                    }
+                    .into());
                 }
                 out.copy_from_slice(s.bytes);
                 Ok(())

@@ -28,7 +28,7 @@ use avp_wire::{Mode, ModelIdentity, Resolver};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::device::DeviceInfo;
+use crate::device::DeviceMem;
 use crate::error::{AuthFailure, Result, TransportError};
 use crate::frame::{Accept, Frame, FrameIo, Hello, PROTOCOL};
 use crate::options::Options;
@@ -347,7 +347,7 @@ pub(crate) fn server(
     identity: &ModelIdentity,
     opts: &Options,
     shm_socket: Option<String>,
-    device: Option<DeviceInfo>,
+    device: Option<&dyn DeviceMem>,
     transport: TransportKind,
     timeout: Duration,
 ) -> Result<Option<Session>> {
@@ -360,7 +360,7 @@ pub(crate) fn server(
     let mut ours = hello(identity, opts, shm_socket, None);
     if let Some(d) = device {
         ours.transports.push("cuda".into());
-        ours.device = Some(d);
+        ours.device = Some(d.info());
     }
     // Only the vocabularies' overlap can still find a latent path: ask for the peer's.
     ours.want_vocabulary = opts.vocabulary.is_some()
@@ -402,18 +402,32 @@ pub(crate) fn server(
             peer: "the connecting peer",
         }));
     }
-    let transport = match chosen.as_deref() {
-        None => transport,
-        Some("cuda") if ours.device.is_some() && theirs.device.is_some() => TransportKind::Cuda,
-        Some(other) => {
-            let reason = format!("the peer chose transport {other:?}, which was not offered");
-            let _ = io.send_frame(
-                &Frame::Refuse {
-                    reason: reason.clone(),
-                },
-                &[],
-            );
-            return Err(TransportError::Protocol(reason));
+    let refuse = |io: &mut dyn FrameIo, reason: String| {
+        let _ = io.send_frame(
+            &Frame::Refuse {
+                reason: reason.clone(),
+            },
+            &[],
+        );
+        TransportError::Protocol(reason)
+    };
+    let transport = match (chosen.as_deref(), device, &theirs.device) {
+        (None, _, _) => transport,
+        (Some("cuda"), Some(d), Some(peer)) => match d.reach(peer) {
+            Ok(_) => TransportKind::Cuda,
+            // The sender judged from its side; this end cannot map its memory.
+            Err(why) => {
+                return Err(refuse(
+                    io,
+                    format!("this listener cannot map the sender's device memory: {why}"),
+                ));
+            }
+        },
+        (Some(other), _, _) => {
+            return Err(refuse(
+                io,
+                format!("the peer chose transport {other:?}, which was not offered"),
+            ));
         }
     };
     let peer_vocabulary = match ours.want_vocabulary {
@@ -452,9 +466,12 @@ pub(crate) fn server(
         .as_deref()
         .map(|t| mac_hex(t, "server", &transcript));
     io.send_frame(&Frame::Accept(accept.clone()), &[])?;
-    let reason = why
+    let mut reason = why
         .or_else(|| theirs.transport_reason.clone())
         .unwrap_or_else(|| format!("peer connected over {}", transport.name()));
+    if ours.device.is_some() && theirs.device.is_none() {
+        reason.push_str("; device not used: the connecting peer offered none (it connected with shm://, or without Options::device)");
+    }
     let mut s = session_from(accept, &theirs, transport, reason);
     s.peer_vocabulary = peer_vocabulary;
     tracing::info!("{}", s.explain());

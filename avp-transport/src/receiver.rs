@@ -244,6 +244,14 @@ impl Receiver {
         } else {
             Message::parse(bytes)?
         };
+        if msg.header().device_sections() {
+            // Only a device delivery carries device sections; in host memory
+            // the flag would only mean sections without checksums.
+            return Err(TransportError::Wire(avp_wire::WireError::InvalidField {
+                field: "flags",
+                reason: "FLAG_DEVICE_SECTIONS on a message delivered in host memory".into(),
+            }));
+        }
         self.check_envelope(&msg.envelope())?;
         guard.msg = Some(msg);
         Ok(guard)
@@ -338,6 +346,10 @@ impl RecvGuard {
     /// Where section `index` is in device memory, for the receiver's kernels
     /// or copies to read until the guard drops. The bytes are the sender's
     /// and carry no checksum (see `avp_wire::FLAG_DEVICE_SECTIONS`).
+    ///
+    /// Dropping the guard hands the slot back to the sender, who may write it
+    /// at once: synchronise the work that reads it (your stream) before the
+    /// guard drops, or copy what you keep.
     ///
     /// # Errors
     /// `Wire` for no such section; `Placement` for a host message.

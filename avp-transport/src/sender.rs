@@ -64,6 +64,7 @@ impl Sender {
                 dev,
                 writer: None,
                 written: vec![false; layout.section_count()],
+                failed: None,
             });
         }
         let mem = self
@@ -87,6 +88,7 @@ impl Sender {
             dev,
             writer: Some(writer),
             written: Vec::new(),
+            failed: None,
         })
     }
 

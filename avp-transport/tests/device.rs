@@ -267,10 +267,28 @@ fn a_cuda_device_needs_the_feature_or_says_so() {
         assert!(e.to_string().contains("`cuda` feature"), "{e}");
     }
     #[cfg(feature = "cuda")]
-    if let Err(e) = r {
-        // No GPU or driver here: a typed error that says what the driver said.
-        assert!(matches!(e, TransportError::Device { .. }), "{e}");
-        println!("skipped: no usable GPU ({e})");
+    match r {
+        Ok(_) => {
+            // A GPU: a round trip through its memory, device to device included.
+            let data: Vec<u8> = (0..=255).collect();
+            let mut a = avp_transport::DeviceBuffer::new(Device::Cuda(0), 256).unwrap();
+            a.write(&data).unwrap();
+            let mut b = avp_transport::DeviceBuffer::new(Device::Cuda(0), 256).unwrap();
+            b.copy_from(&a).unwrap();
+            let mut back = vec![0u8; 256];
+            b.read(&mut back).unwrap();
+            assert_eq!(back, data);
+            println!("cuda:0 opened: {}", a.device_name());
+        }
+        Err(e) => {
+            assert!(
+                std::env::var("AVP_REQUIRE_GPU").as_deref() != Ok("1"),
+                "AVP_REQUIRE_GPU=1 but cuda:0 cannot be used: {e}"
+            );
+            // No GPU or driver here: a typed error that says what the driver said.
+            assert!(matches!(e, TransportError::Device { .. }), "{e}");
+            println!("skipped: no usable GPU ({e})");
+        }
     }
 }
 
@@ -378,4 +396,67 @@ fn a_device_header_that_disagrees_with_the_ring_is_refused_and_the_slot_returns(
     }
     assert!(rx.recv(T).unwrap().on_device());
     assert!(rx.recv(T).unwrap().on_device());
+}
+
+/// A ring entry the sender rewrites after staging it (a length beyond the
+/// device slot) is refused, and its slot still comes back.
+#[test]
+fn a_forged_device_ring_entry_is_refused_and_the_slot_returns() {
+    let n = name("entry");
+    let (mut tx, rx) = pair(
+        &format!("cuda://{n}"),
+        emulated(),
+        &format!("cuda://{n}"),
+        emulated(),
+    );
+    let pool = tx.pool_range().expect("a shared-memory pool");
+    let l = layout(8);
+    let mut loan = tx.loan_device(&l).unwrap();
+    for i in 0..l.section_count() {
+        loan.section(i).unwrap();
+    }
+    let ready = loan.finish().unwrap(); // the entry of message 0 is staged now
+    // Ring entry 0 at control offset 512: {slot u32, flags u32, len u64}.
+    let len_at = (pool.start + 512 + 8) as *mut u64;
+    // SAFETY: the sender's own mapping of its control block (the test plays
+    // a sender that rewrites its ring); aligned, inside the first page.
+    unsafe { len_at.write_volatile((64 << 10) + 4096) };
+    ready.send().unwrap();
+    let e = rx.recv(T).unwrap_err();
+    assert!(matches!(e, TransportError::Segment(_)), "{e}");
+    assert!(e.to_string().contains("exceeds a device slot"), "{e}");
+    for _ in 0..2 {
+        let mut loan = tx.loan_device(&l).unwrap();
+        for i in 0..l.section_count() {
+            loan.section(i).unwrap();
+        }
+        loan.finish().unwrap().send().unwrap();
+    }
+    assert!(rx.recv(T).unwrap().on_device());
+    assert!(rx.recv(T).unwrap().on_device());
+}
+
+/// The device flag is refused on a message that arrives in host memory:
+/// there it would only mean sections without checksums.
+#[test]
+fn the_device_flag_is_refused_on_host_messages() {
+    let n = name("hostflag");
+    let (mut tx, rx) = pair(
+        &format!("shm://{n}"),
+        Options::default(),
+        &format!("shm://{n}"),
+        Options::default(),
+    );
+    let l = layout(4);
+    let mut bytes = vec![0u8; l.total_len()];
+    let prefix = l.device_prefix().unwrap();
+    bytes[..prefix.len()].copy_from_slice(&prefix);
+    tx.send_bytes(&bytes).unwrap();
+    let e = rx.recv(T).unwrap_err();
+    assert!(e.to_string().contains("FLAG_DEVICE_SECTIONS"), "{e}");
+    // The session goes on.
+    let srcs = device_sources(&l, 2);
+    let refs: Vec<&[u8]> = srcs.iter().map(|v| &v[..]).collect();
+    tx.send_sections(&l, &refs).unwrap();
+    rx.recv(T).unwrap().message().verify().unwrap();
 }

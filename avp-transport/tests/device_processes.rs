@@ -276,7 +276,9 @@ fn peers_killed_mid_copy_yield_errors_and_leak_nothing() {
         .unwrap(),
     );
     let before = leak_check();
-    // 1. The sender dies with a half-copied dedicated device allocation.
+    // 1. The sender dies mid-copy (a dedicated device allocation half
+    //    written, the message announced as being produced): the waiting
+    //    receiver gets `PeerGone`, not a hang.
     {
         let name = format!("cuda://dev-stall-{}", std::process::id());
         let listener = Endpoint::bind(&name, &id, options()).unwrap();

@@ -1,9 +1,10 @@
 /*
  * Two processes exchange KV caches whose sections live in device memory,
  * through the C ABI only, on the emulated device (host memory standing in
- * for a GPU: device addresses are host addresses, so this program can play
- * the kernels that write and read them). With AVP_DEVICE_CUDA the same calls
- * move GPU memory.
+ * for a GPU: device addresses are host addresses, so this program plays the
+ * kernels that write and read them by dereferencing them, which only the
+ * emulation allows). A GPU engine makes the same calls with AVP_DEVICE_CUDA
+ * and touches the addresses with its own kernels and copies.
  *
  *   device_exchange recv ADDR   listen at cuda://..., receive COUNT messages,
  *                               check every byte through device addresses and
@@ -151,6 +152,13 @@ static int do_send(const char *addr) {
     fprintf(stderr, "expected a cuda session: %s\n", si.transport_reason);
     return 1;
   }
+  /* Discarded device loans give their slots back: with two slots, a third
+     discard would wait out the loan timeout if any had leaked. */
+  for (int k = 0; k < 3; k++) {
+    struct avp_payload p = kv_payload(16);
+    CHECK(avp_sender_loan_device(tx, NULL, &p));
+    CHECK(avp_sender_loan_discard(tx));
+  }
   for (unsigned n = 0; n < COUNT; n++) {
     struct avp_payload p = kv_payload(seq_of(n));
     CHECK(avp_sender_loan_device(tx, NULL, &p));
@@ -189,10 +197,6 @@ static int do_send(const char *addr) {
     CHECK(avp_sender_loan_send(tx));
     for (unsigned s = 0; s < 2 * LAYERS; s++) free(srcs[s]);
   }
-  /* A discarded device loan gives its slot back. */
-  struct avp_payload p = kv_payload(16);
-  CHECK(avp_sender_loan_device(tx, NULL, &p));
-  CHECK(avp_sender_loan_discard(tx));
   EXPECT(avp_sender_loan_discard(tx), AVP_ERR_INVALID_ARGUMENT);
   CHECK(avp_sender_free(tx));
   return 0;

@@ -37,6 +37,30 @@ fn driver(op: &'static str, e: DriverError) -> TransportError {
     TransportError::device(op, format!("{e:?}"))
 }
 
+/// The context of one operation made current on this thread, and the
+/// caller's restored when dropped: avp never leaves its context current on an
+/// application's thread.
+struct Current;
+
+impl Current {
+    fn push(ctx: &CudaContext) -> Result<Current> {
+        check(
+            // SAFETY: `ctx` is a live (retained) primary context.
+            unsafe { sys::cuCtxPushCurrent_v2(ctx.cu_ctx()) },
+            "cuCtxPushCurrent",
+        )?;
+        Ok(Current)
+    }
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        let mut popped: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: pops the context `push` put on this thread's stack.
+        let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
+    }
+}
+
 /// One GPU of this process: its primary context, a stream for our copies.
 pub(crate) struct CudaVmm {
     ctx: Arc<CudaContext>,
@@ -109,8 +133,7 @@ impl CudaVmm {
             ));
         }
         let ctx = CudaContext::new(ordinal as usize).map_err(|e| driver("open the GPU", e))?;
-        ctx.bind_to_thread()
-            .map_err(|e| driver("bind context", e))?;
+        let _current = Current::push(&ctx)?;
         let dev = ctx.cu_device();
         let vmm = attribute(
             dev,
@@ -155,10 +178,8 @@ impl CudaVmm {
         })
     }
 
-    fn bind(&self) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| driver("bind context", e))
+    fn current(&self) -> Result<Current> {
+        Current::push(&self.ctx)
     }
 
     /// Reserve and map `len` bytes of `handle`, accessible to this device
@@ -229,9 +250,7 @@ impl Region for VmmRegion {
         let h = self.handle.ok_or_else(|| {
             TransportError::device("export", "an imported region is not exported")
         })?;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| driver("bind context", e))?;
+        let _current = Current::push(&self.ctx)?;
         let mut fd: i32 = -1;
         check(
             // SAFETY: for POSIX fd handles the out-parameter is an int.
@@ -252,7 +271,7 @@ impl Region for VmmRegion {
 
 impl Drop for VmmRegion {
     fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
+        let _current = Current::push(&self.ctx);
         // SAFETY: `va..va+len` was reserved and mapped by this region and no
         // loan or guard uses it any more (they hold the region).
         unsafe {
@@ -339,7 +358,7 @@ impl DeviceMem for CudaVmm {
     }
 
     fn alloc(&self, len: usize) -> Result<Box<dyn Region>> {
-        self.bind()?;
+        let _current = self.current()?;
         let len = round_up(len, self.granularity)
             .ok_or_else(|| TransportError::device("alloc", format!("{len} bytes overflow")))?;
         let prop = properties(self.dev);
@@ -371,7 +390,7 @@ impl DeviceMem for CudaVmm {
                 self.granularity
             )));
         }
-        self.bind()?;
+        let _current = self.current()?;
         let mut h: sys::CUmemGenericAllocationHandle = 0;
         check(
             // SAFETY: for POSIX fd handles the driver takes the descriptor's value
@@ -399,7 +418,7 @@ impl DeviceMem for CudaVmm {
     }
 
     unsafe fn copy(&self, dst: u64, src: u64, len: usize, dir: Dir) -> Result<()> {
-        self.bind()?;
+        let _current = self.current()?;
         let s = self.stream.cu_stream();
         // SAFETY: the caller guarantees the ranges for `dir` and that they
         // stay valid until `sync`.
@@ -414,7 +433,7 @@ impl DeviceMem for CudaVmm {
     }
 
     fn sync(&self) -> Result<()> {
-        self.bind()?;
+        let _current = self.current()?;
         check(
             // SAFETY: the stream is ours and alive.
             unsafe { sys::cuStreamSynchronize(self.stream.cu_stream()) },

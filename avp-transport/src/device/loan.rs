@@ -33,6 +33,9 @@ pub struct DeviceLoan<'a> {
     pub(crate) writer: Option<MessageWriter<'a>>,
     /// Device sessions: which sections were written.
     pub(crate) written: Vec<bool>,
+    /// Why a copy into the loan failed: the message may hold stale bytes and
+    /// is never finished.
+    pub(crate) failed: Option<String>,
 }
 
 impl<'a> DeviceLoan<'a> {
@@ -76,6 +79,13 @@ impl<'a> DeviceLoan<'a> {
     /// `Placement` when the session keeps messages in host memory (use
     /// [`write_from_device`](Self::write_from_device), which copies).
     pub fn section(&mut self, index: usize) -> Result<DeviceSpan> {
+        let span = self.device_span(index)?;
+        self.written[index] = true;
+        Ok(span)
+    }
+
+    /// Where section `index` lives in device memory (not marked written).
+    fn device_span(&self, index: usize) -> Result<DeviceSpan> {
         let (offset, len) = self.span(index)?;
         let base = self.device_base().ok_or_else(|| {
             TransportError::Placement(
@@ -85,10 +95,17 @@ impl<'a> DeviceLoan<'a> {
                     .into(),
             )
         })?;
-        self.written[index] = true;
         Ok(base
             .sub(offset, len)
             .expect("sections lie inside the message"))
+    }
+
+    /// Remember a failed copy: the loan can then only be dropped.
+    fn note<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.failed.get_or_insert_with(|| e.to_string());
+        }
+        r
     }
 
     /// Copy `src` (host memory) into section `index`.
@@ -101,16 +118,17 @@ impl<'a> DeviceLoan<'a> {
         if let Some(w) = &mut self.writer {
             return Ok(w.write_section(index, src)?);
         }
-        let dst = self.section(index)?;
+        let dst = self.device_span(index)?;
         // SAFETY: `dst` is the section's range of our device slot, `src` is
         // `len` readable host bytes borrowed until the copy is synchronised
-        // below.
-        unsafe {
+        // right after (the borrow of `src` ends with this call).
+        let copied = unsafe {
             self.dev
                 .copy(dst.addr, src.as_ptr() as u64, src.len(), Dir::HostToDevice)
-        }?;
-        // The borrow of `src` ends with this call: finish the copy now.
-        self.dev.sync()?;
+        }
+        .and_then(|()| self.dev.sync());
+        self.note(copied)?;
+        self.written[index] = true;
         self.counters().copied(Dir::HostToDevice, len);
         Ok(())
     }
@@ -128,12 +146,16 @@ impl<'a> DeviceLoan<'a> {
         let (_, len) = self.span(index)?;
         let (dst, dir) = match &mut self.writer {
             Some(w) => (w.section_mut(index)?.as_mut_ptr() as u64, Dir::DeviceToHost),
-            None => (self.section(index)?.addr, Dir::DeviceToDevice),
+            None => (self.device_span(index)?.addr, Dir::DeviceToDevice),
         };
         // SAFETY: `dst` is the section's range in our loan (host bytes of
         // the writer, or our device slot), exclusively ours until the loan
         // ends; `src` is the caller's promise.
-        unsafe { self.dev.copy(dst, src, len as usize, dir) }?;
+        let copied = unsafe { self.dev.copy(dst, src, len as usize, dir) };
+        self.note(copied)?;
+        if self.writer.is_none() {
+            self.written[index] = true;
+        }
         self.counters().copied(dir, len);
         Ok(())
     }
@@ -142,10 +164,18 @@ impl<'a> DeviceLoan<'a> {
     /// validate: the message can now be sent.
     ///
     /// # Errors
-    /// `Wire` when a section was not written; `Device` when a copy failed.
-    /// The memory goes back unsent either way.
+    /// `Wire` when a section was not written; `Device` when a copy failed
+    /// (now or earlier: a loan with a failed copy is never sent). The memory
+    /// goes back unsent either way.
     pub fn finish(mut self) -> Result<DeviceReady<'a>> {
-        self.dev.sync()?;
+        let synced = self.dev.sync();
+        self.note(synced)?;
+        if let Some(why) = &self.failed {
+            return Err(TransportError::device(
+                "finish",
+                format!("a copy into this loan failed earlier ({why}); it is not sent"),
+            ));
+        }
         let len = self.layout.total_len();
         let mem = self.mem.as_ref().expect("memory present until finish");
         match self.writer.take() {

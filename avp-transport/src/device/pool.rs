@@ -23,7 +23,13 @@ pub(crate) struct DevicePool {
 }
 
 /// Keeps a dedicated device allocation alive with a loan or a delivery.
-pub(crate) struct DeviceKeep(#[allow(dead_code)] pub(crate) Box<dyn Region>);
+pub(crate) struct DeviceKeep {
+    /// The allocation (the sender's, or the receiver's mapping of it).
+    pub(crate) region: Box<dyn Region>,
+    /// Sender: its exported descriptor, made when the loan was taken so that
+    /// a failing export surfaces before the caller's work.
+    pub(crate) fd: Option<OwnedFd>,
+}
 
 impl DevicePool {
     /// Allocate `slots` device slots of at least `slot_size` bytes each
@@ -75,6 +81,7 @@ impl DevicePool {
         frame: Frame,
         mut fds: Vec<OwnedFd>,
         host_slots: u32,
+        max_message: u64,
     ) -> Result<DevicePool> {
         let Frame::DevicePool {
             slots,
@@ -87,8 +94,15 @@ impl DevicePool {
             )));
         };
         let g = mem.granularity() as u64;
+        // A slot larger than the largest message would only reserve address
+        // space (a granule of slack for an exporter of another granularity).
+        let most = max_message
+            .checked_next_multiple_of(g)
+            .and_then(|n| n.checked_add(g))
+            .unwrap_or(u64::MAX);
         let fits = slots == host_slots
             && slot_size > 0
+            && slot_size <= most
             && slot_size.is_multiple_of(g)
             && slot_size.checked_mul(slots as u64) == Some(len)
             && len <= isize::MAX as u64;
@@ -124,18 +138,20 @@ impl DevicePool {
         })
     }
 
-    /// Sender: a dedicated allocation for a message of `len` bytes.
+    /// Sender: a dedicated allocation for a message of `len` bytes, exported.
     pub(crate) fn dedicated(&self, len: usize) -> Result<(DeviceSpan, DeviceKeep)> {
         let region = self.mem.alloc(len)?;
+        let fd = Some(region.export()?);
         let span = DeviceSpan {
             addr: region.addr(),
             len: len as u64,
         };
-        Ok((span, DeviceKeep(region)))
+        Ok((span, DeviceKeep { region, fd }))
     }
 
     /// Receiver: import a dedicated allocation of `size` bytes holding a
-    /// message of `len`.
+    /// message of `len`: `size` is `len` rounded up to the granularity (one
+    /// granule of slack for an exporter whose granularity differs), no more.
     pub(crate) fn import_dedicated(
         &self,
         fd: OwnedFd,
@@ -143,7 +159,10 @@ impl DevicePool {
         len: u64,
     ) -> Result<(DeviceSpan, DeviceKeep)> {
         let g = self.mem.granularity() as u64;
-        if len == 0 || size < len || !size.is_multiple_of(g) || size > isize::MAX as u64 {
+        let most = len
+            .checked_next_multiple_of(g)
+            .and_then(|n| n.checked_add(g));
+        if len == 0 || size < len || !size.is_multiple_of(g) || most.is_none_or(|m| size > m) {
             return Err(TransportError::Segment(format!(
                 "bad dedicated device region: {size} bytes for a message of {len} at granularity {g}"
             )));
@@ -153,6 +172,6 @@ impl DevicePool {
             addr: region.addr(),
             len,
         };
-        Ok((span, DeviceKeep(region)))
+        Ok((span, DeviceKeep { region, fd: None }))
     }
 }

@@ -239,7 +239,7 @@ impl Acceptor for ShmAcceptor {
             ctx.identity,
             ctx.options,
             None,
-            self.device.as_ref().map(|d| d.info()),
+            self.device.as_deref(),
             TransportKind::Shm,
             t,
         )?

@@ -124,7 +124,7 @@ impl ShmReceiver {
         let device = match device {
             Some(mem) => {
                 let (frame, fds) = io.recv_frame(timeout)?;
-                Some(DevicePool::receive(mem, frame, fds, slots)?)
+                Some(DevicePool::receive(mem, frame, fds, slots, max_message)?)
             }
             None => None,
         };
@@ -156,25 +156,53 @@ impl ShmReceiver {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Check a ring entry and locate its message.
+    /// Check a ring entry and locate its message. A refused entry gives its
+    /// slot back (when it names one) and has its dedicated frame consumed
+    /// first, so that the session goes on.
     fn take(&self, st: &mut RxState, e: Entry) -> Result<Delivery> {
-        if e.len > self.max_message {
-            return Err(TransportError::TooLarge {
-                size: e.len,
-                limit: self.max_message,
+        // The frame of a dedicated entry precedes it, whatever else is wrong.
+        let frame = (e.flags & DEDICATED != 0)
+            .then(|| st.io.recv_frame(DEDICATED_FRAME_WAIT))
+            .transpose();
+        let taken = frame.and_then(|frame| {
+            if e.len > self.max_message {
+                return Err(TransportError::TooLarge {
+                    size: e.len,
+                    limit: self.max_message,
+                });
+            }
+            if e.flags & DEVICE != 0 {
+                self.device_delivery(e, frame)
+            } else {
+                self.host_delivery(e, frame)
+            }
+        });
+        // Pool-slot and device entries name a slot; a host dedicated one does not.
+        if taken.is_err() && e.flags != DEDICATED && e.slot < self.slots {
+            self.release(Held {
+                key: u64::from(e.slot),
+                keep: None,
             });
         }
-        if e.flags & DEVICE != 0 {
-            return self.take_device(st, e);
-        }
-        if e.flags == DEDICATED {
-            let (frame, mut fds) = st.io.recv_frame(DEDICATED_FRAME_WAIT)?;
+        taken
+    }
+
+    /// [`take`](Self::take) of a host message, its dedicated frame (if any) read.
+    fn host_delivery(
+        &self,
+        e: Entry,
+        frame: Option<(Frame, Vec<std::os::fd::OwnedFd>)>,
+    ) -> Result<Delivery> {
+        if let Some((frame, mut fds)) = frame {
             let Frame::Dedicated { len } = frame else {
                 return Err(TransportError::Protocol(format!(
                     "expected Dedicated, got {frame:?}"
                 )));
             };
-            let (Some(fd), true) = (fds.pop(), len == e.len && fds.is_empty()) else {
+            let (Some(fd), true) = (
+                fds.pop(),
+                len == e.len && fds.is_empty() && e.flags == DEDICATED,
+            ) else {
                 return Err(TransportError::Protocol(
                     "dedicated segment frame does not match the ring".into(),
                 ));
@@ -214,10 +242,12 @@ impl ShmReceiver {
         })
     }
 
-    /// Locate a device message: its preamble and header in host slot
-    /// `e.slot`, its sections in the device slot of that index or in a
-    /// dedicated device allocation whose descriptor precedes the entry.
-    fn take_device(&self, st: &mut RxState, e: Entry) -> Result<Delivery> {
+    /// [`take`](Self::take) of a device message, its dedicated frame (if any) read.
+    fn device_delivery(
+        &self,
+        e: Entry,
+        frame: Option<(Frame, Vec<std::os::fd::OwnedFd>)>,
+    ) -> Result<Delivery> {
         let Some(pool) = &self.device else {
             return Err(TransportError::Segment(
                 "a device message on a session without a device pool".into(),
@@ -229,32 +259,34 @@ impl ShmReceiver {
                 e.slot, self.slots, e.flags
             )));
         }
-        let (span, keep) = if e.flags & DEDICATED != 0 {
-            let (frame, mut fds) = st.io.recv_frame(DEDICATED_FRAME_WAIT)?;
-            let Frame::DeviceDedicated { len, size } = frame else {
-                return Err(TransportError::Protocol(format!(
-                    "expected DeviceDedicated, got {frame:?}"
-                )));
-            };
-            let (Some(fd), true) = (fds.pop(), len == e.len && fds.is_empty()) else {
-                return Err(TransportError::Protocol(
-                    "dedicated device frame does not match the ring".into(),
-                ));
-            };
-            let (span, keep) = pool.import_dedicated(fd, size, len)?;
-            (
-                span,
-                Some(Box::new(keep) as Box<dyn std::any::Any + Send + Sync>),
-            )
-        } else {
-            let span = pool.slot(e.slot, e.len as usize).ok_or_else(|| {
-                TransportError::Segment(format!(
-                    "device message of {} bytes exceeds a device slot of {}",
-                    e.len,
-                    pool.slot_size()
-                ))
-            })?;
-            (span, None)
+        let (span, keep) = match frame {
+            Some((frame, mut fds)) => {
+                let Frame::DeviceDedicated { len, size } = frame else {
+                    return Err(TransportError::Protocol(format!(
+                        "expected DeviceDedicated, got {frame:?}"
+                    )));
+                };
+                let (Some(fd), true) = (fds.pop(), len == e.len && fds.is_empty()) else {
+                    return Err(TransportError::Protocol(
+                        "dedicated device frame does not match the ring".into(),
+                    ));
+                };
+                let (span, keep) = pool.import_dedicated(fd, size, len)?;
+                (
+                    span,
+                    Some(Box::new(keep) as Box<dyn std::any::Any + Send + Sync>),
+                )
+            }
+            None => {
+                let span = pool.slot(e.slot, e.len as usize).ok_or_else(|| {
+                    TransportError::Segment(format!(
+                        "device message of {} bytes exceeds a device slot of {}",
+                        e.len,
+                        pool.slot_size()
+                    ))
+                })?;
+                (span, None)
+            }
         };
         Counters::bump(&self.counters.device_messages);
         // SAFETY: slot < slots, so the host slot lies inside `data`.

@@ -200,8 +200,17 @@ impl ShmSender {
     }
 
     /// [`SendPort::publish`] for a message that was not staged: the ring was
-    /// full at `stage`, or the message is in a dedicated segment.
+    /// full at `stage`, or the message is in a dedicated segment. On an error
+    /// the memory goes back, as when abandoned.
     fn publish_slow(&mut self, mut mem: LoanMem, len: usize) -> Result<()> {
+        let r = self.try_publish_slow(&mut mem, len);
+        if r.is_err() {
+            self.abandon(mem);
+        }
+        r
+    }
+
+    fn try_publish_slow(&mut self, mem: &mut LoanMem, len: usize) -> Result<()> {
         if !self.ring_has_room() {
             let tail = self.ctrl.tail();
             if tail > self.head {
@@ -213,17 +222,19 @@ impl ShmSender {
             self.wait_for("room in the shared-memory ring", |s| s.ring_has_room())?;
         }
         let entry = if let Some(keep) = mem.take_keep::<DeviceKeep>() {
-            let span = mem.device.expect("a device loan has a device span");
-            // The descriptor travels first, so it is there when the entry is read.
-            let fd = keep.0.export()?;
+            let fd = keep
+                .fd
+                .as_ref()
+                .expect("a sender's dedicated region is exported");
+            // The descriptor travels first, so it is there when the entry is
+            // read; in flight, it keeps the allocation alive after `keep` drops.
             self.io.send_frame(
                 &Frame::DeviceDedicated {
                     len: len as u64,
-                    size: keep.0.len() as u64,
+                    size: keep.region.len() as u64,
                 },
                 &[fd.as_raw_fd()],
             )?;
-            debug_assert!(span.len >= len as u64);
             Counters::bump(&self.counters.dedicated);
             Entry {
                 slot: mem.key as u32,
@@ -247,7 +258,7 @@ impl ShmSender {
         } else {
             Entry {
                 slot: mem.key as u32,
-                flags: entry_flags(&mem),
+                flags: entry_flags(mem),
                 len: len as u64,
             }
         };
@@ -370,10 +381,11 @@ impl SendPort for ShmSender {
             self.ctrl.unstage();
         }
         self.ctrl.cancel(self.head);
-        if mem.key != DEDICATED_KEY {
-            let index = mem.key as u32;
-            self.in_flight[index as usize] = false;
-            self.free.push(index);
+        // Only a slot still ours goes back (a session whose receiver left
+        // has taken every slot back already).
+        if mem.key != DEDICATED_KEY && self.in_flight[mem.key as usize] {
+            self.in_flight[mem.key as usize] = false;
+            self.free.push(mem.key as u32);
         }
     }
 
