@@ -1,12 +1,15 @@
 //! Faults between real processes: peers killed mid-message, receivers that die
 //! holding slots, garbage, truncated and oversized frames, and a bounded soak.
 //!
-//! Child processes are this test binary re-executed with `AVP_FAULT_ROLE` set
+//! Child processes are this test binary re-executed with `AVP_TEST_ROLE` set
 //! (see `child_role`), so each child runs exactly the misbehaviour under test.
 
+#[path = "../avp-transport/tests/support/children.rs"]
+mod children;
+use children::{kill_later, resources, spawn_role, wait_for};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use avp_transport::{Endpoint, Options, ShmOptions, TcpOptions, TransportError};
@@ -34,52 +37,6 @@ fn layout(seq: u64) -> MessageLayout {
     .unwrap()
 }
 
-fn spawn_role(role: &str, arg: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["child_role", "--exact", "--nocapture", "--test-threads=1"])
-        .env("AVP_FAULT_ROLE", role)
-        .env("AVP_FAULT_ARG", arg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-/// Wait until the child prints `word` on a line of its stdout.
-fn wait_for(child: &mut Child, word: &str) {
-    let mut r = BufReader::new(child.stdout.as_mut().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            r.read_line(&mut line).unwrap() > 0,
-            "child exited before printing {word:?}"
-        );
-        if line.contains(word) {
-            return;
-        }
-    }
-}
-
-/// Kill `child` with SIGKILL after `after`, from another thread.
-fn kill_later(mut child: Child, after: Duration) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        std::thread::sleep(after);
-        child.kill().unwrap();
-        child.wait().unwrap();
-    })
-}
-
-/// Descriptors and avp mappings this process holds now.
-fn resources() -> (usize, usize) {
-    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    (
-        fds,
-        maps.lines().filter(|l| l.contains("memfd:avp")).count(),
-    )
-}
-
 /// A hand-made TCP session with a token-less listener (to send raw bytes after it).
 fn manual_tcp_session(addr: &str) -> TcpStream {
     RawPeer::handshake(addr, &ModelIdentity::default(), T)
@@ -90,10 +47,9 @@ fn manual_tcp_session(addr: &str) -> TcpStream {
 /// Entry point of the child processes; does nothing in a normal test run.
 #[test]
 fn child_role() {
-    let Ok(role) = std::env::var("AVP_FAULT_ROLE") else {
+    let Some((role, arg)) = children::role() else {
         return;
     };
-    let arg = std::env::var("AVP_FAULT_ARG").unwrap();
     let l = layout(64);
     match role.as_str() {
         "shm_stall_sender" => {

@@ -358,28 +358,51 @@ pub unsafe extern "C" fn avp_sender_loan(
 ) -> avp_status {
     ffi(|| {
         // SAFETY: pointers are NULL or valid per the header's contract.
-        let (env, payload) = unsafe {
-            (
-                types::envelope(envelope.as_ref())?,
-                types::payload(types::required(payload, "payload")?)?,
-            )
-        };
-        let s = SENDERS.get(sender.id)?;
-        let mut obj = lock(&s);
-        obj.idle()?;
-        let layout = Box::new(MessageLayout::new(&env, &payload)?);
-        let layout_ref: *const MessageLayout = &*layout;
-        let tx: *mut Sender = &mut *obj.tx;
-        // SAFETY: the loan borrows the boxed sender and layout, which live in the
-        // same object and are dropped after it (field order), and the sender is not
-        // otherwise used while the loan exists (every other call checks `loan`).
-        let loan = unsafe { (*tx).loan(&*layout_ref) }?;
-        obj.layout = Some(layout);
-        obj.loan = Some(loan);
-        Ok(())
+        unsafe {
+            begin_loan(sender, envelope, payload, |obj, tx, layout| {
+                obj.loan = Some(tx.loan(layout)?);
+                Ok(())
+            })
+        }
     })
 }
 
+/// Start a loan of either kind on `sender` for `envelope` (may be NULL) and
+/// `payload`: `start` makes it from the sender and the layout, which it may
+/// borrow for as long as the loan is kept in the object.
+///
+/// # Safety
+/// `envelope` and `payload` are NULL or valid per the header's contract.
+unsafe fn begin_loan(
+    sender: avp_sender,
+    envelope: *const avp_envelope,
+    payload: *const avp_payload,
+    start: impl FnOnce(&mut SenderObj, &'static mut Sender, &'static MessageLayout) -> Result<(), Error>,
+) -> Result<(), Error> {
+    // SAFETY: per this function's contract.
+    let (env, payload) = unsafe {
+        (
+            types::envelope(envelope.as_ref())?,
+            types::payload(types::required(payload, "payload")?)?,
+        )
+    };
+    let s = SENDERS.get(sender.id)?;
+    let mut obj = lock(&s);
+    obj.idle()?;
+    let layout = Box::new(MessageLayout::new(&env, &payload)?);
+    let layout_ref: *const MessageLayout = &*layout;
+    let tx: *mut Sender = &mut *obj.tx;
+    // SAFETY: the loan borrows the boxed sender and layout, which live in the
+    // same object and are dropped after it (field order), and the sender is not
+    // otherwise used while the loan exists (every other call checks for one).
+    let (tx, layout_ref) = unsafe { (&mut *tx, &*layout_ref) };
+    obj.layout = Some(layout);
+    let started = start(&mut obj, tx, layout_ref);
+    if started.is_err() {
+        obj.layout = None;
+    }
+    started
+}
 fn with_loan<R>(
     sender: avp_sender,
     f: impl FnOnce(&mut Loan<'static>, &MessageLayout) -> Result<R, Error>,
@@ -499,25 +522,12 @@ pub unsafe extern "C" fn avp_sender_loan_device(
 ) -> avp_status {
     ffi(|| {
         // SAFETY: pointers are NULL or valid per the header's contract.
-        let (env, payload) = unsafe {
-            (
-                types::envelope(envelope.as_ref())?,
-                types::payload(types::required(payload, "payload")?)?,
-            )
-        };
-        let s = SENDERS.get(sender.id)?;
-        let mut obj = lock(&s);
-        obj.idle()?;
-        let layout = Box::new(MessageLayout::new(&env, &payload)?);
-        let layout_ref: *const MessageLayout = &*layout;
-        let tx: *mut Sender = &mut *obj.tx;
-        // SAFETY: as in avp_sender_loan: the loan borrows the boxed sender and
-        // layout of this object, dropped after it, and nothing else uses the
-        // sender while it exists.
-        let loan = unsafe { (*tx).loan_device(&*layout_ref) }?;
-        obj.layout = Some(layout);
-        obj.device_loan = Some(loan);
-        Ok(())
+        unsafe {
+            begin_loan(sender, envelope, payload, |obj, tx, layout| {
+                obj.device_loan = Some(tx.loan_device(layout)?);
+                Ok(())
+            })
+        }
     })
 }
 
@@ -558,16 +568,9 @@ pub unsafe extern "C" fn avp_sender_loan_device_section(
     len: *mut usize,
 ) -> avp_status {
     ffi(|| {
-        if addr.is_null() || len.is_null() {
-            return Err(Error::null("addr and len"));
-        }
         let span = with_device_loan(sender, |l| Ok(l.section(index)?))?;
-        // SAFETY: both checked non-NULL above.
-        unsafe {
-            addr.write(span.addr);
-            len.write(span.len as usize);
-        }
-        Ok(())
+        // SAFETY: the caller passes NULL or writable out-pointers.
+        unsafe { types::put_span(addr, len, span) }
     })
 }
 

@@ -327,16 +327,9 @@ pub unsafe extern "C" fn avp_message_device_section(
     len: *mut usize,
 ) -> avp_status {
     ffi(|| {
-        if addr.is_null() || len.is_null() {
-            return Err(Error::null("addr and len"));
-        }
         let span = with_header(message, |_, g| Ok(received(g)?.device_section(index)?))?;
-        // SAFETY: both checked non-NULL above.
-        unsafe {
-            addr.write(span.addr);
-            len.write(span.len as usize);
-        }
-        Ok(())
+        // SAFETY: the caller passes NULL or writable out-pointers.
+        unsafe { types::put_span(addr, len, span) }
     })
 }
 

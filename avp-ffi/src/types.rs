@@ -643,3 +643,23 @@ pub(crate) fn fill<const N: usize>(dst: &mut [c_char; N], s: &str) {
     }
     dst[n] = 0;
 }
+
+/// Write a device span through the out-pointers `addr` and `len`.
+///
+/// # Safety
+/// `addr` and `len` are NULL or writable.
+pub(crate) unsafe fn put_span(
+    addr: *mut u64,
+    len: *mut usize,
+    span: avp_transport::DeviceSpan,
+) -> Result<(), Error> {
+    if addr.is_null() || len.is_null() {
+        return Err(Error::null("addr and len"));
+    }
+    // SAFETY: both checked non-NULL; the caller passes writable memory.
+    unsafe {
+        addr.write(span.addr);
+        len.write(span.len as usize);
+    }
+    Ok(())
+}

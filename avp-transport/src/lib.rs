@@ -53,7 +53,7 @@ mod wait;
 pub use address::Address;
 #[cfg(target_os = "linux")]
 pub use device::buffer::DeviceBuffer;
-pub use device::loan::{DeviceLoan, DeviceReady};
+pub use device::loan::DeviceLoan;
 pub use device::{Device, DeviceSpan};
 pub use endpoint::{Endpoint, Listener};
 pub use error::{AuthFailure, Result, TransportError};

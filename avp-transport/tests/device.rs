@@ -63,6 +63,16 @@ fn device_sources(layout: &MessageLayout, round: u8) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Loan a device slot for `l`, take every section's address (as a kernel
+/// writing them in place would) and send.
+fn send_in_place(tx: &mut Sender, l: &MessageLayout) {
+    let mut loan = tx.loan_device(l).unwrap();
+    for i in 0..l.section_count() {
+        loan.section(i).unwrap();
+    }
+    loan.finish().unwrap().send().unwrap();
+}
+
 #[test]
 fn device_messages_cross_without_touching_the_host() {
     let n = name("dev");
@@ -336,11 +346,7 @@ fn dropped_device_loans_give_their_slots_back() {
     }
     // Both slots are still free: two messages go out without a receive.
     for _ in 0..2 {
-        let mut l = tx.loan_device(&small).unwrap();
-        for i in 0..small.section_count() {
-            l.section(i).unwrap();
-        }
-        l.finish().unwrap().send().unwrap();
+        send_in_place(&mut tx, &small);
     }
     assert_eq!(rx.recv(T).unwrap().header().section_count(), 4);
     assert_eq!(rx.recv(T).unwrap().header().section_count(), 4);
@@ -388,11 +394,7 @@ fn a_device_header_that_disagrees_with_the_ring_is_refused_and_the_slot_returns(
     }
     // Both slots came back: two honest messages go out without a receive.
     for _ in 0..2 {
-        let mut loan = tx.loan_device(&l).unwrap();
-        for i in 0..l.section_count() {
-            loan.section(i).unwrap();
-        }
-        loan.finish().unwrap().send().unwrap();
+        send_in_place(&mut tx, &l);
     }
     assert!(rx.recv(T).unwrap().on_device());
     assert!(rx.recv(T).unwrap().on_device());
@@ -426,11 +428,7 @@ fn a_forged_device_ring_entry_is_refused_and_the_slot_returns() {
     assert!(matches!(e, TransportError::Segment(_)), "{e}");
     assert!(e.to_string().contains("exceeds a device slot"), "{e}");
     for _ in 0..2 {
-        let mut loan = tx.loan_device(&l).unwrap();
-        for i in 0..l.section_count() {
-            loan.section(i).unwrap();
-        }
-        loan.finish().unwrap().send().unwrap();
+        send_in_place(&mut tx, &l);
     }
     assert!(rx.recv(T).unwrap().on_device());
     assert!(rx.recv(T).unwrap().on_device());

@@ -10,12 +10,13 @@
 //! tests also check that no descriptor or mapping leaks (a GPU driver keeps
 //! descriptors of its own).
 //!
-//! Child processes are this test binary re-executed with `AVP_DEVICE_ROLE`
+//! Child processes are this test binary re-executed with `AVP_TEST_ROLE`
 //! set (see `child_role`).
 #![cfg(target_os = "linux")]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+#[path = "support/children.rs"]
+mod children;
+use children::{kill_later, resources, spawn_role, wait_for};
 use std::time::{Duration, Instant};
 
 use avp_transport::{
@@ -80,43 +81,6 @@ fn pattern(l: &MessageLayout, i: usize, round: u8) -> Vec<u8> {
 /// section), dedicated allocations.
 const ROUNDS: [(u8, u64); 4] = [(1, 16), (2, 4096), (3, 64), (4, 16)];
 
-fn spawn_role(role: &str, arg: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["child_role", "--exact", "--nocapture", "--test-threads=1"])
-        .env("AVP_DEVICE_ROLE", role)
-        .env("AVP_DEVICE_ARG", arg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-/// Wait until the child prints `word` on a line of its stdout.
-fn wait_for(child: &mut Child, word: &str) {
-    let mut r = BufReader::new(child.stdout.as_mut().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            r.read_line(&mut line).unwrap() > 0,
-            "child exited before printing {word:?}"
-        );
-        if line.contains(word) {
-            return;
-        }
-    }
-}
-
-/// Descriptors and avp device/pool mappings this process holds now.
-fn resources() -> (usize, usize) {
-    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    (
-        fds,
-        maps.lines().filter(|l| l.contains("memfd:avp")).count(),
-    )
-}
-
 /// Send every round of [`ROUNDS`] with device-to-device copies from the
 /// producer's device buffers.
 fn send_rounds(tx: &mut avp_transport::Sender) {
@@ -156,10 +120,9 @@ fn check_round(g: &avp_transport::RecvGuard, round: u8, seq: u64) {
 /// Entry point of the child processes; does nothing in a normal test run.
 #[test]
 fn child_role() {
-    let Ok(role) = std::env::var("AVP_DEVICE_ROLE") else {
+    let Some((role, arg)) = children::role() else {
         return;
     };
-    let arg = std::env::var("AVP_DEVICE_ARG").unwrap();
     let id = ModelIdentity::default();
     match role.as_str() {
         "sender" => {
@@ -286,11 +249,7 @@ fn peers_killed_mid_copy_yield_errors_and_leak_nothing() {
         let rx = listener.accept(T).unwrap();
         wait_for(&mut child, "stalled");
         let t = Instant::now();
-        let killer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            child.kill().unwrap();
-            child.wait().unwrap();
-        });
+        let killer = kill_later(child, Duration::from_millis(300));
         let e = rx.recv(T).expect_err("the sender died");
         assert!(matches!(e, TransportError::PeerGone(_)), "{e}");
         assert!(
@@ -318,11 +277,7 @@ fn peers_killed_mid_copy_yield_errors_and_leak_nothing() {
         }
         wait_for(&mut child, "holding");
         let t = Instant::now();
-        let killer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            child.kill().unwrap();
-            child.wait().unwrap();
-        });
+        let killer = kill_later(child, Duration::from_millis(300));
         let e = tx.loan_device(&l).expect_err("the receiver died");
         assert!(matches!(e, TransportError::PeerGone(_)), "{e}");
         assert!(

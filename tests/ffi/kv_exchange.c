@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "avp.h"
+#include "check.h"
 
 #define LAYERS 6
 #define HEADS 2
@@ -23,30 +24,6 @@
 #define SEQ 37
 #define COUNT 5
 
-static int failures = 0;
-
-#define CHECK(call)                                                                        \
-  do {                                                                                     \
-    enum avp_status s_ = (call);                                                           \
-    if (s_ != AVP_OK) {                                                                    \
-      fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #call, avp_status_name(s_), \
-              avp_last_error_message());                                                   \
-      exit(2);                                                                             \
-    }                                                                                      \
-  } while (0)
-
-#define EXPECT(call, want)                                                                 \
-  do {                                                                                     \
-    enum avp_status s_ = (call);                                                           \
-    if (s_ != (want)) {                                                                    \
-      fprintf(stderr, "%s:%d: %s -> %s, expected %s (%s)\n", __FILE__, __LINE__, #call,    \
-              avp_status_name(s_), avp_status_name(want), avp_last_error_message());       \
-      failures++;                                                                          \
-    } else if ((want) != AVP_OK && avp_last_error_message()[0] == '\0') {                  \
-      fprintf(stderr, "%s:%d: %s gave no error message\n", __FILE__, __LINE__, #call);     \
-      failures++;                                                                          \
-    }                                                                                      \
-  } while (0)
 
 static unsigned char pattern(unsigned n, unsigned layer, unsigned part, size_t j) {
   return (unsigned char)(n * 101u + layer * 31u + part * 7u + (unsigned)(j * 13u));

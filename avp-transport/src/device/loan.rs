@@ -1,5 +1,5 @@
 //! A message whose sections come from device memory: [`DeviceLoan`] →
-//! [`DeviceReady`].
+//! [`Ready`].
 //!
 //! On a `cuda` session the sections go into a device slot: the caller's
 //! kernels write them in place ([`DeviceLoan::section`]) or the loan copies
@@ -20,6 +20,7 @@ use avp_wire::{Message, MessageLayout, MessageWriter};
 
 use crate::error::{Result, TransportError};
 use crate::port::{Counters, LoanMem, SendPort};
+use crate::sender::Ready;
 
 use super::{DeviceMem, DeviceSpan, Dir};
 
@@ -167,7 +168,7 @@ impl<'a> DeviceLoan<'a> {
     /// `Wire` when a section was not written; `Device` when a copy failed
     /// (now or earlier: a loan with a failed copy is never sent). The memory
     /// goes back unsent either way.
-    pub fn finish(mut self) -> Result<DeviceReady<'a>> {
+    pub fn finish(mut self) -> Result<Ready<'a>> {
         let synced = self.dev.sync();
         self.note(synced)?;
         if let Some(why) = &self.failed {
@@ -202,7 +203,7 @@ impl<'a> DeviceLoan<'a> {
         let port = self.port.take().expect("port present until finish");
         let mem = self.mem.take().expect("memory present until finish");
         port.stage(&mem, len);
-        Ok(DeviceReady {
+        Ok(Ready {
             port,
             mem: Some(mem),
             len,
@@ -231,54 +232,10 @@ impl Drop for DeviceLoan<'_> {
     }
 }
 
-/// A finished device message, ready to send.
-pub struct DeviceReady<'a> {
-    port: &'a mut dyn SendPort,
-    mem: Option<LoanMem>,
-    len: usize,
-}
-
-impl DeviceReady<'_> {
-    /// Bytes of the message (header and sections).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the message is empty (never).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Hand the message to the receiver.
-    ///
-    /// # Errors
-    /// `PeerGone` when the receiver left.
-    pub fn send(mut self) -> Result<()> {
-        let mem = self.mem.take().expect("memory present until sent");
-        self.port.publish(mem, self.len)
-    }
-}
-
-impl Drop for DeviceReady<'_> {
-    fn drop(&mut self) {
-        if let Some(mem) = self.mem.take() {
-            self.port.abandon(mem);
-        }
-    }
-}
-
 impl std::fmt::Debug for DeviceLoan<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceLoan")
             .field("on_device", &self.on_device())
-            .finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Debug for DeviceReady<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceReady")
-            .field("len", &self.len)
             .finish_non_exhaustive()
     }
 }
