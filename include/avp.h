@@ -912,7 +912,9 @@ enum avp_status avp_message_release(struct avp_message message);
  * address (a CUDA device pointer; a host address with AVP_DEVICE_EMULATED)
  * of `*len` bytes, readable by the caller's kernels or copies until the
  * message is released. The sender synchronised its writes before sending.
- * AVP_ERR_PLACEMENT for a host message.
+ * Releasing hands the slot back to the sender at once: synchronise the work
+ * that reads it before `avp_message_release`. AVP_ERR_PLACEMENT for a host
+ * message.
  */
 enum avp_status avp_message_device_section(struct avp_message message,
                                            size_t index,
