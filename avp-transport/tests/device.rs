@@ -264,6 +264,27 @@ fn without_a_device_on_both_ends_the_session_is_shared_memory_and_says_why() {
 }
 
 #[test]
+fn a_sender_whose_device_cannot_serve_falls_back_to_shared_memory_and_says_why() {
+    // An emulated listener and a cuda:0 sender: without the feature or a
+    // driver the sender's device does not open; with a GPU the backends
+    // differ. Either way the session is shared memory, explained.
+    let n = name("gpufallback");
+    let (tx, rx) = pair(
+        &format!("cuda://{n}"),
+        emulated(),
+        &format!("cuda://{n}"),
+        Options::default().device(DeviceOptions::new(Device::Cuda(0))),
+    );
+    assert_eq!(tx.session().transport, TransportKind::Shm);
+    let why = tx.session().explain();
+    assert!(why.contains("device not used"), "{why}");
+    if !cfg!(feature = "cuda") {
+        assert!(why.contains("`cuda` feature"), "{why}");
+    }
+    assert_eq!(rx.session().transport, TransportKind::Shm);
+}
+
+#[test]
 fn a_cuda_device_needs_the_feature_or_says_so() {
     let r = Endpoint::bind(
         &format!("cuda://{}", name("gpu")),

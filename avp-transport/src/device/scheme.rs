@@ -2,8 +2,9 @@
 //! memory. The control socket, ring, doorbells and slot life cycle are shared
 //! memory's (`shm://NAME` names the same socket); the sender adds a device
 //! pool, paired slot for slot, when both ends offer devices the sender's
-//! memory can reach. Otherwise the session is plain shared memory and
-//! `Session::explain` says why.
+//! memory can reach. Otherwise (also when the sender's own device cannot be
+//! opened here) the session is plain shared memory and `Session::explain`
+//! says why. A listener whose device cannot be opened fails to bind.
 
 use std::sync::Arc;
 
@@ -60,9 +61,19 @@ impl Scheme for CudaScheme {
         identity: &ModelIdentity,
         options: &Options,
     ) -> Result<(Session, Box<dyn SendPort>)> {
-        let device = device_of(options, "connecting to")?;
+        let mut reason = format!("address cuda://{name} is on this host");
+        // A device that cannot be opened here (no driver, no `cuda` feature)
+        // leaves plain shared memory, said in the session's explanation.
+        let device = match device_of(options, "connecting to") {
+            Ok(d) => Some(d),
+            Err(e @ TransportError::InvalidOption { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!("cuda://{name}: {e}; falling back to shared memory");
+                reason.push_str(&format!("; device not used: {e}"));
+                None
+            }
+        };
         let io = shm::connect_named(name)?;
-        let reason = format!("address cuda://{name} is on this host");
-        shm::connect_over(io, identity, options, reason, Some(device))
+        shm::connect_over(io, identity, options, reason, device)
     }
 }
