@@ -79,7 +79,7 @@ impl Receiver {
     #[inline(never)]
     fn warm(&self) {
         let (ptr, len) = (self.stand_in.as_ptr(), self.stand_in.len());
-        drop(std::hint::black_box(self.guard(None, ptr, len, true)));
+        drop(std::hint::black_box(self.guard(None, ptr, len, true, None)));
     }
 
     /// What was negotiated.
@@ -141,56 +141,7 @@ impl Receiver {
     /// can still write has its preamble and header copied out first, and only
     /// the copy is validated and read (see `Message::parse_split`).
     pub(crate) fn deliver(&self, d: Delivery) -> Result<RecvGuard> {
-        if let Some(span) = d.device {
-            return self.device_guard(d.held, d.ptr, d.len, span);
-        }
-        let writable = d.peer_writable;
-        self.guard(Some(d.held), d.ptr, d.len, writable)
-    }
-
-    /// The guard of a message whose sections are in device memory at `span`:
-    /// its preamble and header, at most `len` bytes at `ptr` in memory the
-    /// peer can write, are copied and validated; the sections are not read.
-    fn device_guard(
-        &self,
-        held: Held,
-        ptr: *const u8,
-        len: usize,
-        span: DeviceSpan,
-    ) -> Result<RecvGuard> {
-        let mut guard = RecvGuard {
-            msg: None,
-            head: None,
-            device: Some(span),
-            header: Box::default(),
-            held: Some(held),
-            port: Arc::clone(&self.port),
-        };
-        Counters::bump(&self.port.stats().header_copies);
-        // SAFETY: as in `guard`: the port keeps these `len` host bytes mapped
-        // until `held` is released, after the guard dropped `head`; they are
-        // only copied from.
-        let bytes: &[u8] = unsafe { std::slice::from_raw_parts(ptr, len) };
-        guard.header = copy_prefix(bytes)?;
-        // SAFETY: the copy is heap memory owned by the guard, never written
-        // after this point and freed only after `head` is dropped.
-        let prefix: &'static [u8] = unsafe { &*std::ptr::from_ref::<[u8]>(&guard.header) };
-        let head = Header::parse(prefix)?;
-        if !head.device_sections() || head.total_len() != span.len {
-            return Err(TransportError::Segment(format!(
-                "device ring entry of {} bytes, header of {} bytes{}",
-                span.len,
-                head.total_len(),
-                if head.device_sections() {
-                    ""
-                } else {
-                    " without the device-sections flag"
-                }
-            )));
-        }
-        self.check_envelope(&head.envelope())?;
-        guard.head = Some(head);
-        Ok(guard)
+        self.guard(Some(d.held), d.ptr, d.len, d.peer_writable, d.device)
     }
 
     /// The session still lives and the message belongs to it.
@@ -208,6 +159,8 @@ impl Receiver {
 
     /// [`deliver`](Self::deliver) of `len` bytes at `ptr`, held by `held`
     /// (`None`: the receiver's own stand-in, nothing to give back or count).
+    /// With `device`, the sections are in device memory there and the bytes
+    /// at `ptr` hold only the preamble and header, which alone are read.
     #[inline(never)]
     fn guard(
         &self,
@@ -215,45 +168,71 @@ impl Receiver {
         ptr: *const u8,
         len: usize,
         peer_writable: bool,
+        device: Option<DeviceSpan>,
     ) -> Result<RecvGuard> {
         let counted = held.is_some();
         let mut guard = RecvGuard {
             msg: None,
             head: None,
-            device: None,
+            device,
             header: Box::default(),
             held,
             port: Arc::clone(&self.port),
         };
         // SAFETY: the port keeps the memory mapped (or owned) and unused by
         // this side until `held` is released, which happens only after the
-        // guard has dropped `msg`; the guard keeps the port alive. (The
-        // stand-in is owned by this receiver, which outlives its guard in
-        // `warm`.) What the peer may write there is read as plain bytes only:
-        // the header comes from the private copy below.
+        // guard has dropped `msg` and `head`; the guard keeps the port alive.
+        // (The stand-in is owned by this receiver, which outlives its guard
+        // in `warm`.) What the peer may write there is read as plain bytes
+        // only: the header comes from the private copy below.
         let bytes: &'static [u8] = unsafe { std::slice::from_raw_parts(ptr, len) };
-        let msg = if peer_writable {
+        let prefix = if peer_writable || device.is_some() {
             if counted {
                 Counters::bump(&self.port.stats().header_copies);
             }
             guard.header = copy_prefix(bytes)?;
             // SAFETY: the copy is heap memory owned by the guard, never
-            // written after this point and freed only after `msg` is dropped.
-            let prefix: &'static [u8] = unsafe { &*std::ptr::from_ref::<[u8]>(&guard.header) };
-            Message::parse_split(prefix, bytes)?
+            // written after this point and freed only after `msg` and `head`
+            // are dropped.
+            Some(unsafe { &*std::ptr::from_ref::<[u8]>(&guard.header) })
         } else {
-            Message::parse(bytes)?
+            None
         };
-        if msg.header().device_sections() {
-            // Only a device delivery carries device sections; in host memory
-            // the flag would only mean sections without checksums.
-            return Err(TransportError::Wire(avp_wire::WireError::InvalidField {
-                field: "flags",
-                reason: "FLAG_DEVICE_SECTIONS on a message delivered in host memory".into(),
-            }));
+        match (device, prefix) {
+            (Some(span), Some(prefix)) => {
+                let head = Header::parse(prefix)?;
+                if !head.device_sections() || head.total_len() != span.len {
+                    return Err(TransportError::Segment(format!(
+                        "device ring entry of {} bytes, header of {} bytes{}",
+                        span.len,
+                        head.total_len(),
+                        if head.device_sections() {
+                            ""
+                        } else {
+                            " without the device-sections flag"
+                        }
+                    )));
+                }
+                self.check_envelope(&head.envelope())?;
+                guard.head = Some(head);
+            }
+            (_, prefix) => {
+                let msg = match prefix {
+                    Some(prefix) => Message::parse_split(prefix, bytes)?,
+                    None => Message::parse(bytes)?,
+                };
+                if msg.header().device_sections() {
+                    // Only a device delivery carries device sections; in host
+                    // memory the flag would only mean sections without checksums.
+                    return Err(TransportError::Wire(avp_wire::WireError::InvalidField {
+                        field: "flags",
+                        reason: "FLAG_DEVICE_SECTIONS on a message delivered in host memory".into(),
+                    }));
+                }
+                self.check_envelope(&msg.envelope())?;
+                guard.msg = Some(msg);
+            }
         }
-        self.check_envelope(&msg.envelope())?;
-        guard.msg = Some(msg);
         Ok(guard)
     }
 }

@@ -56,38 +56,27 @@ impl Sender {
         self.check(len as u64)?;
         let dev = self.device_mem()?;
         let prefix_len = layout.sections().next().map_or(len, |s| s.offset as usize);
-        if let Some(mem) = self.port.acquire_device(len, prefix_len)? {
-            return Ok(DeviceLoan {
+        let loan = match self.port.acquire_device(len, prefix_len)? {
+            // The device slot takes the sections; the header is written at
+            // `finish`, so the loan has no writer.
+            Some(mem) => Loan {
                 port: Some(&mut *self.port),
                 mem: Some(mem),
-                layout,
-                dev,
                 writer: None,
-                written: vec![false; layout.section_count()],
-                failed: None,
-            });
-        }
-        let mem = self
-            .port
-            .acquire(len, true)?
-            .expect("a waiting acquire yields memory");
-        let mem = self.fits(mem, len)?;
-        // SAFETY: as in `loan_in`: `mem` is ours, at least `len` bytes, unmoved.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(mem.ptr(), len) };
-        let writer = match layout.writer(bytes) {
-            Ok(w) => w,
-            Err(e) => {
-                self.port.abandon(mem);
-                return Err(e.into());
+            },
+            None => {
+                let mem = self
+                    .port
+                    .acquire(len, true)?
+                    .expect("a waiting acquire yields memory");
+                self.loan_in(layout, mem)?
             }
         };
         Ok(DeviceLoan {
-            port: Some(&mut *self.port),
-            mem: Some(mem),
+            loan: Some(loan),
             layout,
             dev,
-            writer: Some(writer),
-            written: Vec::new(),
+            written: vec![false; layout.section_count()],
             failed: None,
         })
     }
@@ -269,14 +258,19 @@ impl<'a> Loan<'a> {
         let len = writer.layout().total_len();
         let bytes = writer.seal()?;
         Message::parse(bytes)?;
+        Ok(self.ready(len))
+    }
+
+    /// Stage the finished `len` bytes in the loaned memory: a message ready to send.
+    pub(crate) fn ready(mut self, len: usize) -> Ready<'a> {
         let port = self.port.take().expect("port present until finish");
         let mem = self.mem.take().expect("memory present until finish");
         port.stage(&mem, len);
-        Ok(Ready {
+        Ready {
             port,
             mem: Some(mem),
             len,
-        })
+        }
     }
 }
 

@@ -16,22 +16,24 @@
 
 use std::sync::Arc;
 
-use avp_wire::{Message, MessageLayout, MessageWriter};
+use avp_wire::MessageLayout;
 
 use crate::error::{Result, TransportError};
-use crate::port::{Counters, LoanMem, SendPort};
-use crate::sender::Ready;
+use crate::port::Counters;
+use crate::sender::{Loan, Ready};
 
 use super::{DeviceMem, DeviceSpan, Dir};
 
 /// A loan for a message whose sections are written from device memory.
+///
+/// It wraps an ordinary [`Loan`]: on a device session its memory is a host
+/// slot for the header plus a device slot (`LoanMem::device`) and it has no
+/// writer; elsewhere it is the usual host loan with its writer.
 pub struct DeviceLoan<'a> {
-    pub(crate) port: Option<&'a mut dyn SendPort>,
-    pub(crate) mem: Option<LoanMem>,
+    /// `None` once finished.
+    pub(crate) loan: Option<Loan<'a>>,
     pub(crate) layout: &'a MessageLayout,
     pub(crate) dev: Arc<dyn DeviceMem>,
-    /// Host sessions: the writer over the host loan.
-    pub(crate) writer: Option<MessageWriter<'a>>,
     /// Device sessions: which sections were written.
     pub(crate) written: Vec<bool>,
     /// Why a copy into the loan failed: the message may hold stale bytes and
@@ -40,6 +42,14 @@ pub struct DeviceLoan<'a> {
 }
 
 impl<'a> DeviceLoan<'a> {
+    fn inner(&self) -> &Loan<'a> {
+        self.loan.as_ref().expect("loan present until finish")
+    }
+
+    fn inner_mut(&mut self) -> &mut Loan<'a> {
+        self.loan.as_mut().expect("loan present until finish")
+    }
+
     /// Whether the sections go to device memory (a `cuda` session); `false`
     /// when the session keeps messages in host memory and the copies below
     /// cross to the host (`Session::explain` says why).
@@ -48,11 +58,12 @@ impl<'a> DeviceLoan<'a> {
     }
 
     fn device_base(&self) -> Option<DeviceSpan> {
-        self.mem.as_ref().and_then(|m| m.device)
+        self.inner().mem.as_ref().and_then(|m| m.device)
     }
 
     fn counters(&self) -> &Counters {
-        self.port
+        self.inner()
+            .port
             .as_deref()
             .expect("port present until finish")
             .stats()
@@ -116,8 +127,8 @@ impl<'a> DeviceLoan<'a> {
     pub fn write_from_host(&mut self, index: usize, src: &[u8]) -> Result<()> {
         let (_, len) = self.span(index)?;
         check_len(index, len, src.len() as u64)?;
-        if let Some(w) = &mut self.writer {
-            return Ok(w.write_section(index, src)?);
+        if !self.on_device() {
+            return Ok(self.inner_mut().writer().write_section(index, src)?);
         }
         let dst = self.device_span(index)?;
         // SAFETY: `dst` is the section's range of our device slot, `src` is
@@ -145,16 +156,20 @@ impl<'a> DeviceLoan<'a> {
     /// until `finish` returns.
     pub unsafe fn write_from_device(&mut self, index: usize, src: u64) -> Result<()> {
         let (_, len) = self.span(index)?;
-        let (dst, dir) = match &mut self.writer {
-            Some(w) => (w.section_mut(index)?.as_mut_ptr() as u64, Dir::DeviceToHost),
-            None => (self.device_span(index)?.addr, Dir::DeviceToDevice),
+        let on_device = self.on_device();
+        let (dst, dir) = match on_device {
+            true => (self.device_span(index)?.addr, Dir::DeviceToDevice),
+            false => {
+                let host = self.inner_mut().writer().section_mut(index)?;
+                (host.as_mut_ptr() as u64, Dir::DeviceToHost)
+            }
         };
         // SAFETY: `dst` is the section's range in our loan (host bytes of
         // the writer, or our device slot), exclusively ours until the loan
         // ends; `src` is the caller's promise.
         let copied = unsafe { self.dev.copy(dst, src, len as usize, dir) };
         self.note(copied)?;
-        if self.writer.is_none() {
+        if on_device {
             self.written[index] = true;
         }
         self.counters().copied(dir, len);
@@ -177,37 +192,27 @@ impl<'a> DeviceLoan<'a> {
                 format!("a copy into this loan failed earlier ({why}); it is not sent"),
             ));
         }
-        let len = self.layout.total_len();
-        let mem = self.mem.as_ref().expect("memory present until finish");
-        match self.writer.take() {
-            Some(w) => {
-                Message::parse(w.seal()?)?;
-            }
-            None => {
-                if let Some(i) = self.written.iter().position(|w| !w) {
-                    let s = self.layout.section(i);
-                    return Err(avp_wire::WireError::SectionNotWritten {
-                        index: i,
-                        name: s.role.describe(s.layer),
-                    }
-                    .into());
-                }
-                let prefix = self.layout.device_prefix()?;
-                // SAFETY: the host part of a device loan is a slot of at least
-                // the prefix's length (checked by the port), exclusively ours.
-                let host = unsafe { std::slice::from_raw_parts_mut(mem.ptr(), prefix.len()) };
-                host.copy_from_slice(&prefix);
-                avp_wire::Header::parse(host)?;
-            }
+        let on_device = self.on_device();
+        let loan = self.loan.take().expect("loan present until finish");
+        if !on_device {
+            return loan.finish();
         }
-        let port = self.port.take().expect("port present until finish");
-        let mem = self.mem.take().expect("memory present until finish");
-        port.stage(&mem, len);
-        Ok(Ready {
-            port,
-            mem: Some(mem),
-            len,
-        })
+        if let Some(i) = self.written.iter().position(|w| !w) {
+            let s = self.layout.section(i);
+            return Err(avp_wire::WireError::SectionNotWritten {
+                index: i,
+                name: s.role.describe(s.layer),
+            }
+            .into());
+        }
+        let prefix = self.layout.device_prefix()?;
+        let mem = loan.mem.as_ref().expect("memory present until finish");
+        // SAFETY: the host part of a device loan is a slot of at least the
+        // prefix's length (checked by the port), exclusively ours.
+        let host = unsafe { std::slice::from_raw_parts_mut(mem.ptr(), prefix.len()) };
+        host.copy_from_slice(&prefix);
+        avp_wire::Header::parse(host)?;
+        Ok(loan.ready(self.layout.total_len()))
     }
 }
 
@@ -223,11 +228,10 @@ fn check_len(index: usize, expected: u64, found: u64) -> Result<()> {
 
 impl Drop for DeviceLoan<'_> {
     fn drop(&mut self) {
-        self.writer.take();
-        if let (Some(port), Some(mem)) = (self.port.take(), self.mem.take()) {
-            // Copies still in flight must land before the slot is reused.
+        if self.loan.is_some() {
+            // Copies still in flight must land before the loan's memory goes
+            // back (the inner loan gives it back as it drops).
             let _ = self.dev.sync();
-            port.abandon(mem);
         }
     }
 }
@@ -235,7 +239,7 @@ impl Drop for DeviceLoan<'_> {
 impl std::fmt::Debug for DeviceLoan<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceLoan")
-            .field("on_device", &self.on_device())
+            .field("on_device", &(self.loan.is_some() && self.on_device()))
             .finish_non_exhaustive()
     }
 }
