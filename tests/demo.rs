@@ -57,3 +57,40 @@ fn demo_over_shared_memory() {
 fn demo_over_tcp() {
     check(&demo(&["--transport", "tcp"]), "tcp");
 }
+
+/// `cuda://` between the two agents with the device emulated in host memory
+/// (chosen explicitly: CI has no GPU). The KV cache goes through the device
+/// slots and the protocol of the GPU path; a CPU model's K and V cross into
+/// the "device" and back, and every one of those bytes is counted. The answer
+/// is the one shared memory gives.
+#[test]
+fn demo_over_the_cuda_transport_on_the_emulated_device() {
+    let rows = demo(&["--transport", "cuda", "--transport-device", "emulated"]);
+    check(&rows, "cuda");
+    let latent = &rows[0];
+    assert_eq!(latent["kv_on_device"], true, "{latent}");
+    assert!(
+        latent["session"].as_str().unwrap().contains("emulate"),
+        "the emulation is reported: {latent}"
+    );
+    let positions = latent["b_reused_positions"].as_u64().unwrap();
+    let kv_bytes = positions * 30 * 2 * 3 * 64 * 4;
+    assert_eq!(latent["host_device_bytes"], 2 * kv_bytes, "{latent}");
+    assert_eq!(latent["device_to_device_bytes"], 0, "{latent}");
+    // The text chain's message has no KV: it stays in host memory.
+    assert_eq!(rows[1]["kv_on_device"], false);
+    let shm = demo(&[]);
+    assert_eq!(latent["answer"], shm[0]["answer"]);
+    assert_eq!(latent["b_reused_positions"], shm[0]["b_reused_positions"]);
+}
+
+#[test]
+fn a_cuda_transport_for_a_cpu_model_needs_a_device() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_avp"))
+        .args(["demo", "--transport", "cuda"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--transport-device"), "{err}");
+}

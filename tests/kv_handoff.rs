@@ -77,7 +77,7 @@ fn agent_b_continues_from_agent_a_latent_context_across_processes() {
         pool.contains(&(msg.as_bytes().as_ptr() as usize)),
         "B reads A's slot in place"
     );
-    let received = Context::from_message(msg, m.decoder(), &id.model_hash).unwrap();
+    let received = Context::from_message(msg, &m).unwrap();
     drop(guard);
     assert_eq!(received.num_steps, STEPS);
     let from_a = m

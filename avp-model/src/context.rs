@@ -10,10 +10,14 @@
 //! `prompt_tokens` in its extras; [`Context::to_v1`] writes the Python reference's
 //! format.
 
-use avp_wire::{DType, Envelope, HiddenStateDesc, Message, MessageLayout, MessageWriter, Payload};
+use avp_wire::{
+    DType, Envelope, EnvelopeRef, Header, HiddenStateDesc, Message, MessageLayout, MessageWriter,
+    Payload,
+};
 
-use crate::decoder::{Decoder, KvCache};
 use crate::error::{ModelError, Result};
+use crate::kv::{KvCache, KvTarget};
+use crate::model::{BoxError, Model};
 
 /// The state one agent hands to the next.
 #[derive(Clone)]
@@ -113,62 +117,113 @@ impl Context {
         )?)
     }
 
-    /// Read a context from a message, for `decoder` whose model hash is
-    /// `model_hash`. A context made by another model is refused, naming both hashes.
-    pub fn from_message(msg: &Message<'_>, decoder: &Decoder, model_hash: &str) -> Result<Context> {
+    /// Read a context for `model` from a message in host memory. A context
+    /// made by another model is refused, naming both hashes.
+    pub fn from_message(msg: &Message<'_>, model: &Model) -> Result<Context> {
         let env = msg.envelope();
-        if env.model_hash() != model_hash {
-            return Err(ModelError::ForeignContext {
-                context_hash: match env.model_hash() {
-                    "" => "(none given)".into(),
-                    h => h.into(),
-                },
-                model_hash: model_hash.into(),
-            });
-        }
-        let (num_steps, prompt_tokens) = counters(&env);
+        check_hash(&env, model)?;
         let (kv, last_hidden) = match msg.payload() {
-            Payload::KvCache(_) => (Some(KvCache::from_message(msg, decoder)?), None),
+            Payload::KvCache(_) => (Some(model.kv_from_message(msg)?), None),
             Payload::HiddenState(d) => {
-                let dim = decoder.config().hidden as u64;
-                if d.dim != dim || d.rows == 0 {
-                    return Err(ModelError::Invalid(format!(
-                        "hidden state of {} x {} does not fit this model (hidden size {dim})",
-                        d.rows, d.dim
-                    )));
-                }
+                let rows = hidden_rows(&d, model)?;
                 let data = msg.hidden()?.data();
-                let row = &data[((d.rows - 1) * d.dim) as usize * d.dtype.size()..];
-                (None, Some(crate::decoder::decode_floats(row, d.dtype)?))
+                let row = &data[(rows - 1) * d.dim as usize * d.dtype.size()..];
+                (None, Some(crate::kv::decode_floats(row, d.dtype)?))
             }
-            Payload::Text(_) => {
-                return Err(ModelError::Invalid(
-                    "a text message is not a context (expected a KV cache or hidden state)".into(),
-                ));
-            }
+            Payload::Text(_) => return Err(not_a_context()),
         };
-        Ok(Context {
-            model_hash: model_hash.into(),
+        Ok(Self::assemble(&env, model, kv, last_hidden))
+    }
+
+    /// Read a context for `model` from a message whose `header` is in host
+    /// memory and whose sections are elsewhere (device memory, for a message a
+    /// `cuda://` transport delivered): `fill(i, target)` copies section `i`
+    /// into `target`. A KV cache goes straight into the model's own tensors
+    /// (device to device on a GPU, see [`Model::kv_from_sections`]); a hidden
+    /// state is copied to the host.
+    pub fn from_sections(
+        header: &Header<'_>,
+        model: &Model,
+        mut fill: impl FnMut(usize, KvTarget<'_>) -> std::result::Result<(), BoxError>,
+    ) -> Result<Context> {
+        let env = header.envelope();
+        check_hash(&env, model)?;
+        let (kv, last_hidden) = match header.payload() {
+            Payload::KvCache(d) => (Some(model.kv_from_sections(&d, fill)?), None),
+            Payload::HiddenState(d) => {
+                let rows = hidden_rows(&d, model)?;
+                let mut data = vec![0u8; header.section(0)?.len as usize];
+                fill(0, KvTarget::Host(&mut data)).map_err(ModelError::Transfer)?;
+                let row = &data[(rows - 1) * d.dim as usize * d.dtype.size()..];
+                (None, Some(crate::kv::decode_floats(row, d.dtype)?))
+            }
+            Payload::Text(_) => return Err(not_a_context()),
+        };
+        Ok(Self::assemble(&env, model, kv, last_hidden))
+    }
+
+    fn assemble(
+        env: &EnvelopeRef<'_>,
+        model: &Model,
+        kv: Option<KvCache>,
+        last_hidden: Option<Vec<f32>>,
+    ) -> Context {
+        let (num_steps, prompt_tokens) = counters(env);
+        Context {
+            model_hash: model.identity().model_hash.clone(),
             model_family: env.model_family().into(),
             kv,
             last_hidden,
             num_steps,
             prompt_tokens,
-        })
+        }
     }
 
-    /// Read a context from an encoded message (v2, or v1 as the Python reference
-    /// writes it).
-    pub fn from_bytes(bytes: &[u8], decoder: &Decoder, model_hash: &str) -> Result<Context> {
+    /// Read a context for `model` from an encoded message (v2, or v1 as the
+    /// Python reference writes it).
+    pub fn from_bytes(bytes: &[u8], model: &Model) -> Result<Context> {
         if avp_wire::sniff_version(bytes)? == avp_wire::VERSION_V2 {
             let msg = Message::parse(bytes)?;
             msg.verify()?;
-            return Self::from_message(&msg, decoder, model_hash);
+            return Self::from_message(&msg, model);
         }
         let v1 = avp_wire::v1::decode(bytes)?;
         let v2 = avp_wire::v1::to_v2(&v1)?;
-        Self::from_message(&Message::parse(&v2)?, decoder, model_hash)
+        Self::from_message(&Message::parse(&v2)?, model)
     }
+}
+
+/// `Err` unless the message was made by `model`.
+fn check_hash(env: &EnvelopeRef<'_>, model: &Model) -> Result<()> {
+    let own = &model.identity().model_hash;
+    if env.model_hash() == own {
+        return Ok(());
+    }
+    Err(ModelError::ForeignContext {
+        context_hash: match env.model_hash() {
+            "" => "(none given)".into(),
+            h => h.into(),
+        },
+        model_hash: own.clone(),
+    })
+}
+
+/// The rows of a hidden-state payload that fits `model`.
+fn hidden_rows(d: &HiddenStateDesc, model: &Model) -> Result<usize> {
+    let dim = model.config().hidden as u64;
+    if d.dim != dim || d.rows == 0 {
+        return Err(ModelError::Invalid(format!(
+            "hidden state of {} x {} does not fit this model (hidden size {dim})",
+            d.rows, d.dim
+        )));
+    }
+    Ok(d.rows as usize)
+}
+
+fn not_a_context() -> ModelError {
+    ModelError::Invalid(
+        "a text message is not a context (expected a KV cache or hidden state)".into(),
+    )
 }
 
 /// A message laid out by `layout`, its sections written by `write`, finished.

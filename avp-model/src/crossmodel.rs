@@ -36,9 +36,12 @@ use std::collections::HashMap;
 use avp_wire::{DType, Envelope, HiddenStateDesc, Message, MessageLayout, Payload};
 
 use crate::context::{Context, counters, put_counters, write_f32s};
-use crate::decoder::{KvCache, decode_floats, to_vec};
+use crate::decoder::to_vec;
+use crate::engine::Engine;
 use crate::error::{ModelError, Result};
+use crate::kv::{Cache, decode_floats};
 use crate::model::Model;
+use crate::model::{Engines, on_engine};
 use crate::project::ProjectionMap;
 use crate::quality::{Quality, QualityGate, cosine};
 
@@ -80,8 +83,10 @@ impl SourceLogits {
             )));
         }
         let rows = hidden.len() / d;
-        let h = model.decoder().matrix(hidden.to_vec(), rows, d);
-        let logits = to_vec(h.matmul(model.decoder().output_projection().clone()))?;
+        let logits = on_engine!(model, c => {
+            let h = c.decoder.matrix(hidden.to_vec(), rows, d);
+            to_vec(h.matmul(c.decoder.output_projection().clone()))
+        })?;
         Ok(SourceLogits {
             model_hash: model.identity().model_hash.clone(),
             model_family: model.config().family.clone(),
@@ -299,7 +304,18 @@ impl Model {
                 src.vocab
             )));
         }
-        let decoder = self.decoder();
+        on_engine!(self, c => self.import_on(c, src, map, options))
+    }
+
+    fn import_on<B: Engine>(
+        &self,
+        core: &crate::model::Core<B>,
+        src: &SourceLogits,
+        map: &ProjectionMap,
+        options: &CrossOptions,
+    ) -> Result<Imported> {
+        let own = &self.identity().model_hash;
+        let decoder = &core.decoder;
         let d = self.config().hidden as usize;
         let v_tgt = self.config().vocab_size as usize;
         let z = decoder.matrix(src.logits.clone(), src.rows, src.vocab);
@@ -335,12 +351,12 @@ impl Model {
         let context = match options.gate.enforce && !quality.recommend_latent {
             true => None,
             false => {
-                let mut cache = KvCache::default();
+                let mut cache = Cache::default();
                 let h = decoder.forward_embeds(e, &mut cache)?;
                 Some(Context {
                     model_hash: own.clone(),
                     model_family: self.config().family.clone(),
-                    kv: Some(cache),
+                    kv: Some(B::wrap(cache)),
                     last_hidden: Some(to_vec(h)?),
                     num_steps: src.num_steps,
                     prompt_tokens: src.rows as u32,

@@ -1,10 +1,7 @@
 //! Where the decoder runs: the CPU (burn's pure-Rust `flex` backend, always built)
-//! or an NVIDIA GPU (burn-cuda, with the `cuda` feature).
-//!
-//! burn 0.21's `Dispatch` backend picks its kernels from the device at run time, so
-//! one build serves both and the model code carries no backend type parameter:
-//! [`Tensor`] is burn's tensor on that backend, and a [`Device`] chosen when the model
-//! loads decides where every tensor of that model lives.
+//! or an NVIDIA GPU (burn-cuda, with the `cuda` feature). The [`Device`] chosen
+//! when a model loads picks its [engine](crate::engine) and so where every
+//! tensor of that model lives.
 //!
 //! ```
 //! use avp_model::Device;
@@ -19,19 +16,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use burn::tensor::Float;
-
 use crate::error::{ModelError, Result};
-
-/// The burn backend every model tensor uses (run-time dispatch between CPU and GPU).
-pub type Backend = burn::Dispatch;
-
-/// A burn tensor on [`Backend`]: `Tensor<2>` is a float matrix, `Tensor<1, Int>` an
-/// index vector.
-pub type Tensor<const D: usize, K = Float> = burn::tensor::Tensor<Backend, D, K>;
-
-/// burn's device handle for [`Backend`].
-pub(crate) type BurnDevice = burn::DispatchDevice;
 
 /// The hardware a model runs on. Parses from `cpu`, `cuda` (GPU 0) and `cuda:N`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -44,25 +29,19 @@ pub enum Device {
 }
 
 impl Device {
-    /// burn's handle for this device, after checking that it can be used here: a
-    /// CUDA device needs a build with the `cuda` feature and the CUDA driver library.
-    pub(crate) fn burn(self) -> Result<BurnDevice> {
-        match self {
-            Device::Cpu => Ok(BurnDevice::Flex(burn::backend::flex::FlexDevice)),
-            Device::Cuda(index) => cuda_device(index),
-        }
-    }
-
     /// Whether a model can be loaded onto this device here: the feature is built
     /// in and, for CUDA, the driver and NVRTC libraries load, the driver starts and
     /// the ordinal exists. The error says which of these is missing.
     pub fn check(self) -> Result<()> {
-        self.burn().map(drop)
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(index) => cuda_usable(index),
+        }
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_device(index: usize) -> Result<BurnDevice> {
+fn cuda_usable(index: usize) -> Result<()> {
     let unusable = |why: String| ModelError::Device(format!("cuda:{index} cannot be used: {why}"));
     // burn-cuda panics on each of these at first use; ask first. SAFETY: the two
     // checks only try to dlopen the libraries (cudarc's `fallback-dynamic-loading`).
@@ -87,11 +66,11 @@ fn cuda_device(index: usize) -> Result<BurnDevice> {
             "this machine has {count} CUDA device(s) (check CUDA_VISIBLE_DEVICES)"
         )));
     }
-    Ok(BurnDevice::Cuda(burn::backend::cuda::CudaDevice { index }))
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_device(index: usize) -> Result<BurnDevice> {
+fn cuda_usable(index: usize) -> Result<()> {
     Err(ModelError::Device(format!(
         "cuda:{index} needs avp built with the `cuda` feature (cargo build --features cuda)"
     )))

@@ -56,6 +56,9 @@ pub enum ModelError {
     /// A message could not be read or written.
     #[error(transparent)]
     Wire(#[from] avp_wire::WireError),
+    /// A transport's copy of a message section into a model's tensors failed.
+    #[error("copying a message section into the model: {0}")]
+    Transfer(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The tensor backend failed.
     #[error("tensor backend: {0}")]
     Tensor(String),

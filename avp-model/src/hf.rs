@@ -167,7 +167,7 @@ impl Weights for HfDir {
                 )));
             }
         };
-        let values = crate::decoder::decode_floats(t.data(), dtype)?;
+        let values = crate::kv::decode_floats(t.data(), dtype)?;
         Ok(Loaded {
             values,
             shape: t.shape().to_vec(),

@@ -15,10 +15,12 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::activation::softmax;
 
-use crate::device::Tensor;
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::decoder::{Decoder, to_vec};
+use crate::engine::Engine;
 use crate::error::{ModelError, Result};
 
 /// The ridge λ of the realignment solve.
@@ -26,7 +28,7 @@ pub const RIDGE_LAMBDA: f64 = 1e-5;
 
 /// How hidden states become input embeddings for one model.
 #[derive(Clone)]
-pub enum LatentMap {
+pub enum LatentMap<B: Backend> {
     /// Soft embedding through the (tied) vocabulary.
     Soft {
         /// Mean L2 norm of the input embedding rows.
@@ -35,17 +37,17 @@ pub enum LatentMap {
     /// Ridge realignment (untied embeddings).
     Realign {
         /// `[hidden, hidden]`, applied as `h·W`.
-        w: Box<Tensor<2>>,
+        w: Box<Tensor<B, 2>>,
         /// Mean L2 norm of the input embedding rows.
         target_norm: f32,
     },
 }
 
-impl LatentMap {
+impl<B: Engine> LatentMap<B> {
     /// The map for `decoder`: soft embedding when its embeddings are tied, else the
     /// realignment matrix, read from `cache` (a file path) when present and valid,
     /// else computed and written there.
-    pub fn for_decoder(decoder: &Decoder, cache: Option<&Path>) -> Result<LatentMap> {
+    pub fn for_decoder(decoder: &Decoder<B>, cache: Option<&Path>) -> Result<LatentMap<B>> {
         let target_norm = mean_row_norm(decoder.input_embeddings())?;
         if decoder.config().tied_embeddings {
             return Ok(LatentMap::Soft { target_norm });
@@ -77,15 +79,8 @@ impl LatentMap {
         })
     }
 
-    /// The cache file of the realignment matrix of the model with `model_hash`.
-    pub fn cache_path(cache_dir: &Path, model_hash: &str) -> PathBuf {
-        cache_dir
-            .join("realign")
-            .join(format!("{model_hash}.safetensors"))
-    }
-
     /// Input embeddings `[n, hidden]` for final-normed hidden states `h` `[n, hidden]`.
-    pub fn apply(&self, decoder: &Decoder, h: Tensor<2>) -> Tensor<2> {
+    pub fn apply(&self, decoder: &Decoder<B>, h: Tensor<B, 2>) -> Tensor<B, 2> {
         let (a, target_norm) = match self {
             LatentMap::Soft { target_norm } => {
                 let p = softmax(h.matmul(decoder.output_projection().clone()), 1);
@@ -106,15 +101,22 @@ impl LatentMap {
     }
 }
 
+/// The cache file of the realignment matrix of the model with `model_hash`.
+pub fn cache_path(cache_dir: &Path, model_hash: &str) -> PathBuf {
+    cache_dir
+        .join("realign")
+        .join(format!("{model_hash}.safetensors"))
+}
+
 /// Each row of `a` scaled to L2 norm `target` (rows with norm below 1e-6 are divided
 /// by 1e-6 instead).
-pub fn rescale(a: Tensor<2>, target: f32) -> Tensor<2> {
+pub fn rescale<B: Backend>(a: Tensor<B, 2>, target: f32) -> Tensor<B, 2> {
     let norm = a.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-6);
     a * (norm.recip() * target)
 }
 
 /// Mean L2 norm of the rows of `m`.
-pub fn mean_row_norm(m: &Tensor<2>) -> Result<f32> {
+pub fn mean_row_norm<B: Backend>(m: &Tensor<B, 2>) -> Result<f32> {
     let norms = m.clone().powf_scalar(2.0).sum_dim(1).sqrt().mean();
     Ok(to_vec(norms)?[0])
 }
@@ -124,7 +126,7 @@ pub fn mean_row_norm(m: &Tensor<2>) -> Result<f32> {
 ///
 /// The two Gram products run on the tensor backend in f32 (as the reference does);
 /// the symmetric positive-definite solve runs in f64 (Cholesky).
-pub fn realign_matrix(output: &Tensor<2>, input: &Tensor<2>) -> Result<Vec<f32>> {
+pub fn realign_matrix<B: Backend>(output: &Tensor<B, 2>, input: &Tensor<B, 2>) -> Result<Vec<f32>> {
     let [d, v] = output.dims();
     if input.dims() != [v, d] {
         return Err(ModelError::Invalid(format!(
@@ -158,7 +160,7 @@ fn read_cached(path: &Path, d: usize) -> Option<Vec<f32>> {
         tracing::warn!(path = %path.display(), "ignoring a realignment cache of the wrong shape");
         return None;
     }
-    let w = crate::decoder::decode_floats(t.data(), avp_wire::DType::F32).ok()?;
+    let w = crate::kv::decode_floats(t.data(), avp_wire::DType::F32).ok()?;
     w.iter().all(|x| x.is_finite()).then_some(w)
 }
 
@@ -176,11 +178,8 @@ fn write_cached(path: &Path, w: &[f32], d: usize) -> std::result::Result<(), Str
 /// A `[rows, cols]` tensor of `values` on the CPU (unit tests; callers use
 /// [`Decoder::matrix`], which puts it on the model's device).
 #[cfg(test)]
-pub(crate) fn tensor(values: Vec<f32>, rows: usize, cols: usize) -> Tensor<2> {
-    Tensor::from_data(
-        burn::tensor::TensorData::new(values, [rows, cols]),
-        &crate::Device::Cpu.burn().expect("the CPU is always there"),
-    )
+pub(crate) fn tensor(values: Vec<f32>, rows: usize, cols: usize) -> Tensor<crate::engine::Cpu, 2> {
+    crate::decoder::matrix(values, rows, cols, &Default::default())
 }
 
 #[cfg(test)]

@@ -14,17 +14,25 @@
 //! # Ok::<(), avp_model::ModelError>(())
 //! ```
 
+use std::any::Any;
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::device::{Device, Tensor};
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
 use tokenizers::Tokenizer;
+
+use crate::device::Device;
+#[cfg(feature = "cuda")]
+use crate::engine::Gpu;
+use crate::engine::{Cpu, Engine};
+use crate::kv::{Cache, KvCache, KvTarget};
 
 use crate::chat::{ChatMessage, render};
 use crate::config::ModelConfig;
 use crate::context::Context;
-use crate::decoder::{Decoder, KvCache, to_vec};
+use crate::decoder::{Decoder, to_vec};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::hf::HfDir;
@@ -96,14 +104,69 @@ pub struct Generation {
 /// A loaded model, ready to think and generate.
 pub struct Model {
     name: String,
-    decoder: Decoder,
+    pub(crate) engine: Engines,
+    config: ModelConfig,
+    device: Device,
     tokenizer: Tokenizer,
     chat_template: Option<String>,
     stop_ids: Vec<u32>,
     identity: avp_wire::ModelIdentity,
-    latent: OnceLock<LatentMap>,
     embed_norm: OnceLock<f32>,
 }
+
+/// The decoder on the engine the model's device needs.
+pub(crate) enum Engines {
+    Cpu(Box<Core<Cpu>>),
+    #[cfg(feature = "cuda")]
+    Gpu(Box<Core<Gpu>>),
+}
+
+/// A decoder and what is derived from its weights.
+pub(crate) struct Core<B: Engine> {
+    pub(crate) decoder: Decoder<B>,
+    latent: OnceLock<LatentMap<B>>,
+}
+
+impl<B: Engine> Core<B> {
+    fn engine(decoder: Decoder<B>) -> Engines {
+        let core: Box<dyn Any> = Box::new(Core {
+            decoder,
+            latent: OnceLock::new(),
+        });
+        #[cfg(feature = "cuda")]
+        let core = match core.downcast::<Core<Gpu>>() {
+            Ok(c) => return Engines::Gpu(c),
+            Err(other) => other,
+        };
+        Engines::Cpu(
+            core.downcast::<Core<Cpu>>()
+                .expect("an engine is Cpu or Gpu"),
+        )
+    }
+
+    /// The hidden → input-embedding map, computed (or read from the on-disk
+    /// cache under `model_hash`) on first use.
+    pub(crate) fn latent_map(&self, model_hash: &str) -> Result<&LatentMap<B>> {
+        if let Some(m) = self.latent.get() {
+            return Ok(m);
+        }
+        let cache = crate::latent::cache_path(&crate::fetch::cache_dir(), model_hash);
+        let m = LatentMap::for_decoder(&self.decoder, Some(&cache))?;
+        Ok(self.latent.get_or_init(|| m))
+    }
+}
+
+/// `$body` with `$core` bound to the model's `&Core<B>`, for its engine `B`.
+macro_rules! on_engine {
+    ($model:expr, $core:ident => $body:expr) => {
+        match &$model.engine {
+            Engines::Cpu($core) => $body,
+            #[cfg(feature = "cuda")]
+            Engines::Gpu($core) => $body,
+        }
+    };
+}
+pub(crate) use on_engine;
 
 impl Model {
     /// Load a model by name (`smollm2`, `qwen2.5-coder-0.5b`: fetched and cached on
@@ -133,7 +196,12 @@ impl Model {
 
     /// Build from an opened GGUF file; `name` is the model id in its identity.
     pub fn from_gguf(g: &GgufFile, name: &str, device: Device) -> Result<Model> {
-        let decoder = Decoder::load(g, device)?;
+        let config = ModelConfig::from_gguf(g)?;
+        let weights = crate::weights::GgufWeights {
+            file: g,
+            config: &config,
+        };
+        let engine = engine(config.clone(), &weights, device)?;
         let tokenizer = crate::tokenizer::from_gguf(g)?;
         let chat_template = g
             .metadata
@@ -145,13 +213,20 @@ impl Model {
             .get("tokenizer.ggml.eos_token_id")
             .and_then(|v| v.as_u64())
             .map(|v| v as u32);
-        Ok(Self::assemble(name, decoder, tokenizer, chat_template, eos))
+        Ok(Self::assemble(
+            name,
+            (engine, config, device),
+            tokenizer,
+            chat_template,
+            eos,
+        ))
     }
 
     /// Load a Hugging Face directory (config.json, safetensors, tokenizer.json).
     pub fn from_hf_dir(path: &Path, device: Device) -> Result<Model> {
         let dir = HfDir::open(path)?;
-        let decoder = Decoder::from_weights(dir.config()?, &dir, device)?;
+        let config = dir.config()?;
+        let engine = engine(config.clone(), &dir, device)?;
         let tokenizer = dir.tokenizer()?;
         let eos = dir
             .eos_token()
@@ -162,7 +237,7 @@ impl Model {
             .map_or("model".into(), |s| s.to_string_lossy().into_owned());
         Ok(Self::assemble(
             &name,
-            decoder,
+            (engine, config, device),
             tokenizer,
             dir.chat_template(),
             eos,
@@ -171,7 +246,7 @@ impl Model {
 
     fn assemble(
         name: &str,
-        decoder: Decoder,
+        (engine, config, device): (Engines, ModelConfig, Device),
         tokenizer: Tokenizer,
         chat_template: Option<String>,
         eos: Option<u32>,
@@ -180,15 +255,16 @@ impl Model {
         stop_ids.extend(END_TOKENS.iter().filter_map(|t| tokenizer.token_to_id(t)));
         stop_ids.sort_unstable();
         stop_ids.dedup();
-        let identity = decoder.config().identity(name, &tokenizer);
+        let identity = config.identity(name, &tokenizer);
         Model {
             name: name.into(),
-            decoder,
+            engine,
+            config,
+            device,
             tokenizer,
             chat_template,
             stop_ids,
             identity,
-            latent: OnceLock::new(),
             embed_norm: OnceLock::new(),
         }
     }
@@ -200,7 +276,12 @@ impl Model {
 
     /// The architecture.
     pub fn config(&self) -> &ModelConfig {
-        self.decoder.config()
+        &self.config
+    }
+
+    /// Where the model runs.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     /// The handshake identity (config hash, tokenizer hash, shapes).
@@ -208,9 +289,14 @@ impl Model {
         &self.identity
     }
 
-    /// The decoder.
-    pub fn decoder(&self) -> &Decoder {
-        &self.decoder
+    /// The decoder, when the model runs on engine `B` (`None` on another):
+    /// `model.decoder::<Cpu>()` for a model on the CPU.
+    pub fn decoder<B: Engine>(&self) -> Option<&Decoder<B>> {
+        self.core::<B>().map(|c| &c.decoder)
+    }
+
+    pub(crate) fn core<B: Engine>(&self) -> Option<&Core<B>> {
+        on_engine!(self, c => (&**c as &dyn Any).downcast_ref::<Core<B>>())
     }
 
     /// The tokenizer.
@@ -249,15 +335,20 @@ impl Model {
             .map_err(|e| ModelError::Invalid(format!("detokenizing: {e}")))
     }
 
-    /// The hidden → input-embedding map (computed, or read from the on-disk cache,
-    /// on first use).
-    pub fn latent_map(&self) -> Result<&LatentMap> {
-        if let Some(m) = self.latent.get() {
-            return Ok(m);
-        }
-        let cache = LatentMap::cache_path(&crate::fetch::cache_dir(), &self.identity.model_hash);
-        let m = LatentMap::for_decoder(&self.decoder, Some(&cache))?;
-        Ok(self.latent.get_or_init(|| m))
+    /// The hidden → input-embedding map of the model on engine `B` (computed,
+    /// or read from the on-disk cache, on first use).
+    pub fn latent_map<B: Engine>(&self) -> Result<&LatentMap<B>> {
+        self.core::<B>()
+            .ok_or_else(|| self.not_on::<B>())?
+            .latent_map(&self.identity.model_hash)
+    }
+
+    fn not_on<B: Engine>(&self) -> ModelError {
+        ModelError::Device(format!(
+            "the model runs on {}, not on the {} engine",
+            self.device,
+            std::any::type_name::<B>()
+        ))
     }
 
     /// The mean L2 norm of the input embedding rows (what projected and realigned
@@ -266,8 +357,39 @@ impl Model {
         if let Some(n) = self.embed_norm.get() {
             return Ok(*n);
         }
-        let n = crate::latent::mean_row_norm(self.decoder.input_embeddings())?;
+        let n = on_engine!(self, c => crate::latent::mean_row_norm(c.decoder.input_embeddings()))?;
         Ok(*self.embed_norm.get_or_init(|| n))
+    }
+
+    /// Run `ids` after the positions already in `cache` (which grows by
+    /// `ids.len()`, and moves to this model's device first if it is elsewhere),
+    /// and return the logits of the last position.
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        on_engine!(self, c => {
+            let mut on = cache.on(c.decoder.burn_device());
+            let logits = c.decoder.forward(ids, &mut on);
+            *cache = Engine::wrap(on);
+            logits
+        })
+    }
+
+    /// A KV cache for a message described by `desc` whose sections `fill`
+    /// writes where this model's tensors live: `KvTarget::Device` on a GPU
+    /// (in place: a transport copies device to device), `KvTarget::Host` on
+    /// the CPU or for a dtype or layout the model converts (f16, bf16, NHD).
+    /// Section `i` is K of layer `i / 2` for even `i`, V for odd.
+    pub fn kv_from_sections(
+        &self,
+        desc: &avp_wire::KvCacheDesc,
+        mut fill: impl FnMut(usize, KvTarget<'_>) -> std::result::Result<(), BoxError>,
+    ) -> Result<KvCache> {
+        let mut fill = |i: usize, t: KvTarget<'_>| fill(i, t).map_err(ModelError::Transfer);
+        on_engine!(self, c => c.decoder.cache_from_fill(desc, &mut fill).map(Engine::wrap))
+    }
+
+    /// A KV cache read from a host message's sections (any dtype and layout).
+    pub(crate) fn kv_from_message(&self, msg: &avp_wire::Message<'_>) -> Result<KvCache> {
+        on_engine!(self, c => c.decoder.read_cache(msg).map(Engine::wrap))
     }
 
     /// Check `ctx` was made by this model.
@@ -284,14 +406,19 @@ impl Model {
     /// The cache to continue from: a copy of the context's, or, for a
     /// hidden-state-only context, a fresh cache holding the realigned hidden state as
     /// one prefix position. Returns the cache and the positions prefilled here.
-    fn start_cache(&self, ctx: Option<&Context>) -> Result<(KvCache, usize)> {
+    fn start_cache<B: Engine>(
+        &self,
+        core: &Core<B>,
+        ctx: Option<&Context>,
+    ) -> Result<(Cache<B>, usize)> {
         let Some(ctx) = ctx else {
-            return Ok((KvCache::default(), 0));
+            return Ok((Cache::default(), 0));
         };
         self.check(ctx)?;
+        let decoder = &core.decoder;
         if let Some(kv) = &ctx.kv {
             // A context from this model on another device (same model hash) moves here.
-            return Ok((kv.to_device(self.decoder.burn_device()), 0));
+            return Ok((kv.on(decoder.burn_device()), 0));
         }
         let h = ctx.last_hidden.as_ref().ok_or_else(|| {
             ModelError::Invalid("the context has neither a KV cache nor a hidden state".into())
@@ -303,10 +430,12 @@ impl Model {
                 h.len()
             )));
         }
-        let h = self.decoder.matrix(h.clone(), 1, d);
-        let e = self.latent_map()?.apply(&self.decoder, h);
-        let mut cache = KvCache::default();
-        self.decoder.forward_embeds(e, &mut cache)?;
+        let h = decoder.matrix(h.clone(), 1, d);
+        let e = core
+            .latent_map(&self.identity.model_hash)?
+            .apply(decoder, h);
+        let mut cache = Cache::default();
+        decoder.forward_embeds(e, &mut cache)?;
         Ok((cache, 1))
     }
 
@@ -326,17 +455,28 @@ impl Model {
         steps: u32,
         context: Option<&Context>,
     ) -> Result<Context> {
-        let (mut cache, injected) = self.start_cache(context)?;
-        let mut h = self
-            .decoder
-            .forward_embeds(self.decoder.embed(ids)?, &mut cache)?;
+        on_engine!(self, c => self.think_on(c, ids, steps, context))
+    }
+
+    fn think_on<B: Engine>(
+        &self,
+        core: &Core<B>,
+        ids: &[u32],
+        steps: u32,
+        context: Option<&Context>,
+    ) -> Result<Context> {
+        let decoder = &core.decoder;
+        let (mut cache, injected) = self.start_cache(core, context)?;
+        let mut h = decoder.forward_embeds(decoder.embed(ids)?, &mut cache)?;
         let mut last = finite(&h)?
             .ok_or_else(|| ModelError::Invalid("the prompt's hidden state is not finite".into()))?;
         let mut done = 0;
         for step in 0..steps {
-            let e = self.latent_map()?.apply(&self.decoder, h);
+            let e = core
+                .latent_map(&self.identity.model_hash)?
+                .apply(decoder, h);
             let before = cache.len();
-            h = self.decoder.forward_embeds(e, &mut cache)?;
+            h = decoder.forward_embeds(e, &mut cache)?;
             match finite(&h)? {
                 Some(v) => last = v,
                 None => {
@@ -351,7 +491,7 @@ impl Model {
         Ok(Context {
             model_hash: self.identity.model_hash.clone(),
             model_family: self.config().family.clone(),
-            kv: Some(cache),
+            kv: Some(B::wrap(cache)),
             last_hidden: Some(last),
             num_steps: prior.0 + done,
             prompt_tokens: prior.1 + (ids.len() + injected) as u32,
@@ -381,10 +521,22 @@ impl Model {
         ids: &[u32],
         context: Option<&Context>,
         options: &GenerateOptions,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        on_engine!(self, c => self.generate_on(c, ids, context, options, on_text))
+    }
+
+    fn generate_on<B: Engine>(
+        &self,
+        core: &Core<B>,
+        ids: &[u32],
+        context: Option<&Context>,
+        options: &GenerateOptions,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
+        let decoder = &core.decoder;
         let started = Instant::now();
-        let (mut cache, injected) = self.start_cache(context)?;
+        let (mut cache, injected) = self.start_cache(core, context)?;
         let reused = cache.len() - injected;
         let mut sampler = Sampler::new(options.sampling);
         let mut out = Vec::new();
@@ -392,7 +544,7 @@ impl Model {
         let mut ttft = None;
         let mut stop = StopReason::Length;
         let mut answer = String::new();
-        let mut logits = self.decoder.forward(ids, &mut cache)?;
+        let mut logits = decoder.forward(ids, &mut cache)?;
         while out.len() < options.max_tokens {
             let next = sampler.pick(&logits);
             ttft.get_or_insert_with(|| started.elapsed());
@@ -422,7 +574,7 @@ impl Model {
             if out.len() == options.max_tokens {
                 break;
             }
-            logits = self.decoder.forward(&[next], &mut cache)?;
+            logits = decoder.forward(&[next], &mut cache)?;
         }
         if answer.len() > shown && answer.is_char_boundary(shown) {
             on_text(&answer[shown..]);
@@ -439,8 +591,30 @@ impl Model {
     }
 }
 
+/// The error a transport's copy returns into [`Model::kv_from_sections`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The decoder for `config` from `weights` on the engine `device` needs.
+fn engine(
+    config: ModelConfig,
+    weights: &dyn crate::weights::Weights,
+    device: Device,
+) -> Result<Engines> {
+    match device {
+        Device::Cpu => Ok(Core::engine(Decoder::<Cpu>::from_weights(
+            config, weights, device,
+        )?)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Ok(Core::engine(Decoder::<Gpu>::from_weights(
+            config, weights, device,
+        )?)),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => device.check().map(|()| unreachable!("check refuses cuda")),
+    }
+}
+
 /// `h`'s values if all are finite.
-fn finite(h: &Tensor<2>) -> Result<Option<Vec<f32>>> {
+fn finite<B: Backend>(h: &Tensor<B, 2>) -> Result<Option<Vec<f32>>> {
     let v = to_vec(h.clone())?;
     Ok(v.iter().all(|x| x.is_finite()).then_some(v))
 }

@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Int, TensorData};
 
-use crate::device::Tensor;
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};
@@ -175,14 +176,14 @@ impl ProjectionMap {
     /// input embeddings (`[n, D_tgt]`), one per row. `source_output` is the source's
     /// output projection (`[D_src, V_src]`), `target_embed` the target's input
     /// embeddings (`[V_tgt, D_tgt]`), `target_norm` their mean row norm.
-    pub fn project(
+    pub fn project<B: Backend>(
         &self,
-        h: Tensor<2>,
-        source_output: &Tensor<2>,
-        target_embed: &Tensor<2>,
+        h: Tensor<B, 2>,
+        source_output: &Tensor<B, 2>,
+        target_embed: &Tensor<B, 2>,
         temperature: f32,
         target_norm: f32,
-    ) -> Result<Tensor<2>> {
+    ) -> Result<Tensor<B, 2>> {
         let [d_src, _] = source_output.dims();
         if h.dims()[1] != d_src {
             return Err(ModelError::Invalid(format!(
@@ -198,13 +199,13 @@ impl ProjectionMap {
     /// (`[n, V_src]`, i.e. `h·W_src`) to target input embeddings (`[n, D_tgt]`).
     /// This is what runs on the target's side of a cross-model handoff: the sender
     /// computes its logits with its own weights, the receiver needs only its own.
-    pub fn project_logits(
+    pub fn project_logits<B: Backend>(
         &self,
-        logits: Tensor<2>,
-        target_embed: &Tensor<2>,
+        logits: Tensor<B, 2>,
+        target_embed: &Tensor<B, 2>,
         temperature: f32,
         target_norm: f32,
-    ) -> Result<Tensor<2>> {
+    ) -> Result<Tensor<B, 2>> {
         if !(temperature > 0.0 && temperature.is_finite()) {
             return Err(ModelError::Invalid(format!(
                 "projection temperature must be > 0, found {temperature}"
@@ -217,11 +218,11 @@ impl ProjectionMap {
 
     /// The source logits over the shared tokens and the target embedding rows of
     /// the same tokens, in the same order.
-    fn restrict(
+    fn restrict<B: Backend>(
         &self,
-        logits: Tensor<2>,
-        target_embed: &Tensor<2>,
-    ) -> Result<(Tensor<2>, Tensor<2>)> {
+        logits: Tensor<B, 2>,
+        target_embed: &Tensor<B, 2>,
+    ) -> Result<(Tensor<B, 2>, Tensor<B, 2>)> {
         let [n, v_src] = logits.dims();
         let [v_tgt, d_tgt] = target_embed.dims();
         Ok(match self.method {
@@ -242,7 +243,12 @@ impl ProjectionMap {
     }
 
     /// The shared ids as an index tensor, each checked against `bound`.
-    fn index(&self, ids: &[u32], bound: usize, like: &Tensor<2>) -> Result<Tensor<1, Int>> {
+    fn index<B: Backend>(
+        &self,
+        ids: &[u32],
+        bound: usize,
+        like: &Tensor<B, 2>,
+    ) -> Result<Tensor<B, 1, Int>> {
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= bound) {
             return Err(ModelError::Invalid(format!(
                 "map {} index {bad} is outside a vocabulary of {bound}",

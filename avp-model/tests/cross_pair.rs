@@ -4,6 +4,7 @@
 
 use avp_model::Model;
 use avp_model::crossmodel::{CrossOptions, SourceLogits};
+use avp_model::engine::Cpu;
 use avp_model::latent::mean_row_norm;
 use avp_model::project::{Method, ProjectionMap};
 
@@ -40,14 +41,15 @@ fn smollm2_and_qwen_share_a_vocabulary_path_both_ways() {
         .think_tokens(&small.encode("The capital of France is").unwrap(), 0, None)
         .unwrap();
     let h = small
-        .decoder()
+        .decoder::<Cpu>()
+        .unwrap()
         .matrix(ctx.last_hidden.clone().unwrap(), 1, 576);
-    let target_norm = mean_row_norm(qwen.decoder().input_embeddings()).unwrap();
+    let target_norm = mean_row_norm(qwen.decoder::<Cpu>().unwrap().input_embeddings()).unwrap();
     let e = there
         .project(
             h,
-            small.decoder().output_projection(),
-            qwen.decoder().input_embeddings(),
+            small.decoder::<Cpu>().unwrap().output_projection(),
+            qwen.decoder::<Cpu>().unwrap().input_embeddings(),
             1.0,
             target_norm,
         )
@@ -60,7 +62,7 @@ fn smollm2_and_qwen_share_a_vocabulary_path_both_ways() {
     let paris = qwen.encode(" Paris").unwrap();
     assert_eq!(paris.len(), 1);
     let rows = |ids: &[u32]| -> Vec<Vec<f32>> {
-        let t = qwen.decoder().embed(ids).unwrap();
+        let t = qwen.decoder::<Cpu>().unwrap().embed(ids).unwrap();
         let flat: Vec<f32> = t.into_data().to_vec().unwrap();
         flat.chunks(896).map(<[f32]>::to_vec).collect()
     };
@@ -76,10 +78,10 @@ fn smollm2_and_qwen_share_a_vocabulary_path_both_ways() {
     assert!(to_paris > typical + 0.1, "{to_paris} vs {typical}");
 
     // Qwen reads the projected vector as one position and continues after it.
-    let mut cache = avp_model::KvCache::default();
-    qwen.decoder().forward_embeds(e, &mut cache).unwrap();
-    let logits = qwen
-        .decoder()
+    let mut cache = avp_model::kv::Cache::<Cpu>::default();
+    let qwen_decoder = qwen.decoder::<Cpu>().unwrap();
+    qwen_decoder.forward_embeds(e, &mut cache).unwrap();
+    let logits = qwen_decoder
         .forward(&qwen.encode(" Answer:").unwrap(), &mut cache)
         .unwrap();
     assert_eq!(cache.len(), 1 + 2);

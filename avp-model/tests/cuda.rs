@@ -86,11 +86,9 @@ fn gpu_logits_match_the_cpu() {
     let cpu = cpu_model();
     let ids = cpu.encode("The quick brown fox jumps over the").unwrap();
     let a = cpu
-        .decoder()
         .forward(&ids, &mut avp_model::KvCache::default())
         .unwrap();
     let b = gpu
-        .decoder()
         .forward(&ids, &mut avp_model::KvCache::default())
         .unwrap();
     assert_eq!(a.len(), b.len());
@@ -126,16 +124,63 @@ fn kv_caches_cross_between_cpu_and_gpu_agents() {
 
     let on_cpu = cpu.think(QUESTION, 4, None).unwrap();
     let bytes = on_cpu.to_bytes(avp_wire::Envelope::default()).unwrap();
-    let on_gpu =
-        avp_model::Context::from_bytes(&bytes, gpu.decoder(), &gpu.identity().model_hash).unwrap();
+    let on_gpu = avp_model::Context::from_bytes(&bytes, gpu).unwrap();
     assert_eq!(first(gpu, &on_gpu), first(cpu, &on_cpu));
     assert_eq!(first(gpu, &on_cpu), first(cpu, &on_cpu), "in process");
 
     let back = gpu.think(QUESTION, 4, None).unwrap();
     let bytes = back.to_bytes(avp_wire::Envelope::default()).unwrap();
-    let on_cpu =
-        avp_model::Context::from_bytes(&bytes, cpu.decoder(), &cpu.identity().model_hash).unwrap();
+    let on_cpu = avp_model::Context::from_bytes(&bytes, cpu).unwrap();
     assert_eq!(on_cpu.seq_len(), back.seq_len());
     assert_eq!(first(cpu, &on_cpu), first(gpu, &back));
     assert_eq!(first(cpu, &back), first(gpu, &back), "in process");
+}
+
+/// A GPU model's KV cache is reachable where it lives: every section is device
+/// memory, and a cache rebuilt from those sections device to device (what a
+/// `cuda://` transport does between processes) continues exactly as the
+/// original, and as a cache rebuilt through host memory.
+#[test]
+fn a_gpu_cache_moves_device_to_device() {
+    use avp_model::KvTarget;
+    let Some(gpu) = gpu_model() else { return };
+    let ctx = gpu.think(QUESTION, 4, None).unwrap();
+    let kv = ctx.kv.as_ref().unwrap();
+    assert!(kv.on_gpu());
+    let sections = kv.sections().unwrap();
+    let desc = kv.desc().unwrap();
+    assert_eq!(sections.len(), 2 * desc.num_layers as usize);
+    assert!(
+        sections
+            .iter()
+            .all(|s| s.device().is_some() && s.host().is_none())
+    );
+    let cu = cudarc::driver::CudaContext::new(0).unwrap();
+    cu.bind_to_thread().unwrap();
+    let rebuilt = gpu
+        .kv_from_sections(&desc, |i, target| {
+            let (src, len) = sections[i].device().unwrap();
+            match target {
+                KvTarget::Device { addr, len: n } if n == len => {
+                    // SAFETY: both ranges are `len` bytes of live device memory on GPU 0.
+                    unsafe { cudarc::driver::result::memcpy_dtod_sync(addr, src, len) }
+                        .map_err(|e| format!("{e:?}").into())
+                }
+                other => {
+                    Err(format!("expected device memory of {len} bytes, got {other:?}").into())
+                }
+            }
+        })
+        .unwrap();
+    assert!(rebuilt.on_gpu());
+    assert_eq!(rebuilt.len(), kv.len());
+    let moved = avp_model::Context {
+        kv: Some(rebuilt),
+        ..ctx.clone()
+    };
+    let prompt = "Answer in one sentence.";
+    assert_eq!(
+        greedy_tokens(gpu, Some(&moved), prompt, 8).tokens,
+        greedy_tokens(gpu, Some(&ctx), prompt, 8).tokens
+    );
 }

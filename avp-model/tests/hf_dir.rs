@@ -95,8 +95,7 @@ fn a_hugging_face_directory_loads_as_the_same_model() {
     // A context from one loads in the other: same model, same hash.
     let ctx = from_gguf.think("Paris is", 0, None).unwrap();
     let bytes = ctx.to_bytes(Default::default()).unwrap();
-    avp_model::Context::from_bytes(&bytes, from_dir.decoder(), &from_dir.identity().model_hash)
-        .unwrap();
+    avp_model::Context::from_bytes(&bytes, &from_dir).unwrap();
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! think() and generate(context) on the real default model (SmolLM2-135M-Instruct).
 
+use avp_model::engine::Cpu;
 use std::sync::OnceLock;
 
 use avp_model::latent::{mean_row_norm, realign_matrix};
@@ -70,13 +71,13 @@ fn the_soft_embedding_points_at_the_likely_next_token() {
     let m = model();
     let ctx = m.think("What is the capital of France?", 0, None).unwrap();
     let h = ctx.last_hidden.unwrap();
-    let dec = m.decoder();
+    let dec = m.decoder::<Cpu>().unwrap();
     let ht = dec.matrix(h.clone(), 1, 576);
     let logits = dec.logits(&ht).unwrap();
     let top = (0..logits.len())
         .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
         .unwrap();
-    let e = m.latent_map().unwrap().apply(dec, ht);
+    let e = m.latent_map::<Cpu>().unwrap().apply(dec, ht);
     let e: Vec<f32> = e.into_data().to_vec().unwrap();
     let row: Vec<f32> = dec
         .embed(&[top as u32])
@@ -90,7 +91,7 @@ fn the_soft_embedding_points_at_the_likely_next_token() {
         dot / (n(a) * n(b))
     };
     let norm = e.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let target = m.latent_map().unwrap().target_norm();
+    let target = m.latent_map::<Cpu>().unwrap().target_norm();
     assert!((norm - target).abs() < 1e-3 * target, "{norm} vs {target}");
     let soft = cos(&e, &row);
     let raw = cos(&h, &row);
@@ -101,7 +102,7 @@ fn the_soft_embedding_points_at_the_likely_next_token() {
 fn realignment_of_tied_embeddings_is_the_identity() {
     // SmolLM2 ties its embeddings, so E_out = E_in and W must come out ≈ I: the full
     // 576 x 576 solve on real weights.
-    let dec = model().decoder();
+    let dec = model().decoder::<Cpu>().unwrap();
     let w = realign_matrix(dec.output_projection(), dec.input_embeddings()).unwrap();
     let worst = (0..576)
         .flat_map(|r| (0..576).map(move |c| (r, c)))
@@ -120,7 +121,7 @@ fn a_context_survives_the_wire_and_generates_the_same() {
     assert!(matches!(msg.payload(), Payload::KvCache(_)));
     assert_eq!(msg.envelope().model_hash(), m.identity().model_hash);
     assert_eq!(msg.envelope().extra_get("num_steps"), Some("4"));
-    let back = Context::from_bytes(&bytes, m.decoder(), &m.identity().model_hash).unwrap();
+    let back = Context::from_bytes(&bytes, m).unwrap();
     assert_eq!(back.seq_len(), ctx.seq_len());
     assert_eq!(back.num_steps, 4);
     let here = m
@@ -142,7 +143,7 @@ fn a_hidden_state_context_is_injected_as_one_position() {
         panic!("expected a hidden-state message")
     };
     assert_eq!((d.rows, d.dim), (1, 576));
-    let back = Context::from_bytes(&bytes, m.decoder(), &m.identity().model_hash).unwrap();
+    let back = Context::from_bytes(&bytes, m).unwrap();
     assert!(back.kv.is_none());
     let q = m.encode(&m.render(QUESTION).unwrap()).unwrap();
     let a = m
@@ -169,9 +170,7 @@ fn a_context_from_another_model_is_refused_naming_both_hashes() {
     let text = err.to_string();
     assert!(text.contains(&"ab".repeat(32)) && text.contains(&m.identity().model_hash));
     let bytes = ctx.to_bytes(Envelope::default()).unwrap();
-    let err = Context::from_bytes(&bytes, m.decoder(), &m.identity().model_hash)
-        .err()
-        .unwrap();
+    let err = Context::from_bytes(&bytes, m).err().unwrap();
     assert!(matches!(err, ModelError::ForeignContext { .. }), "{err}");
 }
 
@@ -193,7 +192,7 @@ fn the_v1_export_carries_the_cache_for_the_python_reference() {
     assert_eq!(kv.header.num_layers, 30);
     assert_eq!(kv.header.seq_len as usize, ctx.seq_len());
     // And back: v1 bytes read as a context give the same continuation.
-    let back = Context::from_bytes(&v1, m.decoder(), &m.identity().model_hash).unwrap();
+    let back = Context::from_bytes(&v1, m).unwrap();
     let here = m
         .generate(QUESTION, Some(&ctx), &greedy(6), |_| {})
         .unwrap();

@@ -3,6 +3,7 @@
 //! independent numpy decoder over a Hugging Face conversion of the same file
 //! (../shared tools `gguf2hf.py` + `npgen.py`, run once; values committed here).
 
+use avp_model::engine::Cpu;
 use std::sync::OnceLock;
 
 use avp_model::{GenerateOptions, LatentMap, Model};
@@ -51,22 +52,27 @@ fn greedy_answer_matches_the_numpy_reference() {
 #[test]
 fn latent_steps_use_a_cached_realignment() {
     let m = model();
-    let map = m.latent_map().unwrap();
+    let map = m.latent_map::<Cpu>().unwrap();
     let LatentMap::Realign { target_norm, .. } = map else {
         panic!("untied embeddings need realignment")
     };
     assert!(*target_norm > 0.0);
-    let cache = LatentMap::cache_path(&avp_model::fetch::cache_dir(), &m.identity().model_hash);
+    let cache =
+        avp_model::latent::cache_path(&avp_model::fetch::cache_dir(), &m.identity().model_hash);
     assert!(cache.is_file(), "{} written", cache.display());
     // Read back from the cache, the map is the same.
-    let again = LatentMap::for_decoder(m.decoder(), Some(&cache)).unwrap();
-    let h = m.decoder().matrix(vec![0.01; 896], 1, 896);
+    let again = LatentMap::for_decoder(m.decoder::<Cpu>().unwrap(), Some(&cache)).unwrap();
+    let h = m.decoder::<Cpu>().unwrap().matrix(vec![0.01; 896], 1, 896);
     let a: Vec<f32> = map
-        .apply(m.decoder(), h.clone())
+        .apply(m.decoder::<Cpu>().unwrap(), h.clone())
         .into_data()
         .to_vec()
         .unwrap();
-    let b: Vec<f32> = again.apply(m.decoder(), h).into_data().to_vec().unwrap();
+    let b: Vec<f32> = again
+        .apply(m.decoder::<Cpu>().unwrap(), h)
+        .into_data()
+        .to_vec()
+        .unwrap();
     assert_eq!(a, b);
     let ctx = m.think("def add(a, b):", 3, None).unwrap();
     assert_eq!(ctx.num_steps, 3, "no NaN stop");

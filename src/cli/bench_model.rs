@@ -60,7 +60,6 @@ pub fn run(a: ModelArgs) -> anyhow::Result<()> {
     let model = Model::load_on(&a.model, !a.json, a.run_on.device)
         .with_context(|| format!("load {}", a.model))?;
     let reps = a.reps.max(1);
-    let decoder = model.decoder();
 
     // Prefill: 128 tokens into an empty cache.
     let prompt = context_tokens(&model, 128)?;
@@ -68,7 +67,7 @@ pub fn run(a: ModelArgs) -> anyhow::Result<()> {
         (0..reps)
             .map(|_| {
                 let t = Instant::now();
-                decoder
+                model
                     .forward(&prompt, &mut KvCache::default())
                     .map(|_| ms(t.elapsed()))
             })
@@ -80,11 +79,11 @@ pub fn run(a: ModelArgs) -> anyhow::Result<()> {
         (0..reps)
             .map(|_| -> anyhow::Result<f64> {
                 let mut cache = KvCache::default();
-                decoder.forward(&prompt, &mut cache)?;
+                model.forward(&prompt, &mut cache)?;
                 let t = Instant::now();
                 let mut next = prompt[0];
                 for _ in 0..decode_n {
-                    let logits = decoder.forward(&[next], &mut cache)?;
+                    let logits = model.forward(&[next], &mut cache)?;
                     next = argmax(&logits);
                 }
                 Ok(ms(t.elapsed()))
@@ -249,11 +248,7 @@ fn handoff(model: &Model, n: usize, reps: usize) -> anyhow::Result<(f64, f64, u6
         for _ in 0..reps {
             go_tx.send(()).ok();
             let guard = rx.recv(Duration::from_secs(30))?;
-            let received = Context::from_message(
-                guard.message(),
-                model.decoder(),
-                &model.identity().model_hash,
-            )?;
+            let received = Context::from_message(guard.message(), model)?;
             drop(guard);
             model.generate_tokens(&question, Some(&received), &one, |_| {})?;
             let t0 = sent_rx.recv()?;

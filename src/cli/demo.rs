@@ -20,9 +20,16 @@ const DEFAULT_TASK: &str = "Natalia sold clips to 48 of her friends in April, an
 /// Arguments of `avp demo`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// How the agents reach each other (shm: shared memory; tcp: loopback TCP).
-    #[arg(long, value_enum, default_value = "shm")]
-    transport: Transport,
+    /// How the agents reach each other (shm: shared memory; tcp: loopback TCP;
+    /// cuda: shared memory with the KV cache in GPU memory, device to device).
+    /// Default: cuda for a model on a GPU (`--device cuda`), else shm.
+    #[arg(long, value_enum)]
+    transport: Option<Transport>,
+    /// The device a `cuda` transport's messages use: `cuda:N` (default: the
+    /// model's GPU) or `emulated` (host memory standing in for a GPU: the
+    /// protocol without one, reported as such).
+    #[arg(long)]
+    transport_device: Option<avp_transport::Device>,
     /// The researcher's latent steps.
     #[arg(long, default_value_t = 10)]
     steps: u32,
@@ -49,10 +56,21 @@ pub struct Args {
     json: bool,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Transport {
     Shm,
     Tcp,
+    Cuda,
+}
+
+impl Args {
+    fn transport(&self) -> Transport {
+        match (self.transport, self.run_on.device) {
+            (Some(t), _) => t,
+            (None, avp_model::Device::Cuda(_)) => Transport::Cuda,
+            (None, avp_model::Device::Cpu) => Transport::Shm,
+        }
+    }
 }
 
 struct Agent {
@@ -103,9 +121,11 @@ impl Drop for Agent {
 
 /// One mode's row of the table.
 fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
-    let addr = match a.transport {
-        Transport::Shm => format!("shm://avp-demo-{}-{}", std::process::id(), mode.name()),
+    let name = format!("avp-demo-{}-{}", std::process::id(), mode.name());
+    let addr = match a.transport() {
+        Transport::Shm => format!("shm://{name}"),
         Transport::Tcp => "tcp://127.0.0.1:0".into(),
+        Transport::Cuda => format!("cuda://{name}"),
     };
     let mut common = vec![
         "--mode".into(),
@@ -119,8 +139,11 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
         "--device".into(),
         a.run_on.device.to_string(),
     ];
-    if matches!(a.transport, Transport::Tcp) {
+    if a.transport() == Transport::Tcp {
         common.push("--no-shm-upgrade".into());
+    }
+    if let Some(d) = a.transport_device {
+        common.extend(["--transport-device".into(), d.to_string()]);
     }
     if a.enforce_quality {
         common.push("--enforce-quality".into());
@@ -176,6 +199,9 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
         "researcher_model": a.source_model.as_ref().unwrap_or(&a.model),
         "solver_model": a.model,
         "session": s["session"],
+        "kv_on_device": sr.on_device,
+        "host_device_bytes": rr.host_device_bytes + sr.host_device_bytes,
+        "device_to_device_bytes": rr.device_to_device_bytes + sr.device_to_device_bytes,
     }))
 }
 
@@ -218,12 +244,24 @@ fn direct(a: &Args) -> anyhow::Result<Value> {
         "researcher_model": "",
         "solver_model": a.model,
         "session": "",
+        "kv_on_device": false,
+        "host_device_bytes": 0,
+        "device_to_device_bytes": 0,
     }))
 }
 
 pub fn run(a: Args) -> anyhow::Result<std::process::ExitCode> {
     // A device that cannot run here fails now, not as an agent's error later.
     a.run_on.device.check()?;
+    if a.transport() == Transport::Cuda
+        && a.transport_device.is_none()
+        && a.run_on.device == avp_model::Device::Cpu
+    {
+        anyhow::bail!(
+            "--transport cuda with a model on the CPU needs --transport-device: cuda:N, or \
+             emulated to run the protocol in host memory"
+        );
+    }
     // Fetch (with a progress bar) before the agents start.
     for name in a.source_model.iter().chain([&a.model]) {
         let path = avp_model::fetch::spec(name)
@@ -273,7 +311,7 @@ fn print_table(rows: &[Value]) {
             v => v.to_string(),
         }
     };
-    let fields: [(&str, &str); 14] = [
+    let fields: [(&str, &str); 15] = [
         ("answer", "answer"),
         ("negotiated mode", "negotiated_mode"),
         ("A sent", "sent"),
@@ -288,6 +326,7 @@ fn print_table(rows: &[Value]) {
         ("end to end (ms)", "end_to_end_ms"),
         ("B: tokens generated", "b_generated_tokens"),
         ("transport", "transport"),
+        ("host<->device bytes", "host_device_bytes"),
     ];
     let width = 34;
     print!("{:<27}", "");

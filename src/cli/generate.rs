@@ -48,7 +48,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let context = match &a.context {
         Some(path) => {
             let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
-            let ctx = Context::from_bytes(&bytes, model.decoder(), &model.identity().model_hash)
+            let ctx = Context::from_bytes(&bytes, &model)
                 .with_context(|| format!("context {}", path.display()))?;
             tracing::info!(
                 positions = ctx.seq_len(),

@@ -199,11 +199,7 @@ pub fn run_one(
                     let bytes = ctx.to_bytes(Envelope::default())?;
                     out.bytes = bytes.len() as u64;
                     out.handoff = "kv_cache".into();
-                    Some(Context::from_bytes(
-                        &bytes,
-                        solver.decoder(),
-                        &solver.identity().model_hash,
-                    )?)
+                    Some(Context::from_bytes(&bytes, solver)?)
                 }
                 Some(map) => {
                     let bytes = SourceLogits::from_context(researcher, &ctx, &map.id())?

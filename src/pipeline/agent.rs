@@ -50,10 +50,14 @@ pub struct ResearcherReport {
     pub sent: String,
     /// The session's mode and why, as negotiated.
     pub negotiated: String,
+    /// Bytes its transport copied between host and device memory (either way).
+    pub host_device_bytes: u64,
+    /// Bytes its transport copied device to device.
+    pub device_to_device_bytes: u64,
 }
 
 /// What the solver did.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct SolverReport {
     /// When it held the validated message (ns since the epoch).
     pub t_recv_ns: u64,
@@ -79,6 +83,12 @@ pub struct SolverReport {
     /// The token the source ranked first, seen in this model's vocabulary
     /// (cross-model).
     pub source_top_token: Option<String>,
+    /// Whether the message's sections were in device memory (`cuda://`).
+    pub on_device: bool,
+    /// Bytes its transport copied between host and device memory (either way).
+    pub host_device_bytes: u64,
+    /// Bytes its transport copied device to device.
+    pub device_to_device_bytes: u64,
 }
 
 /// Agent A: work on `task` and send the result through `tx`.
@@ -121,6 +131,8 @@ pub fn research(
             "{} ({}: {})",
             session.mode, session.path, session.mode_reason
         ),
+        host_device_bytes: 0,
+        device_to_device_bytes: 0,
     };
     let latent = mode == Mode::Latent && session.mode != WireMode::Json;
     if mode == Mode::Direct {
@@ -143,9 +155,7 @@ pub fn research(
             None => {
                 let layout = ctx.layout(envelope)?;
                 report.bytes = layout.total_len() as u64;
-                let mut loan = tx.loan(&layout)?;
-                ctx.write_into(loan.writer())?;
-                loan.finish()?.send()?;
+                super::handoff::send(tx, &ctx, &layout)?;
                 report.sent = "kv_cache".into();
             }
             Some(l) => {
@@ -158,6 +168,9 @@ pub fn research(
             }
         }
         report.send_ms = ms(sending.elapsed());
+        let stats = tx.stats();
+        report.host_device_bytes = stats.host_to_device_bytes + stats.device_to_host_bytes;
+        report.device_to_device_bytes = stats.device_to_device_bytes;
         return Ok(report);
     }
     // Text: the analysis as plain text (text mode) or as the JSON fallback message.
@@ -207,6 +220,29 @@ pub fn solve(
     let guard = rx.recv(timeout).context("waiting for the researcher")?;
     let t_recv_ns = now_ns();
     let received = Instant::now();
+    let on_device = guard.on_device();
+    if on_device {
+        let header = guard.header();
+        let (bytes, kind) = (header.total_len(), header.payload().kind_name().to_owned());
+        let context = super::handoff::receive_device(&guard, model)?;
+        drop(guard);
+        let report = SolverReport {
+            t_recv_ns,
+            payload: kind,
+            bytes,
+            on_device,
+            ..SolverReport::default()
+        };
+        return answer(
+            model,
+            rx,
+            task,
+            None,
+            Some(context),
+            (max_tokens, received),
+            report,
+        );
+    }
     let msg = guard.message();
     let bytes = msg.total_len();
     let payload = msg.payload();
@@ -252,32 +288,61 @@ pub fn solve(
             (imported.context, None)
         }
         _ => {
-            let ctx = Context::from_message(msg, model.decoder(), &model.identity().model_hash)?;
+            let ctx = Context::from_message(msg, model)?;
             (Some(ctx), None)
         }
     };
     // Everything needed is decoded: give the slot back before generating.
     drop(guard);
+    let report = SolverReport {
+        t_recv_ns,
+        payload: kind,
+        bytes,
+        quality,
+        source_top_token,
+        ..SolverReport::default()
+    };
+    answer(
+        model,
+        rx,
+        task,
+        analysis.as_deref(),
+        context,
+        (max_tokens, received),
+        report,
+    )
+}
+
+/// The solver's answer from `context` (or the `analysis` pasted into its
+/// prompt), completing `report`.
+fn answer(
+    model: &Model,
+    rx: &Receiver,
+    task: &str,
+    analysis: Option<&str>,
+    context: Option<Context>,
+    (max_tokens, received): (usize, Instant),
+    report: SolverReport,
+) -> anyhow::Result<SolverReport> {
     let options = GenerateOptions {
         max_tokens,
         ..Default::default()
     };
-    let prompt = solver_prompt(task, analysis.as_deref(), FINAL_ANSWER);
+    let prompt = solver_prompt(task, analysis, FINAL_ANSWER);
     let before_generate = received.elapsed();
     let g = model.generate(&prompt, context.as_ref(), &options, |_| {})?;
     let ttft = before_generate + g.time_to_first_token;
+    let stats = rx.stats();
     Ok(SolverReport {
-        t_recv_ns,
         t_done_ns: now_ns(),
         ttft_ms: ms(ttft),
         answer: g.text,
         prefilled: g.prefilled,
         reused: g.reused,
         generated_tokens: g.tokens.len(),
-        payload: kind,
-        bytes,
-        quality,
-        source_top_token,
+        host_device_bytes: stats.host_to_device_bytes + stats.device_to_host_bytes,
+        device_to_device_bytes: stats.device_to_device_bytes,
+        ..report
     })
 }
 

@@ -7,6 +7,7 @@
 //! into it.
 
 pub mod agent;
+pub mod handoff;
 
 /// How the solver learns what the researcher found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]

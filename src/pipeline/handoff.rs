@@ -1,0 +1,75 @@
+//! A context through a transport, its KV cache where it lives.
+//!
+//! - A sender given a device (`Options::device`) loans device sections: a GPU
+//!   model's K and V go device to device into a `cuda://` slot; a CPU model's
+//!   are copied in from the host (counted as host to device); on a session
+//!   that stayed in host memory a GPU model's are copied out once, straight
+//!   into the slot (counted as device to host).
+//! - Without a device, the context is written through host memory into an
+//!   ordinary loan.
+//! - A receiver holding a device message fills the model's own tensors from
+//!   it ([`Context::from_sections`]): device to device for a GPU model.
+//!
+//! The transport's `Stats` count every byte that crossed between host and
+//! device, which is how a handoff proves it stayed on the GPU.
+
+use anyhow::Context as _;
+use avp_model::{Context, KvTarget, Model};
+use avp_transport::{RecvGuard, Sender};
+use avp_wire::MessageLayout;
+
+/// Send `ctx` laid out by `layout` (from [`Context::layout`]) through `tx`.
+pub fn send(tx: &mut Sender, ctx: &Context, layout: &MessageLayout) -> anyhow::Result<()> {
+    let kv = match &ctx.kv {
+        Some(kv) if tx.device().is_some() && !kv.is_empty() => kv,
+        _ => {
+            let mut loan = tx.loan(layout)?;
+            ctx.write_into(loan.writer())?;
+            loan.finish()?.send()?;
+            return Ok(());
+        }
+    };
+    // Held until the loan is finished: a GPU model's sections stay valid and
+    // unwritten that long.
+    let sections = kv.sections()?;
+    let mut loan = tx.loan_device(layout)?;
+    for (i, section) in sections.iter().enumerate() {
+        match (section.host(), section.device()) {
+            (Some(bytes), _) => loan.write_from_host(i, bytes)?,
+            // SAFETY: `section` is device memory of the section's length on the
+            // model's GPU whose writes have finished (`KvCache::sections`), and
+            // `sections` keeps it alive and unwritten until after `finish`.
+            (None, Some((addr, _))) => unsafe { loan.write_from_device(i, addr)? },
+            (None, None) => unreachable!("a section is in host or device memory"),
+        }
+    }
+    loan.finish()?.send()?;
+    drop(sections);
+    Ok(())
+}
+
+/// The context `guard` holds for `model`, when it is a device message
+/// (`guard.on_device()`): its KV cache goes straight into the model's tensors.
+pub fn receive_device(guard: &RecvGuard, model: &Model) -> anyhow::Result<Context> {
+    let header = guard.header();
+    Context::from_sections(header, model, |i, target| {
+        let expected = header.section(i)?.len;
+        match target {
+            KvTarget::Host(buf) => guard.copy_section_to_host(i, buf)?,
+            KvTarget::Device { addr, len } => {
+                if len as u64 != expected {
+                    return Err(format!(
+                        "section {i} is {expected} bytes, the model's tensor {len}"
+                    )
+                    .into());
+                }
+                // SAFETY: `addr` is `len` bytes of the model's fresh tensor,
+                // used by no one else until this returns (`KvTarget::Device`),
+                // and `len` is the section's length, checked above.
+                unsafe { guard.copy_section_to_device(i, addr)? }
+            }
+        }
+        Ok(())
+    })
+    .context("reading the researcher's context from device memory")
+}
