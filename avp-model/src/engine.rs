@@ -1,5 +1,5 @@
 //! The tensor backend a model runs on, an [`Engine`]: burn's pure-Rust CPU
-//! backend ([`Cpu`], always built) or burn-cuda ([`Gpu`], feature `cuda`).
+//! backend ([`Cpu`], always built) or burn-cuda (`Gpu`, feature `cuda`).
 //!
 //! The decoder is plain model code generic over its engine; [`crate::Model`]
 //! picks one when it loads, from its [`Device`]. Beyond burn's tensor API, an
@@ -51,7 +51,7 @@ mod sealed {
 pub type Fill<'a> = dyn FnMut(KvTarget<'_>) -> Result<()> + 'a;
 
 /// A tensor backend a model can run on. Sealed: [`Cpu`] and, with the `cuda`
-/// feature, [`Gpu`].
+/// feature, `Gpu`.
 pub trait Engine: Backend + sealed::Sealed {
     /// burn's handle for `device`, checked: an error when `device` belongs to
     /// another engine or cannot be used here.
