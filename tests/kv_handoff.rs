@@ -18,7 +18,7 @@ const STEPS: u32 = 6;
 const T: Duration = Duration::from_secs(60);
 
 fn load() -> Model {
-    Model::load("smollm2", false).unwrap()
+    Model::load("smollm2").unwrap()
 }
 
 fn greedy() -> GenerateOptions {

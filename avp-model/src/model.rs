@@ -5,7 +5,7 @@
 //! ```no_run
 //! use avp_model::{GenerateOptions, Model};
 //!
-//! let model = Model::load("smollm2", false)?;
+//! let model = Model::load("smollm2")?;
 //! // Agent A reads the task and thinks 10 latent steps.
 //! let ctx = model.think("Tom has 3 apples and buys 5 more.", 10, None)?;
 //! // Agent B (same model, maybe another process) answers from A's KV cache.
@@ -172,12 +172,14 @@ impl Model {
     /// Load a model by name (`smollm2`, `qwen2.5-coder-0.5b`: fetched and cached on
     /// first use), or from the path of a GGUF file or a Hugging Face directory, onto
     /// the CPU.
-    pub fn load(name_or_path: &str, progress: bool) -> Result<Model> {
-        Self::load_on(name_or_path, progress, Device::Cpu)
+    pub fn load(name_or_path: &str) -> Result<Model> {
+        Self::load_on(name_or_path, Device::Cpu)
     }
 
     /// [`Model::load`] onto `device` (`Device::Cuda` needs the `cuda` feature).
-    pub fn load_on(name_or_path: &str, progress: bool, device: Device) -> Result<Model> {
+    /// A model fetched on first use is fetched quietly: to show progress, fetch
+    /// it first with [`crate::fetch::fetch_with`].
+    pub fn load_on(name_or_path: &str, device: Device) -> Result<Model> {
         device.check()?;
         let path = Path::new(name_or_path);
         if path.is_dir() {
@@ -190,7 +192,7 @@ impl Model {
             return Self::from_gguf(&GgufFile::open(path)?, &name, device);
         }
         let spec = crate::fetch::spec(name_or_path)?;
-        let file = crate::fetch::fetch(spec, progress)?;
+        let file = crate::fetch::fetch(spec)?;
         Self::from_gguf(&GgufFile::open(&file)?, spec.name, device)
     }
 

@@ -10,8 +10,8 @@ use avp_model::project::{Method, ProjectionMap};
 
 #[test]
 fn smollm2_and_qwen_share_a_vocabulary_path_both_ways() {
-    let small = Model::load("smollm2", false).unwrap();
-    let qwen = Model::load("qwen2.5-coder-0.5b", false).unwrap();
+    let small = Model::load("smollm2").unwrap();
+    let qwen = Model::load("qwen2.5-coder-0.5b").unwrap();
     let (sv, qv) = (
         small.tokenizer().get_vocab(true),
         qwen.tokenizer().get_vocab(true),

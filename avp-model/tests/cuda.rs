@@ -18,7 +18,7 @@ const QUESTION: &str = "What is the capital of France?";
 fn gpu_model() -> Option<&'static Model> {
     static M: OnceLock<Option<Model>> = OnceLock::new();
     M.get_or_init(|| match Device::Cuda(0).check() {
-        Ok(()) => Some(Model::load_on("smollm2", false, Device::Cuda(0)).expect("load on cuda:0")),
+        Ok(()) => Some(Model::load_on("smollm2", Device::Cuda(0)).expect("load on cuda:0")),
         Err(e) if std::env::var_os("AVP_REQUIRE_GPU").is_some() => {
             panic!("AVP_REQUIRE_GPU is set but {e}")
         }
@@ -32,7 +32,7 @@ fn gpu_model() -> Option<&'static Model> {
 
 fn cpu_model() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
-    M.get_or_init(|| Model::load("smollm2", false).expect("load SmolLM2 (fetched through pip)"))
+    M.get_or_init(|| Model::load("smollm2").expect("load SmolLM2 (fetched through pip)"))
 }
 
 fn greedy(model: &Model, context: Option<&avp_model::Context>, prompt: &str) -> String {
@@ -59,7 +59,7 @@ fn a_missing_driver_is_an_error_naming_it() {
     if let Err(e) = Device::Cuda(0).check() {
         let msg = e.to_string();
         assert!(msg.starts_with("cuda:0 cannot be used: "), "{msg}");
-        let err = Model::load_on("smollm2", false, Device::Cuda(0))
+        let err = Model::load_on("smollm2", Device::Cuda(0))
             .err()
             .expect("loading onto an unusable GPU fails");
         assert_eq!(err.to_string(), msg);

@@ -62,13 +62,13 @@ fn write_hf_dir(g: &GgufFile, dir: &std::path::Path) -> ModelConfig {
 
 #[test]
 fn a_hugging_face_directory_loads_as_the_same_model() {
-    let path = fetch::fetch(&fetch::SMOLLM2, false).unwrap();
+    let path = fetch::fetch(&fetch::SMOLLM2).unwrap();
     let g = GgufFile::open(&path).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = write_hf_dir(&g, dir.path());
     let from_gguf = Model::from_gguf(&g, "smollm2", avp_model::Device::Cpu).unwrap();
     drop(g);
-    let from_dir = Model::load(dir.path().to_str().unwrap(), false).unwrap();
+    let from_dir = Model::load(dir.path().to_str().unwrap()).unwrap();
     assert_eq!(from_dir.config(), &config);
     assert_eq!(
         from_dir.identity().model_hash,
@@ -102,7 +102,7 @@ fn a_hugging_face_directory_loads_as_the_same_model() {
 fn a_directory_without_weights_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.json"), r#"{"model_type":"llama"}"#).unwrap();
-    let err = Model::load(dir.path().to_str().unwrap(), false)
+    let err = Model::load(dir.path().to_str().unwrap())
         .err()
         .unwrap()
         .to_string();

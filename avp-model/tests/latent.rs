@@ -9,7 +9,7 @@ use avp_wire::{Envelope, Message, Payload};
 
 fn model() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
-    M.get_or_init(|| Model::load("smollm2", false).expect("load SmolLM2 (fetched through pip)"))
+    M.get_or_init(|| Model::load("smollm2").expect("load SmolLM2 (fetched through pip)"))
 }
 
 const TASK: &str = "Tom has 3 apples. He buys 5 more apples.";

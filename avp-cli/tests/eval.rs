@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use avp::eval::dataset::{self, Problem};
-use avp::eval::score::{self, Verdict};
+use avp_cli::eval::dataset::{self, Problem};
+use avp_cli::eval::score::{self, Verdict};
 use serde_json::Value;
 
 mod common;
@@ -28,7 +28,7 @@ fn the_data_sets_are_complete() {
 #[test]
 fn reference_solutions_pass_the_harness_and_wrong_ones_fail() {
     // The raw file holds canonical solutions (the Problem type does not carry them).
-    let path = avp_model::fetch::fetch(&dataset::HUMANEVAL, false).unwrap();
+    let path = avp_model::fetch::fetch(&dataset::HUMANEVAL).unwrap();
     let rows: Vec<Value> = std::fs::read_to_string(path)
         .unwrap()
         .lines()
@@ -50,15 +50,15 @@ fn reference_solutions_pass_the_harness_and_wrong_ones_fail() {
 #[test]
 fn the_subset_is_seeded() {
     let all = dataset::load("gsm8k", false).unwrap();
-    let a: Vec<String> = avp::eval::subset(all.clone(), 5, 7)
+    let a: Vec<String> = avp_cli::eval::subset(all.clone(), 5, 7)
         .iter()
         .map(Problem::id)
         .collect();
-    let b: Vec<String> = avp::eval::subset(all.clone(), 5, 7)
+    let b: Vec<String> = avp_cli::eval::subset(all.clone(), 5, 7)
         .iter()
         .map(Problem::id)
         .collect();
-    let c: Vec<String> = avp::eval::subset(all, 5, 8)
+    let c: Vec<String> = avp_cli::eval::subset(all, 5, 8)
         .iter()
         .map(Problem::id)
         .collect();

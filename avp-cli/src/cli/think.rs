@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use avp_model::Model;
 use avp_wire::Envelope;
 
 /// Arguments of `avp think`.
@@ -35,8 +34,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let model = Model::load_on(&a.model, true, a.run_on.device)
-        .with_context(|| format!("load {}", a.model))?;
+    let model = avp_cli::progress::load(&a.model, a.run_on.device, true)?;
     let started = std::time::Instant::now();
     let mut ctx = model.think(&a.prompt, a.steps, None)?;
     let took = started.elapsed();

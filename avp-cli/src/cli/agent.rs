@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use avp::pipeline::{Mode, agent};
+use avp_cli::pipeline::{Mode, agent};
 use avp_model::Model;
 use avp_model::crossmodel::CrossOptions;
 use avp_model::project::MapCache;
@@ -69,8 +69,8 @@ enum Role {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let model = Model::load_on(&a.model, false, a.run_on.device)
-        .with_context(|| format!("load {}", a.model))?;
+    let model =
+        Model::load_on(&a.model, a.run_on.device).with_context(|| format!("load {}", a.model))?;
     let timeout = Duration::from_secs_f64(a.timeout);
     // The vocabulary lets the handshake find a cross-model path to another model;
     // cached maps let it skip the exchange.

@@ -4,7 +4,7 @@
 //! Child processes are this test binary re-executed with `AVP_TEST_ROLE` set
 //! (see `child_role`), so each child runs exactly the misbehaviour under test.
 
-#[path = "../avp-transport/tests/support/children.rs"]
+#[path = "../../avp-transport/tests/support/children.rs"]
 mod children;
 use children::{kill_later, resources, spawn_role, wait_for};
 use std::io::{BufRead, BufReader, Write};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use avp_transport::{Endpoint, Options, ShmOptions, TcpOptions, TransportError};
 
-#[path = "../avp-transport/tests/support/raw_peer.rs"]
+#[path = "../../avp-transport/tests/support/raw_peer.rs"]
 mod raw_peer;
 use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
 use raw_peer::RawPeer;

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use avp::pipeline::agent::ms;
+use avp_cli::pipeline::agent::ms;
 use avp_model::{Context, GenerateOptions, KvCache, Model};
 use avp_transport::{Endpoint, Options};
 use avp_wire::Envelope;
@@ -57,7 +57,7 @@ pub fn run(a: ModelArgs) -> anyhow::Result<()> {
         "--python compares with transformers on the CPU; it needs --device cpu, not {}",
         a.run_on.device
     );
-    let model = Model::load_on(&a.model, !a.json, a.run_on.device)
+    let model = avp_cli::progress::load(&a.model, a.run_on.device, !a.json)
         .with_context(|| format!("load {}", a.model))?;
     let reps = a.reps.max(1);
 
@@ -153,7 +153,7 @@ pub fn run(a: ModelArgs) -> anyhow::Result<()> {
 /// Run `benches/transformers_decode.py` on the model's GGUF file with `python`.
 fn transformers(a: &ModelArgs, python: &str, reps: usize) -> anyhow::Result<serde_json::Value> {
     let path = match avp_model::fetch::spec(&a.model) {
-        Ok(spec) => avp_model::fetch::fetch(spec, false)?,
+        Ok(spec) => avp_model::fetch::fetch(spec)?,
         Err(_) => std::path::PathBuf::from(&a.model),
     };
     anyhow::ensure!(
@@ -163,7 +163,7 @@ fn transformers(a: &ModelArgs, python: &str, reps: usize) -> anyhow::Result<serd
     );
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/benches/transformers_decode.py"
+        "/../benches/transformers_decode.py"
     );
     let out = std::process::Command::new(python)
         .arg(script)

@@ -5,9 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use avp::eval::{self, EvalOptions, dataset};
-use avp::pipeline::Mode;
-use avp_model::Model;
+use avp_cli::eval::{self, EvalOptions, dataset};
+use avp_cli::pipeline::Mode;
 use serde_json::json;
 
 /// Arguments of `avp eval`.
@@ -63,12 +62,12 @@ enum EvalMode {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let model = Model::load_on(&a.model, !a.json, a.run_on.device)
+    let model = avp_cli::progress::load(&a.model, a.run_on.device, !a.json)
         .with_context(|| format!("load {}", a.model))?;
     let source = a
         .source_model
         .as_ref()
-        .map(|m| Model::load_on(m, !a.json, a.run_on.device).with_context(|| format!("load {m}")))
+        .map(|m| avp_cli::progress::load(m, a.run_on.device, !a.json))
         .transpose()?;
     let agents = eval::Agents::new(source.as_ref().unwrap_or(&model), &model);
     let pair = match &source {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use avp_model::{Context, GenerateOptions, Model, SamplingOptions};
+use avp_model::{Context, GenerateOptions, SamplingOptions};
 
 /// Arguments of `avp generate`.
 #[derive(clap::Args, Debug)]
@@ -43,8 +43,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let model = Model::load_on(&a.model, true, a.run_on.device)
-        .with_context(|| format!("load {}", a.model))?;
+    let model = avp_cli::progress::load(&a.model, a.run_on.device, true)?;
     let context = match &a.context {
         Some(path) => {
             let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;

@@ -22,7 +22,7 @@ pub fn run(m: Model) -> anyhow::Result<ExitCode> {
     match m {
         Model::Fetch { name } => {
             let spec = fetch::spec(&name)?;
-            let path = fetch::fetch(spec, true)?;
+            let path = avp_cli::progress::fetch(spec, true)?;
             println!("{} {}", spec.name, path.display());
         }
         Model::List => {

@@ -12,7 +12,7 @@ fn avp(args: &[&str]) -> Output {
 
 fn vector(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("spec/vectors")
+        .join("../spec/vectors")
         .join(name)
         .display()
         .to_string()
@@ -297,7 +297,7 @@ fn think_writes_a_context_that_generate_continues_in_another_process() {
     assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
 
     // The same handoff in one process.
-    let m = avp_model::Model::load("smollm2", false).unwrap();
+    let m = avp_model::Model::load("smollm2").unwrap();
     let ctx = m.think(task, 4, None).unwrap();
     let opts = avp_model::GenerateOptions {
         max_tokens: 12,

