@@ -16,7 +16,7 @@ use avp_wire::{
 };
 
 use crate::error::{ModelError, Result};
-use crate::kv::{KvCache, KvTarget};
+use crate::kv::{FillTo, KvCache, KvTarget};
 use crate::model::{BoxError, Model};
 
 /// The state one agent hands to the next.
@@ -139,17 +139,19 @@ impl Context {
     /// memory and whose sections are elsewhere (device memory, for a message a
     /// `cuda://` transport delivered): `fill(i, target)` copies section `i`
     /// into `target`. A KV cache goes straight into the model's own tensors
-    /// (device to device on a GPU, see [`Model::kv_from_sections`]); a hidden
-    /// state is copied to the host.
+    /// with [`FillTo::Model`] (device to device on a GPU, see
+    /// [`Model::kv_from_sections`]), through host buffers with
+    /// [`FillTo::Host`]; a hidden state is copied to the host.
     pub fn from_sections(
         header: &Header<'_>,
         model: &Model,
+        to: FillTo,
         mut fill: impl FnMut(usize, KvTarget<'_>) -> std::result::Result<(), BoxError>,
     ) -> Result<Context> {
         let env = header.envelope();
         check_hash(&env, model)?;
         let (kv, last_hidden) = match header.payload() {
-            Payload::KvCache(d) => (Some(model.kv_from_sections(&d, fill)?), None),
+            Payload::KvCache(d) => (Some(model.kv_from_sections(&d, to, fill)?), None),
             Payload::HiddenState(d) => {
                 let rows = hidden_rows(&d, model)?;
                 let mut data = vec![0u8; header.section(0)?.len as usize];

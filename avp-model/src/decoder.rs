@@ -287,9 +287,10 @@ impl<B: Engine> Decoder<B> {
     pub(crate) fn cache_from_fill(
         &self,
         desc: &avp_wire::KvCacheDesc,
+        to: crate::kv::FillTo,
         fill: &mut dyn FnMut(usize, crate::kv::KvTarget<'_>) -> Result<()>,
     ) -> Result<Cache<B>> {
-        Cache::from_fill(desc, &self.config, &self.device, fill)
+        Cache::from_fill(desc, &self.config, &self.device, to, fill)
     }
 
     /// A KV cache for this decoder read from a message in host memory (f32,

@@ -4,7 +4,7 @@
 //! The decoder is plain model code generic over its engine; [`crate::Model`]
 //! picks one when it loads, from its [`Device`]. Beyond burn's tensor API, an
 //! engine does one thing: it reaches a KV tensor's bytes where they live
-//! ([`Engine::section`], [`Engine::filled`]), so that a transport copies a GPU
+//! ([`Engine::sections`], [`Engine::filled`]), so that a transport copies a GPU
 //! model's KV cache device to device instead of through host memory.
 //!
 //! ```
@@ -15,13 +15,15 @@
 //! let device = Cpu::burn_device(Device::Cpu)?;
 //! // A CPU engine hands out host bytes...
 //! let t = Tensor::<Cpu, 4>::ones([1, 1, 2, 2], &device);
-//! assert_eq!(Cpu::section(&t)?.host().map(<[u8]>::len), Some(16));
+//! let sections = Cpu::sections(&[&t])?;
+//! assert_eq!(sections[0].host().map(<[u8]>::len), Some(16));
 //! // ...and takes them in the same way.
-//! let back = Cpu::filled([1, 1, 2, 2], &device, &mut |target| match target {
+//! let back = Cpu::filled(1, [1, 1, 2, 2], &device, &mut |_, target| match target {
 //!     KvTarget::Host(bytes) => Ok(bytes.copy_from_slice(&1f32.to_le_bytes().repeat(4))),
 //!     KvTarget::Device { .. } => unreachable!("a CPU engine fills host memory"),
 //! })?;
-//! assert_eq!(back.into_data(), t.into_data());
+//! assert_eq!(back[0].clone().into_data(), t.into_data());
+//! assert_eq!(Cpu::device_of(&device), Device::Cpu);
 //! # Ok::<(), avp_model::ModelError>(())
 //! ```
 
@@ -46,9 +48,9 @@ mod sealed {
     impl Sealed for super::Gpu {}
 }
 
-/// Fills one tensor's bytes: host bytes for a CPU engine, device memory for a
+/// Fills tensor `i`'s bytes: host bytes for a CPU engine, device memory for a
 /// GPU one.
-pub type Fill<'a> = dyn FnMut(KvTarget<'_>) -> Result<()> + 'a;
+pub type Fill<'a> = dyn FnMut(usize, KvTarget<'_>) -> Result<()> + 'a;
 
 /// A tensor backend a model can run on. Sealed: [`Cpu`] and, with the `cuda`
 /// feature, `Gpu`.
@@ -57,18 +59,24 @@ pub trait Engine: Backend + sealed::Sealed {
     /// another engine or cannot be used here.
     fn burn_device(device: Device) -> Result<Self::Device>;
 
-    /// The bytes of `t` (f32, row-major) where they live, for a transport to
-    /// copy: host bytes on the CPU; on a GPU, device memory that the work
-    /// producing it has finished writing, held until the section drops.
-    fn section(t: &Tensor<Self, 4>) -> Result<KvSection>;
+    /// The [`Device`] a burn device of this engine is.
+    fn device_of(device: &Self::Device) -> Device;
 
-    /// A new f32 tensor of `shape` on `device` whose bytes `fill` writes, in
-    /// place (device memory on a GPU, finished when `fill` returns).
+    /// The bytes of each of `tensors` (f32, row-major) where they live, for a
+    /// transport to copy: host bytes on the CPU; on a GPU, device memory that
+    /// the work producing it has finished writing (one wait for all), held
+    /// until the section drops.
+    fn sections(tensors: &[&Tensor<Self, 4>]) -> Result<Vec<KvSection>>;
+
+    /// `count` new f32 tensors of `shape` on `device`, tensor `i`'s bytes
+    /// written in place by `fill(i, ..)`: device memory on a GPU (each copy
+    /// finished when `fill` returns), host bytes on the CPU.
     fn filled(
+        count: usize,
         shape: [usize; 4],
         device: &Self::Device,
         fill: &mut Fill<'_>,
-    ) -> Result<Tensor<Self, 4>>;
+    ) -> Result<Vec<Tensor<Self, 4>>>;
 
     /// `cache` as the engine-agnostic [`KvCache`].
     fn wrap(cache: Cache<Self>) -> KvCache;
@@ -91,21 +99,33 @@ impl Engine for Cpu {
         }
     }
 
-    fn section(t: &Tensor<Self, 4>) -> Result<KvSection> {
-        Ok(KvSection::in_host(t.clone().into_data()))
+    fn device_of(_: &Self::Device) -> Device {
+        Device::Cpu
+    }
+
+    fn sections(tensors: &[&Tensor<Self, 4>]) -> Result<Vec<KvSection>> {
+        Ok(tensors
+            .iter()
+            .map(|t| KvSection::in_host((*t).clone().into_data()))
+            .collect())
     }
 
     fn filled(
+        count: usize,
         shape: [usize; 4],
         device: &Self::Device,
         fill: &mut Fill<'_>,
-    ) -> Result<Tensor<Self, 4>> {
-        let mut bytes = vec![0u8; f32_bytes(shape)];
-        fill(KvTarget::Host(&mut bytes))?;
-        Ok(Tensor::from_data(
-            TensorData::from_bytes_vec(bytes, shape, DType::F32),
-            device,
-        ))
+    ) -> Result<Vec<Tensor<Self, 4>>> {
+        (0..count)
+            .map(|i| {
+                let mut bytes = vec![0u8; f32_bytes(shape)];
+                fill(i, KvTarget::Host(&mut bytes))?;
+                Ok(Tensor::from_data(
+                    TensorData::from_bytes_vec(bytes, shape, DType::F32),
+                    device,
+                ))
+            })
+            .collect()
     }
 
     fn wrap(cache: Cache<Self>) -> KvCache {
@@ -152,52 +172,80 @@ mod gpu {
             }
         }
 
-        fn section(t: &Tensor<Self, 4>) -> Result<KvSection> {
-            let device = t.device();
-            let prim = t.clone().into_primitive().tensor();
-            // A cached K or V may be a strided view (heads swapped to the
-            // front); one copy on the GPU makes it the contiguous bytes the
-            // wire's HND layout is.
-            let prim = burn_cubecl::kernel::into_contiguous(prim);
-            let len = f32_bytes(t.dims());
-            if !prim.is_contiguous_buffer() || prim.dtype.size() != 4 {
-                return Err(ModelError::Tensor(format!(
-                    "a KV tensor of {:?} ({:?}) is not {len} contiguous f32 bytes",
-                    t.dims(),
-                    prim.dtype
-                )));
+        fn device_of(device: &Self::Device) -> Device {
+            Device::Cuda(device.index)
+        }
+
+        fn sections(tensors: &[&Tensor<Self, 4>]) -> Result<Vec<KvSection>> {
+            let Some(first) = tensors.first() else {
+                return Ok(Vec::new());
+            };
+            let mut out = Vec::with_capacity(tensors.len());
+            for t in tensors {
+                let prim = (*t).clone().into_primitive().tensor();
+                // A cached K or V may be a strided view (heads swapped to the
+                // front); one copy on the GPU makes it the contiguous bytes of
+                // the wire's HND layout.
+                let prim = burn_cubecl::kernel::into_contiguous(prim);
+                let len = f32_bytes(t.dims());
+                if !prim.is_contiguous() || prim.dtype.size() != 4 {
+                    return Err(ModelError::Tensor(format!(
+                        "a KV tensor of {:?} ({:?}) is not {len} contiguous f32 bytes",
+                        t.dims(),
+                        prim.dtype
+                    )));
+                }
+                let addr = address(&prim)?;
+                out.push(KvSection::in_device(addr, len, Box::new(prim)));
             }
-            let addr = address(&prim)?;
-            // The kernels that wrote it ran on burn's stream; the transport
-            // copies on its own: wait for them first.
-            sync(&device)?;
-            Ok(KvSection::in_device(addr, len, Box::new(prim)))
+            // The kernels that wrote them ran on burn's stream; the transport
+            // copies on its own: wait for them once.
+            sync(&first.device())?;
+            Ok(out)
         }
 
         fn filled(
+            count: usize,
             shape: [usize; 4],
             device: &Self::Device,
             fill: &mut Fill<'_>,
-        ) -> Result<Tensor<Self, 4>> {
-            let client = CudaRuntime::client(device);
-            let t = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
-                client,
-                device.clone(),
-                shape.into(),
-                DType::F32,
-            );
+        ) -> Result<Vec<Tensor<Self, 4>>> {
             let len = f32_bytes(shape);
-            if !t.is_contiguous_buffer() {
-                return Err(ModelError::Tensor(format!(
-                    "burn-cuda allocated {shape:?} with padding; expected {len} contiguous bytes"
-                )));
+            if len == 0 {
+                return Ok((0..count).map(|_| Tensor::empty(shape, device)).collect());
             }
-            let addr = address(&t)?;
-            // The allocation (and any kernel still reading memory it reuses)
-            // is ordered on burn's stream; the fill copies on another.
+            let client = CudaRuntime::client(device);
+            let mut tensors = Vec::with_capacity(count);
+            for _ in 0..count {
+                let t = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+                    client.clone(),
+                    device.clone(),
+                    shape.into(),
+                    DType::F32,
+                );
+                // The handle's buffer is rounded up to the allocator's
+                // alignment; the tensor's part is what is in use.
+                if !t.is_contiguous() || t.handle.size_in_used() != len as u64 {
+                    return Err(ModelError::Tensor(format!(
+                        "burn-cuda allocated {shape:?} as {} bytes with strides {:?}; expected {len} contiguous bytes",
+                        t.handle.size_in_used(),
+                        t.meta.strides()
+                    )));
+                }
+                let addr = address(&t)?;
+                tensors.push((t, addr));
+            }
+            // The allocations (and any kernel still reading memory they reuse)
+            // are ordered on burn's stream; the fills copy on another.
             sync(device)?;
-            fill(KvTarget::Device { addr, len })?;
-            Ok(Tensor::from_primitive(TensorPrimitive::Float(t)))
+            tensors
+                .into_iter()
+                .enumerate()
+                .map(|(i, (t, addr))| {
+                    fill(i, KvTarget::Device { addr, len })?;
+                    Ok(Tensor::from_primitive(TensorPrimitive::Float(t)))
+                })
+                .collect()
         }
 
         fn wrap(cache: Cache<Self>) -> KvCache {

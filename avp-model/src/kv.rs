@@ -16,6 +16,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::config::ModelConfig;
+use crate::device::Device;
 #[cfg(feature = "cuda")]
 use crate::engine::Gpu;
 use crate::engine::{Cpu, Engine};
@@ -116,31 +117,54 @@ impl<B: Backend> Cache<B> {
 }
 
 impl<B: Engine> Cache<B> {
-    /// A cache whose sections `fill` writes where the tensors live: in place
-    /// for f32 HND (what avp sends), through a host buffer otherwise.
+    /// A cache whose sections `fill` writes: in place into the new tensors
+    /// for f32 HND (what avp sends) when `to` is [`FillTo::Model`], through a
+    /// host buffer otherwise (and converted).
     pub(crate) fn from_fill(
         desc: &KvCacheDesc,
         config: &ModelConfig,
         device: &B::Device,
+        to: FillTo,
         fill: &mut dyn FnMut(usize, KvTarget<'_>) -> Result<()>,
     ) -> Result<Cache<B>> {
         let shape = fits(desc, config)?;
-        if desc.dtype != WireDType::F32 || desc.layout != KvLayout::Hnd {
+        let count = 2 * desc.num_layers as usize;
+        let in_place =
+            to == FillTo::Model && desc.dtype == WireDType::F32 && desc.layout == KvLayout::Hnd;
+        if !in_place {
             let len = shape.iter().product::<usize>() * desc.dtype.size();
-            let mut staged = Vec::with_capacity(2 * desc.num_layers as usize);
-            for i in 0..2 * desc.num_layers as usize {
+            let mut staged = Vec::with_capacity(count);
+            for i in 0..count {
                 let mut buf = vec![0u8; len];
                 fill(i, KvTarget::Host(&mut buf))?;
                 staged.push(buf);
             }
             return Self::from_host(desc, config, device, |i| Ok(&staged[i][..]));
         }
-        let mut one = |i: usize| B::filled(shape, device, &mut |target| fill(i, target));
-        let layers = (0..desc.num_layers as usize)
-            .map(|l| Ok((one(2 * l)?, one(2 * l + 1)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let mut tensors = B::filled(count, shape, device, fill)?.into_iter();
+        let mut layers = Vec::with_capacity(count / 2);
+        while let (Some(k), Some(v)) = (tensors.next(), tensors.next()) {
+            layers.push((k, v));
+        }
         Ok(Cache { layers })
     }
+
+    /// The device the tensors are on (`None` when empty).
+    fn device(&self) -> Option<Device> {
+        let (k, _) = self.layers.first()?;
+        Some(B::device_of(&k.device()))
+    }
+}
+
+/// Which targets a fill may be given ([`crate::Model::kv_from_sections`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FillTo {
+    /// The model's own tensors where they live: device memory for a model on a
+    /// GPU, which the filling transport must be able to write.
+    Model,
+    /// Host memory only (the transport cannot reach the model's device): the
+    /// model uploads the bytes itself.
+    Host,
 }
 
 /// `[1, kv_heads, seq, head_dim]` when `desc` is a whole KV cache of a model
@@ -363,6 +387,11 @@ impl KvCache {
         each!(&mut self.kv, c => c.truncate(len), ())
     }
 
+    /// The device the tensors are on (`None` when empty).
+    pub fn device(&self) -> Option<Device> {
+        each!(&self.kv, c => c.device(), None)
+    }
+
     /// Whether the tensors are in GPU memory.
     pub fn on_gpu(&self) -> bool {
         #[cfg(feature = "cuda")]
@@ -409,7 +438,7 @@ impl KvCache {
 }
 
 fn section_list<B: Engine>(c: &Cache<B>) -> Result<Vec<KvSection>> {
-    c.tensors().map(B::section).collect()
+    B::sections(&c.tensors().collect::<Vec<_>>())
 }
 
 #[cfg(test)]
@@ -445,6 +474,57 @@ mod tests {
             assert_eq!(first, 100.0 * i as f32);
         }
         assert!(KvCache::default().sections().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_cache_fills_back_from_its_sections_in_place_or_through_the_host() {
+        use crate::ModelConfig;
+        let kv = KvCache::cpu(cache(3));
+        let desc = kv.desc().unwrap();
+        let sections = kv.sections().unwrap();
+        let config = ModelConfig {
+            family: "llama".into(),
+            vocab_size: 16,
+            hidden: 8,
+            intermediate: 16,
+            layers: 2,
+            heads: 2,
+            kv_heads: 2,
+            head_dim: 4,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            context_length: 64,
+            tied_embeddings: true,
+            qkv_bias: false,
+        };
+        for to in [FillTo::Model, FillTo::Host] {
+            let mut fill = |i: usize, target: KvTarget<'_>| match target {
+                KvTarget::Host(buf) => {
+                    buf.copy_from_slice(sections[i].host().unwrap());
+                    Ok(())
+                }
+                KvTarget::Device { .. } => panic!("a CPU cache is filled in host memory"),
+            };
+            let back = Cache::<Cpu>::from_fill(&desc, &config, &Default::default(), to, &mut fill)
+                .unwrap();
+            assert_eq!(back.host_data(), cache(3).host_data(), "{to:?}");
+        }
+        // A cache that does not fit the model is refused before any copy.
+        let small = ModelConfig {
+            layers: 1,
+            ..config
+        };
+        let mut never = |_: usize, _: KvTarget<'_>| -> Result<()> { panic!("no copy") };
+        let err = Cache::<Cpu>::from_fill(
+            &desc,
+            &small,
+            &Default::default(),
+            FillTo::Model,
+            &mut never,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("does not fit"), "{err}");
     }
 
     #[test]

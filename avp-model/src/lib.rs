@@ -53,7 +53,7 @@ pub use device::Device;
 pub use engine::Engine;
 pub use error::{ModelError, Result};
 pub use gguf::{GgufFile, TensorInfo, Value};
-pub use kv::{KvCache, KvSection, KvTarget};
+pub use kv::{FillTo, KvCache, KvSection, KvTarget};
 pub use latent::LatentMap;
 pub use model::{BoxError, GenerateOptions, Generation, Model, StopReason};
 pub use quant::GgmlType;

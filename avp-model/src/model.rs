@@ -27,7 +27,7 @@ use crate::device::Device;
 #[cfg(feature = "cuda")]
 use crate::engine::Gpu;
 use crate::engine::{Cpu, Engine};
-use crate::kv::{Cache, KvCache, KvTarget};
+use crate::kv::{Cache, FillTo, KvCache, KvTarget};
 
 use crate::chat::{ChatMessage, render};
 use crate::config::ModelConfig;
@@ -376,17 +376,21 @@ impl Model {
     }
 
     /// A KV cache for a message described by `desc` whose sections `fill`
-    /// writes where this model's tensors live: `KvTarget::Device` on a GPU
-    /// (in place: a transport copies device to device), `KvTarget::Host` on
+    /// writes. With [`FillTo::Model`] the targets are this model's fresh
+    /// tensors where they live: `KvTarget::Device` on a GPU (in place: a
+    /// transport on the same GPU copies device to device), `KvTarget::Host` on
     /// the CPU or for a dtype or layout the model converts (f16, bf16, NHD).
+    /// With [`FillTo::Host`] they are always host buffers, which the model then
+    /// uploads (for a transport that cannot reach the model's device).
     /// Section `i` is K of layer `i / 2` for even `i`, V for odd.
     pub fn kv_from_sections(
         &self,
         desc: &avp_wire::KvCacheDesc,
+        to: FillTo,
         mut fill: impl FnMut(usize, KvTarget<'_>) -> std::result::Result<(), BoxError>,
     ) -> Result<KvCache> {
         let mut fill = |i: usize, t: KvTarget<'_>| fill(i, t).map_err(ModelError::Transfer);
-        on_engine!(self, c => c.decoder.cache_from_fill(desc, &mut fill).map(Engine::wrap))
+        on_engine!(self, c => c.decoder.cache_from_fill(desc, to, &mut fill).map(Engine::wrap))
     }
 
     /// A KV cache read from a host message's sections (any dtype and layout).

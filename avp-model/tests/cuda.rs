@@ -139,14 +139,21 @@ fn kv_caches_cross_between_cpu_and_gpu_agents() {
 /// A GPU model's KV cache is reachable where it lives: every section is device
 /// memory, and a cache rebuilt from those sections device to device (what a
 /// `cuda://` transport does between processes) continues exactly as the
-/// original, and as a cache rebuilt through host memory.
+/// original; so does one rebuilt through host buffers. The cache is cut to an
+/// odd length (SmolLM2: 768 bytes per position, not a multiple of the
+/// allocator's 512-byte rounding).
 #[test]
 fn a_gpu_cache_moves_device_to_device() {
-    use avp_model::KvTarget;
+    use avp_model::{FillTo, KvTarget};
     let Some(gpu) = gpu_model() else { return };
-    let ctx = gpu.think(QUESTION, 4, None).unwrap();
+    let mut ctx = gpu.think(QUESTION, 4, None).unwrap();
+    let kv = ctx.kv.as_mut().unwrap();
+    let odd = kv.len() - 1 + kv.len() % 2;
+    kv.truncate(odd);
     let kv = ctx.kv.as_ref().unwrap();
+    assert_eq!(kv.len() % 2, 1);
     assert!(kv.on_gpu());
+    assert_eq!(kv.device(), Some(Device::Cuda(0)));
     let sections = kv.sections().unwrap();
     let desc = kv.desc().unwrap();
     assert_eq!(sections.len(), 2 * desc.num_layers as usize);
@@ -157,30 +164,37 @@ fn a_gpu_cache_moves_device_to_device() {
     );
     let cu = cudarc::driver::CudaContext::new(0).unwrap();
     cu.bind_to_thread().unwrap();
-    let rebuilt = gpu
-        .kv_from_sections(&desc, |i, target| {
-            let (src, len) = sections[i].device().unwrap();
-            match target {
-                KvTarget::Device { addr, len: n } if n == len => {
-                    // SAFETY: both ranges are `len` bytes of live device memory on GPU 0.
-                    unsafe { cudarc::driver::result::memcpy_dtod_sync(addr, src, len) }
-                        .map_err(|e| format!("{e:?}").into())
-                }
-                other => {
-                    Err(format!("expected device memory of {len} bytes, got {other:?}").into())
-                }
-            }
-        })
-        .unwrap();
-    assert!(rebuilt.on_gpu());
-    assert_eq!(rebuilt.len(), kv.len());
-    let moved = avp_model::Context {
-        kv: Some(rebuilt),
-        ..ctx.clone()
-    };
     let prompt = "Answer in one sentence.";
-    assert_eq!(
-        greedy_tokens(gpu, Some(&moved), prompt, 8).tokens,
-        greedy_tokens(gpu, Some(&ctx), prompt, 8).tokens
-    );
+    let want = greedy_tokens(gpu, Some(&ctx), prompt, 8).tokens;
+    for to in [FillTo::Model, FillTo::Host] {
+        let rebuilt = gpu
+            .kv_from_sections(&desc, to, |i, target| {
+                let (src, len) = sections[i].device().unwrap();
+                match target {
+                    KvTarget::Device { addr, len: n } if n == len && to == FillTo::Model => {
+                        // SAFETY: both ranges are `len` bytes of live device memory on GPU 0.
+                        unsafe { cudarc::driver::result::memcpy_dtod_sync(addr, src, len) }
+                            .map_err(|e| format!("{e:?}").into())
+                    }
+                    KvTarget::Host(buf) if buf.len() == len && to == FillTo::Host => {
+                        // SAFETY: `src` is `len` bytes of live device memory on GPU 0.
+                        unsafe { cudarc::driver::result::memcpy_dtoh_sync(buf, src) }
+                            .map_err(|e| format!("{e:?}").into())
+                    }
+                    other => Err(format!("{to:?}: unexpected target {other:?}").into()),
+                }
+            })
+            .unwrap();
+        assert!(rebuilt.on_gpu());
+        assert_eq!(rebuilt.len(), kv.len());
+        let moved = avp_model::Context {
+            kv: Some(rebuilt),
+            ..ctx.clone()
+        };
+        assert_eq!(
+            greedy_tokens(gpu, Some(&moved), prompt, 8).tokens,
+            want,
+            "{to:?}"
+        );
+    }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use avp_wire::{Header, Message, PREAMBLE_LEN, Preamble};
 
-use crate::device::{DeviceMem, DeviceSpan, Dir};
+use crate::device::{Device, DeviceMem, DeviceSpan, Dir};
 use crate::error::{Result, TransportError};
 use crate::options::Options;
 use crate::port::{Counters, Delivery, Held, RecvPort, Stats};
@@ -320,6 +320,13 @@ impl RecvGuard {
     /// Whether the sections are in device memory (a `cuda` session).
     pub fn on_device(&self) -> bool {
         self.device.is_some()
+    }
+
+    /// The session's device (`Options::device`), when it has one: where
+    /// [`device_section`](Self::device_section) points and what
+    /// [`copy_section_to_device`](Self::copy_section_to_device) can write.
+    pub fn device(&self) -> Option<Device> {
+        self.port.device().map(|d| d.device())
     }
 
     /// Where section `index` is in device memory, for the receiver's kernels

@@ -5,7 +5,8 @@ use crate::dtype::{DType, KvLayout};
 use crate::envelope::EnvelopeRef;
 use crate::error::{Result, WireError};
 use crate::header::{
-    self, ArchivedRawHeader, ArchivedRawPayload, ArchivedRawSection, PREAMBLE_LEN, Preamble,
+    self, ArchivedRawExtra, ArchivedRawHeader, ArchivedRawPayload, ArchivedRawSection,
+    PREAMBLE_LEN, Preamble,
 };
 use crate::layout::check_alignment;
 use crate::payload::{
@@ -342,6 +343,7 @@ impl<'a> Header<'a> {
             });
         }
         let raw = header::access(header_bytes)?;
+        check_extra_order(raw.envelope.extra.as_slice())?;
         let shape = shape_of(&raw.payload)?;
         let alignment = raw.alignment.to_native();
         check_alignment(alignment)?;
@@ -519,6 +521,21 @@ fn sections_in_place(
 /// overflow checked, and the first mismatch as an error.
 #[cold]
 #[inline(never)]
+/// The envelope's `extra` keys are strictly increasing (sorted, unique), as
+/// every writer puts them: a lookup by key then has one answer.
+fn check_extra_order(extra: &[ArchivedRawExtra]) -> Result<()> {
+    for (i, pair) in extra.windows(2).enumerate() {
+        let (a, b) = (pair[0].key.as_str(), pair[1].key.as_str());
+        if a >= b {
+            return Err(WireError::InvalidHeader(format!(
+                "envelope extra keys must be strictly increasing: key {} ({b:?}) follows {a:?}",
+                i + 1
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn check_sections(
     sections: &[ArchivedRawSection],
     plan: &SectionPlan,
@@ -999,6 +1016,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn extra_keys_out_of_order_are_refused() {
+        let mut env = Envelope::default();
+        env.extra.insert("a".into(), "1".into());
+        env.extra.insert("b".into(), "2".into());
+        let payload = Payload::Text(crate::TextDesc {
+            format: crate::TextFormat::Plain,
+            len: 1,
+        });
+        let mut buf = MessageLayout::new(&env, &payload)
+            .unwrap()
+            .encode_to_vec(&[b"x"])
+            .unwrap();
+        Message::parse(&buf).unwrap();
+        // Swap the two (inline, one-byte) keys and fix the checksums up.
+        let mut p = Preamble::read(&buf).unwrap();
+        let header = &mut buf[PREAMBLE_LEN..PREAMBLE_LEN + p.header_len as usize];
+        let at = |h: &[u8], key: u8| {
+            let mut inline = [0xffu8; 8];
+            inline[0] = key;
+            h.windows(8).position(|w| w == inline).unwrap()
+        };
+        let (ia, ib) = (at(header, b'a'), at(header, b'b'));
+        header[ia] = b'b';
+        header[ib] = b'a';
+        p.header_crc = crc32fast::hash(header);
+        p.write(&mut buf);
+        let err = Message::parse(&buf).unwrap_err().to_string();
+        assert!(err.contains("strictly increasing"), "{err}");
+        // The same key twice.
+        let header = &mut buf[PREAMBLE_LEN..PREAMBLE_LEN + p.header_len as usize];
+        header[ib] = b'b';
+        p.header_crc = crc32fast::hash(header);
+        p.write(&mut buf);
+        let err = Message::parse(&buf).unwrap_err().to_string();
+        assert!(err.contains("strictly increasing"), "{err}");
     }
 
     #[test]

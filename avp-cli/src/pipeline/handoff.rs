@@ -1,27 +1,44 @@
 //! A context through a transport, its KV cache where it lives.
 //!
-//! - A sender given a device (`Options::device`) loans device sections: a GPU
-//!   model's K and V go device to device into a `cuda://` slot; a CPU model's
-//!   are copied in from the host (counted as host to device); on a session
-//!   that stayed in host memory a GPU model's are copied out once, straight
-//!   into the slot (counted as device to host).
-//! - Without a device, the context is written through host memory into an
-//!   ordinary loan.
+//! - A sender whose transport device (`Options::device`) is its model's GPU
+//!   loans device sections: K and V go device to device into a `cuda://` slot,
+//!   or, on a session that stayed in host memory, are copied out once straight
+//!   into the slot (counted as device to host). A CPU model with a transport
+//!   device copies its host bytes in (counted as host to device).
+//! - Otherwise (no transport device, or one the model's tensors are not on:
+//!   another GPU, or the emulated device) the context is written through host
+//!   memory into an ordinary loan.
 //! - A receiver holding a device message fills the model's own tensors from
-//!   it ([`Context::from_sections`]): device to device for a GPU model.
+//!   it ([`Context::from_sections`]): device to device when the session's
+//!   device is the model's GPU, through host buffers otherwise.
 //!
 //! The transport's `Stats` count every byte that crossed between host and
 //! device, which is how a handoff proves it stayed on the GPU.
 
-use anyhow::Context as _;
-use avp_model::{Context, KvTarget, Model};
+use anyhow::{Context as _, bail};
+use avp_model::{Context, FillTo, KvTarget, Model};
 use avp_transport::{RecvGuard, Sender};
 use avp_wire::MessageLayout;
+
+/// Whether device memory of `model` (where a model's tensors are) is memory
+/// of the transport's `device`: the same GPU.
+fn same_gpu(model: Option<avp_model::Device>, transport: Option<avp_transport::Device>) -> bool {
+    match (model, transport) {
+        (Some(avp_model::Device::Cuda(m)), Some(avp_transport::Device::Cuda(t))) => m == t as usize,
+        _ => false,
+    }
+}
 
 /// Send `ctx` laid out by `layout` (from [`Context::layout`]) through `tx`.
 pub fn send(tx: &mut Sender, ctx: &Context, layout: &MessageLayout) -> anyhow::Result<()> {
     let kv = match &ctx.kv {
-        Some(kv) if tx.device().is_some() && !kv.is_empty() => kv,
+        Some(kv)
+            if tx.device().is_some()
+                && !kv.is_empty()
+                && (!kv.on_gpu() || same_gpu(kv.device(), tx.device())) =>
+        {
+            kv
+        }
         _ => {
             let mut loan = tx.loan(layout)?;
             ctx.write_into(loan.writer())?;
@@ -34,11 +51,20 @@ pub fn send(tx: &mut Sender, ctx: &Context, layout: &MessageLayout) -> anyhow::R
     let sections = kv.sections()?;
     let mut loan = tx.loan_device(layout)?;
     for (i, section) in sections.iter().enumerate() {
+        let expected = layout.section(i).len;
+        if section.len() as u64 != expected {
+            bail!(
+                "KV section {i} is {} bytes, the message lays out {expected}",
+                section.len()
+            );
+        }
         match (section.host(), section.device()) {
             (Some(bytes), _) => loan.write_from_host(i, bytes)?,
-            // SAFETY: `section` is device memory of the section's length on the
-            // model's GPU whose writes have finished (`KvCache::sections`), and
-            // `sections` keeps it alive and unwritten until after `finish`.
+            // SAFETY: `section` is device memory of the section's length
+            // (checked above) on the model's GPU, which is the transport's
+            // device (`same_gpu` above); its writes have finished
+            // (`KvCache::sections`), and `sections` keeps it alive and
+            // unwritten until after `finish`.
             (None, Some((addr, _))) => unsafe { loan.write_from_device(i, addr)? },
             (None, None) => unreachable!("a section is in host or device memory"),
         }
@@ -49,10 +75,15 @@ pub fn send(tx: &mut Sender, ctx: &Context, layout: &MessageLayout) -> anyhow::R
 }
 
 /// The context `guard` holds for `model`, when it is a device message
-/// (`guard.on_device()`): its KV cache goes straight into the model's tensors.
+/// (`guard.on_device()`): its KV cache goes straight into the model's tensors
+/// when they are on the session's GPU, through host buffers otherwise.
 pub fn receive_device(guard: &RecvGuard, model: &Model) -> anyhow::Result<Context> {
     let header = guard.header();
-    Context::from_sections(header, model, |i, target| {
+    let to = match same_gpu(Some(model.device()), guard.device()) {
+        true => FillTo::Model,
+        false => FillTo::Host,
+    };
+    Context::from_sections(header, model, to, |i, target| {
         let expected = header.section(i)?.len;
         match target {
             KvTarget::Host(buf) => guard.copy_section_to_host(i, buf)?,
@@ -63,9 +94,10 @@ pub fn receive_device(guard: &RecvGuard, model: &Model) -> anyhow::Result<Contex
                     )
                     .into());
                 }
-                // SAFETY: `addr` is `len` bytes of the model's fresh tensor,
-                // used by no one else until this returns (`KvTarget::Device`),
-                // and `len` is the section's length, checked above.
+                // SAFETY: `addr` is `len` bytes of the model's fresh tensor on
+                // the session's GPU (`FillTo::Model` only then), used by no
+                // one else until this returns (`KvTarget::Device`), and `len`
+                // is the section's length, checked above.
                 unsafe { guard.copy_section_to_device(i, addr)? }
             }
         }

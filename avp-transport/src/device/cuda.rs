@@ -23,7 +23,7 @@ use cudarc::driver::{CudaContext, CudaStream, DriverError};
 
 use crate::error::{Result, TransportError};
 
-use super::{DeviceInfo, DeviceMem, Dir, Region, round_up};
+use super::{Device, DeviceInfo, DeviceMem, Dir, Region, round_up};
 
 const POSIX_FD: CUmemAllocationHandleType =
     CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
@@ -38,8 +38,10 @@ fn driver(op: &'static str, e: DriverError) -> TransportError {
 }
 
 /// The context of one operation made current on this thread, and the
-/// caller's restored when dropped: avp never leaves its context current on an
-/// application's thread.
+/// caller's restored when dropped: avp's calls leave the caller's current
+/// context as they found it. (cudarc makes the primary context current when
+/// a device is opened and when it is dropped; `CudaVmm::open` restores the
+/// caller's, and closing a session may leave the primary context current.)
 struct Current;
 
 impl Current {
@@ -61,8 +63,28 @@ impl Drop for Current {
     }
 }
 
+/// The calling thread's current context, put back when dropped.
+struct Saved(sys::CUcontext);
+
+impl Saved {
+    fn now() -> Result<Saved> {
+        let mut c: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the driver is loaded (checked by `open`).
+        check(unsafe { sys::cuCtxGetCurrent(&mut c) }, "cuCtxGetCurrent")?;
+        Ok(Saved(c))
+    }
+}
+
+impl Drop for Saved {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` was current on this thread (or null, which unbinds).
+        let _ = unsafe { sys::cuCtxSetCurrent(self.0) };
+    }
+}
+
 /// One GPU of this process: its primary context, a stream for our copies.
 pub(crate) struct CudaVmm {
+    ordinal: u32,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     dev: sys::CUdevice,
@@ -132,6 +154,10 @@ impl CudaVmm {
                 ),
             ));
         }
+        // cudarc binds the primary context to this thread (here and in
+        // `new_stream`): put the caller's back when done.
+        cudarc::driver::result::init().map_err(|e| driver("start the driver", e))?;
+        let _saved = Saved::now()?;
         let ctx = CudaContext::new(ordinal as usize).map_err(|e| driver("open the GPU", e))?;
         let _current = Current::push(&ctx)?;
         let dev = ctx.cu_device();
@@ -169,6 +195,7 @@ impl CudaVmm {
         let name = ctx.name().map_err(|e| driver("device name", e))?;
         let stream = ctx.new_stream().map_err(|e| driver("create stream", e))?;
         Ok(CudaVmm {
+            ordinal,
             uuid: uuid_string(&uuid),
             name: format!("{name} (cuda:{ordinal})"),
             granularity: g.max(1),
@@ -285,6 +312,10 @@ impl Drop for VmmRegion {
 }
 
 impl DeviceMem for CudaVmm {
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal)
+    }
+
     fn info(&self) -> DeviceInfo {
         DeviceInfo {
             backend: "cuda".into(),

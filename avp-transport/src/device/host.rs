@@ -8,7 +8,7 @@ use crate::error::{Result, TransportError};
 use crate::handshake::boot_id;
 use crate::shm::segment::{self, Mapping, page_size};
 
-use super::{DeviceInfo, DeviceMem, Dir, Region, round_up};
+use super::{Device, DeviceInfo, DeviceMem, Dir, Region, round_up};
 
 /// Host memory standing in for a device.
 pub(crate) struct HostMem {
@@ -47,6 +47,10 @@ impl Region for HostRegion {
 }
 
 impl DeviceMem for HostMem {
+    fn device(&self) -> Device {
+        Device::Emulated
+    }
+
     fn info(&self) -> DeviceInfo {
         DeviceInfo {
             backend: "emulated".into(),

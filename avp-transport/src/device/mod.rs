@@ -129,6 +129,8 @@ pub(crate) trait Region: Send + Sync {
 /// What a transport needs from a device.
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // the backends are Linux-only
 pub(crate) trait DeviceMem: Send + Sync {
+    /// Which device this is.
+    fn device(&self) -> Device;
     /// What to tell the peer.
     fn info(&self) -> DeviceInfo;
     /// Whether memory this end exports can be mapped and read by the peer
