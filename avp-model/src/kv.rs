@@ -76,6 +76,15 @@ impl<B: Backend> Cache<B> {
         self.layers.iter().flat_map(|(k, v)| [k, v])
     }
 
+    /// Each K and V into its section of `writer`, one tensor read to the host
+    /// at a time.
+    fn write_into(&self, writer: &mut avp_wire::MessageWriter<'_>) -> Result<()> {
+        for (i, t) in self.tensors().enumerate() {
+            writer.write_section(i, t.clone().into_data().as_bytes())?;
+        }
+        Ok(())
+    }
+
     /// This cache on `device` (a copy only where a tensor lives elsewhere:
     /// burn-flex's `to_device` copies even onto its own device).
     pub(crate) fn placed(&self, device: &B::Device) -> Cache<B> {
@@ -405,14 +414,7 @@ impl KvCache {
     /// [`Self::desc`], through host memory (copied once, checksummed in the
     /// same pass; a GPU cache is read back from the device).
     pub fn write_into(&self, writer: &mut avp_wire::MessageWriter<'_>) -> Result<()> {
-        for (i, section) in self.sections_on_host()?.iter().enumerate() {
-            writer.write_section(i, section.as_bytes())?;
-        }
-        Ok(())
-    }
-
-    fn sections_on_host(&self) -> Result<Vec<TensorData>> {
-        Ok(each!(&self.kv, c => c.tensors().map(|t| t.clone().into_data()).collect(), Vec::new()))
+        each!(&self.kv, c => c.write_into(writer), Ok(()))
     }
 
     /// Where each section of [`Self::desc`]'s message is (K₀, V₀, K₁, ...), for

@@ -128,20 +128,11 @@ pub(crate) struct Core<B: Engine> {
 }
 
 impl<B: Engine> Core<B> {
-    fn engine(decoder: Decoder<B>) -> Engines {
-        let core: Box<dyn Any> = Box::new(Core {
+    fn new(decoder: Decoder<B>) -> Box<Core<B>> {
+        Box::new(Core {
             decoder,
             latent: OnceLock::new(),
-        });
-        #[cfg(feature = "cuda")]
-        let core = match core.downcast::<Core<Gpu>>() {
-            Ok(c) => return Engines::Gpu(c),
-            Err(other) => other,
-        };
-        Engines::Cpu(
-            core.downcast::<Core<Cpu>>()
-                .expect("an engine is Cpu or Gpu"),
-        )
+        })
     }
 
     /// The hidden → input-embedding map, computed (or read from the on-disk
@@ -607,13 +598,13 @@ fn engine(
     device: Device,
 ) -> Result<Engines> {
     match device {
-        Device::Cpu => Ok(Core::engine(Decoder::<Cpu>::from_weights(
+        Device::Cpu => Ok(Engines::Cpu(Core::new(Decoder::from_weights(
             config, weights, device,
-        )?)),
+        )?))),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Ok(Core::engine(Decoder::<Gpu>::from_weights(
+        Device::Cuda(_) => Ok(Engines::Gpu(Core::new(Decoder::from_weights(
             config, weights, device,
-        )?)),
+        )?))),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => device.check().map(|()| unreachable!("check refuses cuda")),
     }
