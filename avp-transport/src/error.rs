@@ -87,12 +87,35 @@ pub enum TransportError {
     /// sections read as host bytes, say.
     #[error("{0}")]
     Placement(String),
+    /// An RDMA operation failed: a work completion with an error status (the
+    /// peer died, a key or bound was refused), or the device refused a call.
+    #[error("rdma {op}: {status}: {reason}")]
+    Rdma {
+        /// What was being done.
+        op: &'static str,
+        /// The work-completion status as verbs names it (`IBV_WC_REM_ACCESS_ERR`),
+        /// or the failed call.
+        status: String,
+        /// What it means here.
+        reason: String,
+    },
 }
 
 impl TransportError {
     pub(crate) fn device(op: &'static str, reason: impl Into<String>) -> TransportError {
         TransportError::Device {
             op,
+            reason: reason.into(),
+        }
+    }
+    pub(crate) fn rdma(
+        op: &'static str,
+        status: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> TransportError {
+        TransportError::Rdma {
+            op,
+            status: status.into(),
             reason: reason.into(),
         }
     }

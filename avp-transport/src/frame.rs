@@ -32,6 +32,9 @@ pub(crate) struct Hello {
     /// The device the agent offers for device transports (`cuda`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<crate::device::DeviceInfo>,
+    /// The RDMA device the agent offers (`rdma://` listeners and connecting peers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<crate::rdma::verbs::RdmaInfo>,
     /// `/proc/sys/kernel/random/boot_id`: equal boot ids mean the same host.
     pub boot_id: String,
     /// A listener's shared-memory control socket, offered to TCP peers on the same host.
@@ -68,6 +71,9 @@ pub(crate) struct Accept {
     pub ttl_ms: u64,
     /// The smaller of the two sides' message limits.
     pub max_message: u64,
+    /// With transport "rdma": the receiver's queue pairs and slot pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<crate::rdma::verbs::RdmaGrant>,
     /// The listener's proof of the token (when one is configured).
     pub mac: Option<String>,
 }
@@ -87,9 +93,12 @@ pub(crate) enum Frame {
         mac: Option<String>,
         /// Why the connecting side chose this transport.
         reason: Option<String>,
-        /// The transport it chose, when not the one it connected over ("cuda").
+        /// The transport it chose, when not the one it connected over ("cuda", "rdma").
         #[serde(default, skip_serializing_if = "Option::is_none")]
         transport: Option<String>,
+        /// With transport "rdma": the sender's queue pairs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rdma: Option<crate::rdma::verbs::RdmaOffer>,
     },
     /// Session accepted.
     Accept(Accept),
@@ -137,6 +146,32 @@ pub(crate) enum Frame {
         slot_size: u64,
         /// Bytes of the allocation (`slots × slot_size`).
         len: u64,
+    },
+    /// RDMA, receiver to sender: pool slot `slot` is free again (its guard was dropped).
+    RdmaCredit {
+        /// The slot.
+        slot: u32,
+    },
+    /// RDMA, sender to receiver: register a dedicated region for one message
+    /// larger than a slot.
+    RdmaRegion {
+        /// The sender's name for it.
+        id: u32,
+        /// Message length.
+        len: u64,
+    },
+    /// RDMA, receiver to sender: the dedicated region `id`, registered.
+    RdmaRegionGrant {
+        /// The sender's name for it.
+        id: u32,
+        /// Where to write.
+        region: crate::rdma::verbs::RemoteRegion,
+    },
+    /// RDMA: dedicated region `id` is gone (receiver: its guard was dropped;
+    /// sender: the loan was abandoned).
+    RdmaRegionFreed {
+        /// The sender's name for it.
+        id: u32,
     },
     /// A dedicated device allocation for one message larger than a device
     /// slot: attached is its descriptor.

@@ -84,6 +84,7 @@ pub fn handshake_listener(data: &[u8]) -> bool {
         None,
         TransportKind::Tcp,
         Duration::ZERO,
+        None,
     )
     .is_ok()
 }
@@ -110,6 +111,7 @@ pub fn handshake_client(data: &[u8]) -> bool {
         ClientStep::Stay("fuzz".into()),
         TransportKind::Tcp,
         Duration::ZERO,
+        None,
     )
     .is_ok()
 }

@@ -32,7 +32,27 @@ use crate::device::DeviceMem;
 use crate::error::{AuthFailure, Result, TransportError};
 use crate::frame::{Accept, Frame, FrameIo, Hello, PROTOCOL};
 use crate::options::Options;
+use crate::rdma::verbs::{RdmaGrant, RdmaInfo, RdmaOffer};
 use crate::session::{Session, TransportKind};
+
+/// The listener's side of setting up RDMA in the handshake.
+pub(crate) trait RdmaGrantor {
+    /// What to tell the peer about this end's device.
+    fn info(&self) -> RdmaInfo;
+    /// Whether this end can reach the peer's device: `Ok(why)` or `Err(why not)`.
+    fn reach(&self, peer: &RdmaInfo) -> std::result::Result<String, String>;
+    /// Build the receiving side for the sender's queue pairs (`offer`),
+    /// messages up to `max_message`; what to tell the sender.
+    fn grant(&mut self, offer: &RdmaOffer, max_message: u64) -> Result<RdmaGrant>;
+}
+
+/// The connecting side's RDMA setup: its offer, and the listener's grant once accepted.
+pub(crate) struct RdmaClient {
+    /// The sender's queue pairs.
+    pub(crate) offer: RdmaOffer,
+    /// The receiver's answer.
+    pub(crate) grant: Option<RdmaGrant>,
+}
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -117,6 +137,7 @@ pub(crate) fn hello(
         max_message: opts.max_message,
         transports: vec!["shm".into(), "tcp".into()],
         device: None,
+        rdma: None,
         boot_id: boot_id(),
         shm_socket,
         nonce: random_hex(32),
@@ -173,6 +194,7 @@ pub(crate) fn client_finish(
     step: ClientStep,
     transport: TransportKind,
     timeout: Duration,
+    mut rdma: Option<&mut RdmaClient>,
 ) -> Result<Option<Session>> {
     let why = match step {
         ClientStep::Switch => {
@@ -190,7 +212,9 @@ pub(crate) fn client_finish(
     let mut auth = Frame::Auth {
         mac: None,
         reason: Some(why.clone()),
-        transport: (transport == TransportKind::Cuda).then(|| "cuda".to_owned()),
+        transport: matches!(transport, TransportKind::Cuda | TransportKind::Rdma)
+            .then(|| transport.name().to_owned()),
+        rdma: rdma.as_ref().map(|r| r.offer.clone()),
     };
     transcript.add(&auth);
     if let (Some(t), Frame::Auth { mac, .. }) = (opts.token.as_deref(), &mut auth) {
@@ -224,6 +248,11 @@ pub(crate) fn client_finish(
         return Err(TransportError::Auth(AuthFailure::BadProof {
             peer: "the listener",
         }));
+    }
+    if let Some(r) = rdma.as_deref_mut() {
+        r.grant = Some(accept.rdma.clone().ok_or_else(|| {
+            TransportError::Protocol("the listener accepted rdma without its queue pairs".into())
+        })?);
     }
     Ok(Some(session_from(accept, theirs, transport, why)))
 }
@@ -350,6 +379,7 @@ pub(crate) fn server(
     device: Option<&dyn DeviceMem>,
     transport: TransportKind,
     timeout: Duration,
+    mut rdma: Option<&mut dyn RdmaGrantor>,
 ) -> Result<Option<Session>> {
     let (f, _) = io.recv_frame(timeout)?;
     let theirs = expect_hello(f)?;
@@ -362,6 +392,10 @@ pub(crate) fn server(
         ours.transports.push("cuda".into());
         ours.device = Some(d.info());
     }
+    if let Some(r) = rdma.as_deref() {
+        ours.transports.push("rdma".into());
+        ours.rdma = Some(r.info());
+    }
     // Only the vocabularies' overlap can still find a latent path: ask for the peer's.
     ours.want_vocabulary = opts.vocabulary.is_some()
         && theirs.vocab_tokens > 0
@@ -371,18 +405,20 @@ pub(crate) fn server(
     transcript.add(&Frame::Hello(theirs.clone()));
     transcript.add(&Frame::Hello(ours.clone()));
     let (f, _) = io.recv_frame(timeout)?;
-    let (client_mac, why, chosen) = match f {
+    let (client_mac, why, chosen, offer) = match f {
         Frame::Auth {
             mac,
             reason,
             transport,
+            rdma,
         } => {
             transcript.add(&Frame::Auth {
                 mac: None,
                 reason: reason.clone(),
                 transport: transport.clone(),
+                rdma: rdma.clone(),
             });
-            (mac, reason, transport)
+            (mac, reason, transport, rdma)
         }
         Frame::Switch { .. } => return Ok(None),
         other => {
@@ -411,8 +447,26 @@ pub(crate) fn server(
         );
         TransportError::Protocol(reason)
     };
+    let mut grant = None;
     let transport = match (chosen.as_deref(), device, &theirs.device) {
         (None, _, _) => transport,
+        (Some("rdma"), _, _) => {
+            let (Some(r), Some(peer), Some(offer)) = (rdma.as_deref_mut(), &theirs.rdma, &offer)
+            else {
+                return Err(refuse(
+                    io,
+                    "the peer chose rdma, which was not offered (or sent no queue pairs)".into(),
+                ));
+            };
+            if let Err(why) = r.reach(peer) {
+                return Err(refuse(io, format!("this listener cannot reach the sender's rdma device: {why}")));
+            }
+            match r.grant(offer, opts.max_message.min(theirs.max_message)) {
+                Ok(g) => grant = Some(g),
+                Err(e) => return Err(refuse(io, format!("rdma setup failed on the listener: {e}"))),
+            }
+            TransportKind::Rdma
+        }
         (Some("cuda"), Some(d), Some(peer)) => match d.reach(peer) {
             Ok(_) => TransportKind::Cuda,
             // The sender judged from its side; this end cannot map its memory.
@@ -458,6 +512,7 @@ pub(crate) fn server(
         reason: r.reason,
         ttl_ms: opts.session_ttl.as_millis().min(u64::MAX as u128) as u64,
         max_message: opts.max_message.min(theirs.max_message),
+        rdma: grant,
         mac: None,
     };
     transcript.add(&Frame::Accept(accept.clone()));

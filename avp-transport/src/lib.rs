@@ -41,6 +41,7 @@ pub mod fuzzing;
 mod handshake;
 mod options;
 mod port;
+mod rdma;
 mod receiver;
 mod scheme;
 mod sender;
@@ -60,8 +61,9 @@ pub use error::{AuthFailure, Result, TransportError};
 pub use handshake::boot_id;
 #[cfg(feature = "tls")]
 pub use options::Tls;
-pub use options::{DeviceOptions, Options, ShmOptions, TcpOptions};
+pub use options::{DeviceOptions, Options, RdmaOptions, ShmOptions, TcpOptions};
 pub use port::Stats;
+pub use rdma::RdmaDevice;
 pub use receiver::{Receiver, RecvGuard};
 pub use sender::{Loan, Ready, Sender};
 pub use session::{Session, TransportKind};

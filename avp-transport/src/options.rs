@@ -18,6 +18,7 @@ use std::time::Duration;
 use avp_wire::MapLookup;
 
 use crate::device::Device;
+use crate::rdma::RdmaDevice;
 
 /// How an endpoint behaves, whichever transport carries the session.
 /// `Options::default()` suits most uses.
@@ -55,6 +56,8 @@ pub struct Options {
     /// (the default) offers no device. Listeners bound at `cuda://` offer it;
     /// senders use it to copy from device memory on any transport.
     pub device: Option<DeviceOptions>,
+    /// RDMA knobs (`rdma://` sessions).
+    pub rdma: RdmaOptions,
 }
 
 impl Default for Options {
@@ -71,6 +74,7 @@ impl Default for Options {
             shm: ShmOptions::default(),
             tcp: TcpOptions::default(),
             device: None,
+            rdma: RdmaOptions::default(),
         }
     }
 }
@@ -127,6 +131,11 @@ impl Options {
         self
     }
     /// Set [`device`](Self::device).
+    pub fn rdma(mut self, rdma: RdmaOptions) -> Self {
+        self.rdma = rdma;
+        self
+    }
+    /// The device of `cuda://` sessions.
     pub fn device(mut self, device: DeviceOptions) -> Self {
         self.device = Some(device);
         self
@@ -272,5 +281,103 @@ impl DeviceOptions {
     pub fn slot_size(mut self, bytes: usize) -> Self {
         self.slot_size = bytes;
         self
+    }
+}
+
+/// RDMA's knobs: the device, and how messages are cut and striped.
+///
+/// ```
+/// use avp_transport::{Options, RdmaDevice, RdmaOptions};
+/// // The software emulator (tests, machines without an RDMA NIC): chosen
+/// // explicitly, and every session using it says so in `Session::explain`.
+/// let o = Options::default().rdma(RdmaOptions::default().device(RdmaDevice::Emulated).queue_pairs(4));
+/// assert_eq!(o.rdma.queue_pairs, 4);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RdmaOptions {
+    /// The device; `None` (the default) takes the first verbs device when
+    /// avp is built with the `rdma` feature. Without a usable device an
+    /// `rdma://` session runs over TCP and `Session::explain` says why.
+    pub device: Option<RdmaDevice>,
+    /// Reliable-connected queue pairs a message is striped over (1–16, default 2).
+    pub queue_pairs: usize,
+    /// Bytes per RDMA write (4 KiB – 16 MiB, default 64 KiB).
+    pub slice: usize,
+    /// Receiver: slots in its registered pool, i.e. messages in flight (1–64, default 4).
+    pub slots: usize,
+    /// Receiver: bytes per slot (default 16 MiB); a larger message gets a
+    /// region registered for it alone.
+    pub slot_size: usize,
+    /// Sender: how long `loan` waits for a free slot (backpressure).
+    pub loan_timeout: Duration,
+}
+
+impl Default for RdmaOptions {
+    fn default() -> Self {
+        RdmaOptions {
+            device: None,
+            queue_pairs: 2,
+            slice: 64 << 10,
+            slots: 4,
+            slot_size: 16 << 20,
+            loan_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RdmaOptions {
+    /// Use `device`.
+    pub fn device(mut self, device: RdmaDevice) -> Self {
+        self.device = Some(device);
+        self
+    }
+    /// Queue pairs per session, 1–16.
+    pub fn queue_pairs(mut self, n: usize) -> Self {
+        self.queue_pairs = n;
+        self
+    }
+    /// Bytes per write.
+    pub fn slice(mut self, bytes: usize) -> Self {
+        self.slice = bytes;
+        self
+    }
+    /// Receiver pool slots, 1–64.
+    pub fn slots(mut self, n: usize) -> Self {
+        self.slots = n;
+        self
+    }
+    /// Receiver pool bytes per slot.
+    pub fn slot_size(mut self, bytes: usize) -> Self {
+        self.slot_size = bytes;
+        self
+    }
+    /// How long `loan` waits for a free slot.
+    pub fn loan_timeout(mut self, t: Duration) -> Self {
+        self.loan_timeout = t;
+        self
+    }
+
+    /// Refuse values out of range, naming the knob.
+    pub(crate) fn check(&self) -> crate::Result<()> {
+        let bad = |option: &'static str, reason: String| {
+            Err(crate::TransportError::InvalidOption { option, reason })
+        };
+        if !(1..=16).contains(&self.queue_pairs) {
+            return bad("rdma.queue_pairs", format!("expected 1–16, found {}", self.queue_pairs));
+        }
+        if !(4096..=16 << 20).contains(&self.slice) {
+            return bad("rdma.slice", format!("expected 4 KiB – 16 MiB, found {} bytes", self.slice));
+        }
+        if !(1..=64).contains(&self.slots) {
+            return bad("rdma.slots", format!("expected 1–64, found {}", self.slots));
+        }
+        if self.slot_size < 4096 || self.slot_size > 1 << 30 {
+            return bad(
+                "rdma.slot_size",
+                format!("expected 4 KiB – 1 GiB, found {} bytes", self.slot_size),
+            );
+        }
+        Ok(())
     }
 }

@@ -86,6 +86,13 @@ pub(crate) static SCHEMES: &[&dyn Scheme] = &[
         name: "cuda",
         why: "device transports need Linux (file-descriptor passing); use tcp:// on this platform",
     },
+    #[cfg(target_os = "linux")]
+    &crate::rdma::scheme::RdmaScheme,
+    #[cfg(not(target_os = "linux"))]
+    &Unsupported {
+        name: "rdma",
+        why: "the rdma transport needs Linux; use tcp:// on this platform",
+    },
 ];
 
 /// The scheme named `name`.

@@ -18,6 +18,9 @@ pub enum TransportKind {
     /// Shared memory on one host with message sections in device memory (a
     /// GPU's, or host memory emulating one: `Session::explain` says which).
     Cuda,
+    /// RDMA writes into the receiver's registered memory, with a TCP control
+    /// connection (a real device, or the emulator: `Session::explain` says which).
+    Rdma,
 }
 
 impl TransportKind {
@@ -27,6 +30,7 @@ impl TransportKind {
             TransportKind::Shm => "shm",
             TransportKind::Tcp => "tcp",
             TransportKind::Cuda => "cuda",
+            TransportKind::Rdma => "rdma",
         }
     }
 }

@@ -196,6 +196,7 @@ pub(crate) fn connect_over(
         ClientStep::Stay(reason),
         kind,
         t,
+        None,
     )?
     .expect("stay yields a session");
     let slot_size = o.device.as_ref().map_or(0, |d| d.slot_size);
@@ -242,6 +243,7 @@ impl Acceptor for ShmAcceptor {
             self.device.as_deref(),
             TransportKind::Shm,
             t,
+            None,
         )?
         .ok_or_else(|| {
             TransportError::Protocol("peer asked to switch away from shared memory".into())

@@ -25,7 +25,7 @@ use crate::session::{Session, TransportKind};
 
 pub(crate) use conn::Conn;
 use receiver::TcpReceiver;
-use sender::TcpSender;
+pub(crate) use sender::TcpSender;
 
 /// `tcp://HOST:PORT` (port 0 picks one when binding).
 pub(crate) struct TcpScheme;
@@ -58,7 +58,14 @@ impl Scheme for TcpScheme {
             acceptors.push(crate::shm::bind_offer(&format!("tcp{port}"))?);
         }
         let _ = options;
-        acceptors.insert(0, Box::new(TcpAcceptor { listener: l }));
+        acceptors.insert(
+            0,
+            Box::new(TcpAcceptor {
+                listener: l,
+                #[cfg(target_os = "linux")]
+                rdma: None,
+            }),
+        );
         Ok(acceptors)
     }
 
@@ -69,22 +76,7 @@ impl Scheme for TcpScheme {
         options: &Options,
     ) -> Result<(Session, Box<dyn SendPort>)> {
         let t = options.connect_timeout;
-        let sa = host_port
-            .to_socket_addrs()
-            .map_err(TransportError::io("resolve"))?
-            .next()
-            .ok_or_else(|| TransportError::InvalidAddress {
-                address: format!("tcp://{host_port}"),
-                reason: "resolves to nothing".into(),
-            })?;
-        let stream =
-            TcpStream::connect_timeout(&sa, t).map_err(TransportError::io("connect tcp"))?;
-        stream
-            .set_nodelay(true)
-            .map_err(TransportError::io("nodelay"))?;
-        let mut io = StreamIo {
-            stream: client_conn(stream, host_port, options)?,
-        };
+        let mut io = dial("tcp", host_port, options)?;
         let (ours, theirs) =
             handshake::client_hello(&mut io, handshake::hello(identity, options, None, None), t)?;
         #[cfg(target_os = "linux")]
@@ -99,6 +91,7 @@ impl Scheme for TcpScheme {
                     ClientStep::Switch,
                     TransportKind::Shm,
                     t,
+                    None,
                 )?;
                 drop(io);
                 return crate::shm::connect_over(pio, identity, options, reason, None);
@@ -115,15 +108,40 @@ impl Scheme for TcpScheme {
             ClientStep::Stay(reason),
             TransportKind::Tcp,
             t,
+            None,
         )?
         .expect("stay yields a session");
         Ok((session, Box::new(TcpSender::new(io.stream))))
     }
 }
 
-/// A listening TCP socket.
-struct TcpAcceptor {
-    listener: TcpListener,
+/// Connect to `host_port` (named `scheme://host_port` in errors), with TLS
+/// when the options ask for it.
+pub(crate) fn dial(scheme: &str, host_port: &str, options: &Options) -> Result<StreamIo<Conn>> {
+    let sa = host_port
+        .to_socket_addrs()
+        .map_err(TransportError::io("resolve"))?
+        .next()
+        .ok_or_else(|| TransportError::InvalidAddress {
+            address: format!("{scheme}://{host_port}"),
+            reason: "resolves to nothing".into(),
+        })?;
+    let stream = TcpStream::connect_timeout(&sa, options.connect_timeout)
+        .map_err(TransportError::io("connect tcp"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(TransportError::io("nodelay"))?;
+    Ok(StreamIo {
+        stream: client_conn(stream, host_port, options)?,
+    })
+}
+
+/// A listening TCP socket (of a `tcp://` listener, or an `rdma://` one,
+/// which offers its RDMA device).
+pub(crate) struct TcpAcceptor {
+    pub(crate) listener: TcpListener,
+    #[cfg(target_os = "linux")]
+    pub(crate) rdma: Option<crate::rdma::Accepting>,
 }
 
 impl Acceptor for TcpAcceptor {
@@ -152,6 +170,12 @@ impl Acceptor for TcpAcceptor {
             .clone()
             .filter(|_| ctx.options.tcp.shm_upgrade);
         let t = ctx.options.connect_timeout;
+        #[cfg(target_os = "linux")]
+        let mut rdma = self.rdma.as_ref().map(|a| a.session(ctx.options));
+        #[cfg(target_os = "linux")]
+        let grantor = rdma.as_mut().map(|r| r as &mut dyn handshake::RdmaGrantor);
+        #[cfg(not(target_os = "linux"))]
+        let grantor = None;
         let session = handshake::server(
             &mut io,
             ctx.identity,
@@ -160,13 +184,22 @@ impl Acceptor for TcpAcceptor {
             None,
             TransportKind::Tcp,
             t,
+            grantor,
         )
         .map_err(|e| with_peer(e, &peer.to_string()))?;
-        Ok(session.map(|session| {
-            let stall = ctx.options.tcp.stall_timeout;
-            let port = TcpReceiver::new(io.stream, session.max_message, stall);
-            (session, Arc::new(port) as Arc<dyn RecvPort>)
-        }))
+        let Some(session) = session else {
+            return Ok(None);
+        };
+        #[cfg(target_os = "linux")]
+        if session.transport == TransportKind::Rdma
+            && let Some(r) = rdma
+        {
+            let port = r.into_receiver(io.stream, &session)?;
+            return Ok(Some((session, Arc::new(port) as Arc<dyn RecvPort>)));
+        }
+        let stall = ctx.options.tcp.stall_timeout;
+        let port = TcpReceiver::new(io.stream, session.max_message, stall);
+        Ok(Some((session, Arc::new(port) as Arc<dyn RecvPort>)))
     }
 }
 

@@ -1,0 +1,413 @@
+//! The receiving half of an RDMA session: a slot pool registered once, the
+//! queue pairs' receives, and the control connection that returns slots to
+//! the sender and registers regions for large messages.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use avp_wire::{PREAMBLE_LEN, Preamble};
+
+use crate::error::{Result, TransportError};
+use crate::frame::{Frame, FrameIo, StreamIo};
+use crate::options::RdmaOptions;
+use crate::port::{Armed, Counters, Delivery, Held, Idle, RecvPort};
+use crate::tcp::Conn;
+
+use super::imm;
+use super::verbs::{
+    CompletionQueue, MemoryRegion, QpCaps, QueuePair, RdmaGrant, RdmaOffer, Verbs, Wc, WcStatus,
+};
+
+/// Key bit of a delivery in a dedicated region.
+const DEDICATED: u64 = 1 << 63;
+
+/// What a receiver is built from in the handshake.
+pub(crate) struct Parts {
+    verbs: Arc<dyn Verbs>,
+    cq: Arc<dyn CompletionQueue>,
+    _scq: Arc<dyn CompletionQueue>,
+    qps: Vec<Arc<dyn QueuePair>>,
+    pool: Arc<dyn MemoryRegion>,
+    slots: usize,
+    slot_size: usize,
+}
+
+impl Parts {
+    /// Register the pool, create and connect the queue pairs for `offer`,
+    /// and post their receives.
+    pub(crate) fn build(
+        verbs: Arc<dyn Verbs>,
+        o: &RdmaOptions,
+        offer: &RdmaOffer,
+    ) -> Result<(Parts, RdmaGrant)> {
+        let k = offer.qps.len();
+        if !(1..=16).contains(&k) {
+            return Err(TransportError::Protocol(format!(
+                "the sender offers {k} queue pairs, expected 1–16"
+            )));
+        }
+        let slot_size = o.slot_size.next_multiple_of(4096);
+        // A receive per slot and per dedicated region (as many as slots), and spare.
+        let recvs = 2 * o.slots + 2;
+        let caps = QpCaps {
+            max_recv_wr: recvs,
+            ..QpCaps::default()
+        };
+        let cq = verbs.create_cq(k * recvs + 16)?;
+        let scq = verbs.create_cq(16)?;
+        let pool = verbs.alloc(o.slots * slot_size, true)?;
+        let mut qps = Vec::with_capacity(k);
+        for (i, remote) in offer.qps.iter().enumerate() {
+            let q = verbs.create_qp(&scq, &cq, caps)?;
+            q.post_recvs(&vec![i as u64; recvs])?;
+            q.connect(remote)?;
+            qps.push(q);
+        }
+        let grant = RdmaGrant {
+            qps: qps.iter().map(|q| q.endpoint()).collect(),
+            pool: pool.remote(),
+            slots: o.slots as u32,
+            slot_size: slot_size as u64,
+        };
+        let parts = Parts {
+            verbs,
+            cq,
+            _scq: scq,
+            qps,
+            pool,
+            slots: o.slots,
+            slot_size,
+        };
+        Ok((parts, grant))
+    }
+}
+
+/// What one receiving thread at a time touches.
+struct Rx {
+    /// Shares landed per slot.
+    seen: Vec<usize>,
+    /// Shares landed per dedicated region.
+    region_seen: HashMap<u32, usize>,
+    /// Complete messages, in order of completion: (dedicated, slot or region).
+    ready: VecDeque<(bool, u32)>,
+    /// Why the session failed, once it has.
+    broken: Option<String>,
+    /// The sender closed the control connection.
+    peer_left: bool,
+    wcs: Vec<Wc>,
+}
+
+/// The receiving half of an RDMA session.
+pub(crate) struct RdmaReceiver {
+    parts: Parts,
+    qpn: HashMap<u32, usize>,
+    rx: Mutex<Rx>,
+    /// The control connection: credits out (from any thread), requests in.
+    ctl: Mutex<StreamIo<Conn>>,
+    ctl_fd: RawFd,
+    /// Dedicated regions registered for the sender, by its name for them.
+    regions: Mutex<HashMap<u32, Arc<dyn MemoryRegion>>>,
+    max_message: u64,
+    counters: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl RdmaReceiver {
+    pub(crate) fn new(parts: Parts, conn: Conn, max_message: u64) -> RdmaReceiver {
+        use std::os::fd::AsRawFd;
+        let qpn = parts
+            .qps
+            .iter()
+            .enumerate()
+            .map(|(i, q)| (q.endpoint().qpn, i))
+            .collect();
+        let ctl_fd = conn.tcp().as_raw_fd();
+        RdmaReceiver {
+            rx: Mutex::new(Rx {
+                seen: vec![0; parts.slots],
+                region_seen: HashMap::new(),
+                ready: VecDeque::new(),
+                broken: None,
+                peer_left: false,
+                wcs: Vec::new(),
+            }),
+            parts,
+            qpn,
+            ctl: Mutex::new(StreamIo { stream: conn }),
+            ctl_fd,
+            regions: Mutex::new(HashMap::new()),
+            max_message,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Count landed shares; queue complete messages.
+    fn reap(&self, rx: &mut Rx) -> Result<()> {
+        let mut wcs = std::mem::take(&mut rx.wcs);
+        wcs.clear();
+        self.parts.cq.poll(&mut wcs, 256);
+        let mut result = Ok(());
+        for wc in &wcs {
+            if wc.status != WcStatus::Success || wc.imm.is_none() {
+                if result.is_ok() && rx.broken.is_none() {
+                    let why = match wc.status {
+                        WcStatus::WrFlushErr => {
+                            "the queue pair failed (the sender wrote outside its grant, or left)"
+                        }
+                        _ => "a receive failed",
+                    };
+                    rx.broken = Some(format!("{}: {why}", wc.status));
+                    result = Err(TransportError::rdma("receive", wc.status.to_string(), why));
+                }
+                continue;
+            }
+            if let Some(&q) = self.qpn.get(&wc.qpn)
+                && self.parts.qps[q].post_recvs(&[q as u64]).is_err()
+            {
+                tracing::warn!("rdma: could not repost a receive on queue pair {q}");
+            }
+            let (dedicated, shares, id) = imm::decode(wc.imm.expect("checked"));
+            let seen = if dedicated {
+                if !lock(&self.regions).contains_key(&id) {
+                    result = result.and(Err(self.protocol(rx, "a write into a region never granted")));
+                    continue;
+                }
+                rx.region_seen.entry(id).or_default()
+            } else {
+                match rx.seen.get_mut(id as usize) {
+                    Some(s) => s,
+                    None => {
+                        result = result.and(Err(self.protocol(rx, "a write for a slot out of range")));
+                        continue;
+                    }
+                }
+            };
+            *seen += 1;
+            if *seen == shares {
+                *seen = 0;
+                if dedicated {
+                    rx.region_seen.remove(&id);
+                }
+                rx.ready.push_back((dedicated, id));
+            } else if *seen > shares {
+                result = result.and(Err(self.protocol(rx, "more shares than announced")));
+            }
+        }
+        rx.wcs = wcs;
+        result
+    }
+
+    fn protocol(&self, rx: &mut Rx, what: &str) -> TransportError {
+        let why = format!("rdma sender broke the protocol: {what}");
+        rx.broken.get_or_insert(why.clone());
+        TransportError::Protocol(why)
+    }
+
+    /// Serve the sender's control frames that have arrived.
+    fn serve_control(&self, rx: &mut Rx) -> Result<()> {
+        let Ok(mut ctl) = self.ctl.try_lock() else {
+            return Ok(());
+        };
+        loop {
+            let ready = ctl.stream.pending()
+                || crate::wait::readable(&[ctl.stream.as_fd()], Duration::ZERO)?;
+            if !ready || rx.peer_left {
+                return Ok(());
+            }
+            let frame = match ctl.recv_frame(Duration::from_secs(2)) {
+                Ok((f, _)) => f,
+                Err(TransportError::PeerGone(_)) => {
+                    rx.peer_left = true;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            match frame {
+                Frame::RdmaRegion { id, len } => {
+                    let mut regions = lock(&self.regions);
+                    if len > self.max_message {
+                        drop(regions);
+                        return Err(self.protocol(rx, &format!(
+                            "a region of {len} bytes, over the session's limit of {}",
+                            self.max_message
+                        )));
+                    }
+                    if regions.len() >= self.parts.slots || regions.contains_key(&id) {
+                        drop(regions);
+                        return Err(self.protocol(rx, "more dedicated regions than slots"));
+                    }
+                    let mr = self.parts.verbs.alloc(len as usize, true)?;
+                    let region = mr.remote();
+                    regions.insert(id, mr);
+                    drop(regions);
+                    ctl.send_frame(&Frame::RdmaRegionGrant { id, region }, &[])?;
+                }
+                Frame::RdmaRegionFreed { id } => {
+                    lock(&self.regions).remove(&id);
+                    rx.region_seen.remove(&id);
+                }
+                other => {
+                    return Err(self.protocol(rx, &format!("unexpected control frame {other:?}")));
+                }
+            }
+        }
+    }
+
+    /// A complete message, if there is one.
+    fn poll(&self, rx: &mut Rx) -> Result<Option<Delivery>> {
+        if let Some(why) = &rx.broken {
+            return Err(TransportError::PeerGone(format!("rdma session failed: {why}")));
+        }
+        self.reap(rx)?;
+        self.serve_control(rx)?;
+        let Some((dedicated, id)) = rx.ready.pop_front() else {
+            return Ok(None);
+        };
+        let (ptr, cap, key, keep) = if dedicated {
+            let mr = lock(&self.regions)
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| self.protocol(rx, "a message in a freed region"))?;
+            let keep: Box<dyn std::any::Any + Send + Sync> = Box::new(Arc::clone(&mr));
+            (mr.ptr(), mr.len(), DEDICATED | u64::from(id), Some(keep))
+        } else {
+            // SAFETY: slot `id` (checked against the slot count) of the pool.
+            let ptr = unsafe { self.parts.pool.ptr().add(id as usize * self.parts.slot_size) };
+            (ptr, self.parts.slot_size, u64::from(id), None)
+        };
+        let held = Held { key, keep };
+        let mut pre = [0u8; PREAMBLE_LEN];
+        let n = cap.min(PREAMBLE_LEN);
+        // SAFETY: `n` bytes at the start of the slot or region, which stays
+        // registered while `held` lives; read as plain bytes.
+        unsafe { std::ptr::copy_nonoverlapping(ptr, pre.as_mut_ptr(), n) };
+        let len = match Preamble::read(&pre[..n]) {
+            Ok(p) if p.total_len <= cap as u64 => p.total_len as usize,
+            Ok(p) => {
+                self.release(held);
+                return Err(TransportError::Segment(format!(
+                    "the message declares {} bytes, its rdma slot holds {cap}",
+                    p.total_len
+                )));
+            }
+            Err(e) => {
+                self.release(held);
+                return Err(e.into());
+            }
+        };
+        Counters::bump(&self.counters.messages);
+        if dedicated {
+            Counters::bump(&self.counters.dedicated);
+        }
+        Ok(Some(Delivery {
+            held,
+            ptr,
+            len,
+            peer_writable: true,
+            device: None,
+        }))
+    }
+
+    fn gone() -> TransportError {
+        TransportError::PeerGone("the rdma sender closed its control connection".into())
+    }
+}
+
+impl RecvPort for RdmaReceiver {
+    fn recv(&self, timeout: Duration, _idle: Idle<'_>) -> Result<Delivery> {
+        let deadline = crate::wait::from_now(timeout);
+        let mut rx = lock(&self.rx);
+        loop {
+            if let Some(d) = self.poll(&mut rx)? {
+                return Ok(d);
+            }
+            if rx.peer_left {
+                // Everything that landed before the sender left was delivered.
+                self.reap(&mut rx)?;
+                if rx.ready.is_empty() {
+                    return Err(Self::gone());
+                }
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(TransportError::Timeout(timeout, "a message"));
+            }
+            self.parts.cq.arm()?;
+            self.reap(&mut rx)?;
+            if !rx.ready.is_empty() {
+                continue;
+            }
+            // SAFETY: both descriptors stay open while `self` lives.
+            let fds = unsafe {
+                [
+                    BorrowedFd::borrow_raw(self.parts.cq.fd()),
+                    BorrowedFd::borrow_raw(self.ctl_fd),
+                ]
+            };
+            crate::wait::readable(&fds, deadline - now)?;
+            self.parts.cq.ack();
+        }
+    }
+
+    fn try_recv(&self, _now: Instant, _idle: Idle<'_>) -> Result<Option<Delivery>> {
+        let Ok(mut rx) = self.rx.try_lock() else {
+            return Ok(None);
+        };
+        match self.poll(&mut rx)? {
+            Some(d) => Ok(Some(d)),
+            None if rx.peer_left => Err(Self::gone()),
+            None => Ok(None),
+        }
+    }
+
+    fn arm(&self) -> Result<Armed> {
+        let mut rx = lock(&self.rx);
+        if let Some(d) = self.poll(&mut rx)? {
+            return Ok(Armed::Ready(d));
+        }
+        if rx.peer_left {
+            return Err(Self::gone());
+        }
+        self.parts.cq.arm()?;
+        self.reap(&mut rx)?;
+        if !rx.ready.is_empty() {
+            return Ok(Armed::Busy);
+        }
+        Ok(Armed::Wait([self.parts.cq.fd(), self.ctl_fd]))
+    }
+
+    fn disarm(&self) {
+        self.parts.cq.ack();
+    }
+
+    fn release(&self, held: Held) {
+        let frame = if held.key & DEDICATED != 0 {
+            let id = (held.key & !DEDICATED) as u32;
+            drop(held.keep);
+            // Deregistered once the guard's clone (dropped above) and ours are gone.
+            lock(&self.regions).remove(&id);
+            Frame::RdmaRegionFreed { id }
+        } else {
+            Frame::RdmaCredit {
+                slot: held.key as u32,
+            }
+        };
+        // A sender that left needs no credit.
+        let _ = lock(&self.ctl).send_frame(&frame, &[]);
+    }
+
+    fn pool_range(&self) -> Option<std::ops::Range<usize>> {
+        let start = self.parts.pool.ptr() as usize;
+        Some(start..start + self.parts.pool.len())
+    }
+
+    fn stats(&self) -> &Counters {
+        &self.counters
+    }
+}

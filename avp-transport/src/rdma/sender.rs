@@ -1,0 +1,559 @@
+//! The sending half of an RDMA session: loans in registered local memory,
+//! written into the receiver's slots (or a region registered for one large
+//! message) in slices striped over the queue pairs.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Result, TransportError};
+use crate::frame::{Frame, FrameIo, StreamIo};
+use crate::options::RdmaOptions;
+use crate::port::{Counters, LoanMem, SendPort};
+use crate::tcp::Conn;
+
+use super::imm;
+use super::verbs::{
+    CompletionQueue, MemoryRegion, QpCaps, QueuePair, RdmaGrant, RdmaOffer, RemoteRegion, Verbs,
+    Wc, WcStatus, WriteWr,
+};
+
+/// Key bit of a loan in a dedicated region.
+const DEDICATED: u64 = 1 << 63;
+/// Writes posted per doorbell at most.
+const BATCH: usize = 32;
+/// Every this many writes one is signaled, so that send-queue room comes back.
+const SIGNAL_EVERY: u64 = 64;
+
+/// The sender's queue pairs before the receiver answered.
+pub(crate) struct Building {
+    verbs: Arc<dyn Verbs>,
+    cq: Arc<dyn CompletionQueue>,
+    rcq: Arc<dyn CompletionQueue>,
+    qps: Vec<Arc<dyn QueuePair>>,
+    caps: QpCaps,
+}
+
+impl Building {
+    /// Create the session's completion queue and queue pairs.
+    pub(crate) fn new(verbs: Arc<dyn Verbs>, o: &RdmaOptions) -> Result<Building> {
+        let caps = QpCaps::default();
+        let cq = verbs.create_cq(o.queue_pairs * caps.max_send_wr + 16)?;
+        let rcq = verbs.create_cq(16)?;
+        let qps = (0..o.queue_pairs)
+            .map(|_| verbs.create_qp(&cq, &rcq, caps))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Building {
+            verbs,
+            cq,
+            rcq,
+            qps,
+            caps,
+        })
+    }
+
+    /// What the receiver needs to connect.
+    pub(crate) fn offer(&self) -> RdmaOffer {
+        RdmaOffer {
+            qps: self.qps.iter().map(|q| q.endpoint()).collect(),
+        }
+    }
+
+    /// Connect to the receiver's queue pairs and register the local buffers.
+    pub(crate) fn finish(
+        self,
+        io: StreamIo<Conn>,
+        grant: RdmaGrant,
+        o: &RdmaOptions,
+    ) -> Result<RdmaSender> {
+        let bad = |why: String| TransportError::Protocol(format!("rdma grant: {why}"));
+        if grant.qps.len() != self.qps.len() {
+            return Err(bad(format!(
+                "{} queue pairs for our {}",
+                grant.qps.len(),
+                self.qps.len()
+            )));
+        }
+        let slots = grant.slots as usize;
+        let slot_size = usize::try_from(grant.slot_size).unwrap_or(usize::MAX);
+        let pool_len = slots.checked_mul(slot_size);
+        if !(1..=64).contains(&slots)
+            || slot_size < 4096
+            || pool_len.is_none_or(|n| n as u64 > grant.pool.len || n > 1 << 36)
+        {
+            return Err(bad(format!(
+                "{slots} slots of {slot_size} bytes in a pool of {} bytes",
+                grant.pool.len
+            )));
+        }
+        for (q, r) in self.qps.iter().zip(&grant.qps) {
+            q.connect(r)?;
+        }
+        let local = self
+            .verbs
+            .alloc(pool_len.expect("checked"), false)?;
+        let qpn = self
+            .qps
+            .iter()
+            .enumerate()
+            .map(|(i, q)| (q.endpoint().qpn, i))
+            .collect();
+        Ok(RdmaSender {
+            io,
+            verbs: self.verbs,
+            cq: self.cq,
+            _rcq: self.rcq,
+            track: vec![Track::default(); self.qps.len()],
+            qps: self.qps,
+            qpn,
+            caps: self.caps,
+            local,
+            pool: grant.pool,
+            slot_size,
+            slice: o.slice,
+            credit: vec![true; slots],
+            busy: vec![false; slots],
+            grants: HashMap::new(),
+            next_region: 0,
+            regions_live: 0,
+            spare: None,
+            inflight: HashMap::new(),
+            next_token: 1,
+            broken: None,
+            loan_timeout: o.loan_timeout,
+            wcs: Vec::new(),
+            counters: Counters::default(),
+        })
+    }
+}
+
+/// A queue pair's send-queue accounting.
+#[derive(Clone, Default)]
+struct Track {
+    /// Writes posted and not yet known complete.
+    outstanding: usize,
+    /// Since the last signaled write.
+    unsignaled: u64,
+    /// Signaled writes in order: how many writes each covers, and the
+    /// message it ends, if it ends one.
+    signaled: VecDeque<(usize, Option<u64>)>,
+}
+
+/// Local memory of a message in flight.
+enum Buf {
+    Slot(usize),
+    Dedicated(Arc<dyn MemoryRegion>),
+}
+
+/// A dedicated loan's memory.
+struct DedicatedLoan {
+    local: Arc<dyn MemoryRegion>,
+    remote: RemoteRegion,
+}
+
+/// The sending half of an RDMA session.
+pub(crate) struct RdmaSender {
+    io: StreamIo<Conn>,
+    verbs: Arc<dyn Verbs>,
+    cq: Arc<dyn CompletionQueue>,
+    _rcq: Arc<dyn CompletionQueue>,
+    qps: Vec<Arc<dyn QueuePair>>,
+    qpn: HashMap<u32, usize>,
+    track: Vec<Track>,
+    caps: QpCaps,
+    /// Local buffers, one per receiver slot.
+    local: Arc<dyn MemoryRegion>,
+    pool: RemoteRegion,
+    slot_size: usize,
+    slice: usize,
+    /// Receiver slot `i` is free (its credit came back).
+    credit: Vec<bool>,
+    /// Local buffer `i` is still being written from.
+    busy: Vec<bool>,
+    /// Dedicated regions granted and not yet loaned.
+    grants: HashMap<u32, RemoteRegion>,
+    next_region: u32,
+    /// Dedicated regions the receiver holds for us.
+    regions_live: usize,
+    /// A local dedicated buffer kept for the next large message.
+    spare: Option<Arc<dyn MemoryRegion>>,
+    inflight: HashMap<u64, (usize, Buf)>,
+    next_token: u64,
+    broken: Option<TransportError>,
+    loan_timeout: Duration,
+    wcs: Vec<Wc>,
+    counters: Counters,
+}
+
+/// What a failed write's status means to a sender.
+fn meaning(status: WcStatus) -> &'static str {
+    match status {
+        WcStatus::RetryExcErr => "the receiver stopped answering (it died, or the link is down)",
+        WcStatus::RemAccessErr => {
+            "the receiver refused the write's key or bounds (its registration is gone or the grant was wrong)"
+        }
+        WcStatus::RnrRetryExcErr => "the receiver had no receive posted for the write's immediate",
+        WcStatus::WrFlushErr => "flushed after an earlier error on the queue pair",
+        WcStatus::LocProtErr => "a local buffer outside its registration",
+        _ => "the write failed",
+    }
+}
+
+fn broken_copy(e: &TransportError) -> TransportError {
+    match e {
+        TransportError::Rdma { op, status, reason } => TransportError::Rdma {
+            op,
+            status: status.clone(),
+            reason: reason.clone(),
+        },
+        other => TransportError::PeerGone(other.to_string()),
+    }
+}
+
+impl RdmaSender {
+    fn check(&self) -> Result<()> {
+        self.broken.as_ref().map_or(Ok(()), |e| Err(broken_copy(e)))
+    }
+
+    fn fail(&mut self, e: TransportError) -> TransportError {
+        let copy = broken_copy(&e);
+        self.broken = Some(e);
+        copy
+    }
+
+    /// Take finished writes off the completion queue.
+    fn reap(&mut self) -> Result<()> {
+        let mut wcs = std::mem::take(&mut self.wcs);
+        wcs.clear();
+        self.cq.poll(&mut wcs, 256);
+        let mut result = Ok(());
+        for wc in &wcs {
+            if wc.status != WcStatus::Success {
+                if result.is_ok() {
+                    result = Err(TransportError::rdma(
+                        "write",
+                        wc.status.to_string(),
+                        meaning(wc.status),
+                    ));
+                }
+                continue;
+            }
+            let Some(&q) = self.qpn.get(&wc.qpn) else {
+                continue;
+            };
+            let Some((covers, token)) = self.track[q].signaled.pop_front() else {
+                continue;
+            };
+            self.track[q].outstanding -= covers;
+            if let Some(t) = token
+                && let Some(entry) = self.inflight.get_mut(&t)
+            {
+                entry.0 -= 1;
+                if entry.0 == 0 {
+                    match self.inflight.remove(&t).expect("present").1 {
+                        Buf::Slot(i) => self.busy[i] = false,
+                        Buf::Dedicated(mr) => {
+                            if self.spare.as_ref().is_none_or(|s| s.len() < mr.len()) {
+                                self.spare = Some(mr);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.wcs = wcs;
+        result.map_err(|e| self.fail(e))
+    }
+
+    /// Read the receiver's control frames that have arrived.
+    fn read_control(&mut self) -> Result<()> {
+        loop {
+            let ready = self.io.stream.pending()
+                || crate::wait::readable(&[self.io.stream.as_fd()], Duration::ZERO)?;
+            if !ready {
+                return Ok(());
+            }
+            let frame = match self.io.recv_frame(Duration::from_secs(2)) {
+                Ok((f, _)) => f,
+                Err(e) => {
+                    let e = match e {
+                        TransportError::PeerGone(m) => TransportError::PeerGone(format!(
+                            "the receiver closed the rdma control connection ({m})"
+                        )),
+                        other => other,
+                    };
+                    return Err(self.fail(e));
+                }
+            };
+            match frame {
+                Frame::RdmaCredit { slot } if self.credit.get(slot as usize) == Some(&false) => {
+                    self.credit[slot as usize] = true;
+                }
+                Frame::RdmaRegionGrant { id, region } => {
+                    self.grants.insert(id, region);
+                }
+                Frame::RdmaRegionFreed { .. } if self.regions_live > 0 => self.regions_live -= 1,
+                other => {
+                    let e = TransportError::Protocol(format!(
+                        "unexpected rdma control frame {other:?}"
+                    ));
+                    return Err(self.fail(e));
+                }
+            }
+        }
+    }
+
+    /// Wait until a completion or a control frame may have arrived, or `deadline`.
+    fn wait(&mut self, deadline: Instant) -> Result<()> {
+        self.cq.arm()?;
+        self.reap()?;
+        // SAFETY: the completion queue's descriptor stays open while `self.cq` lives.
+        let cq_fd = unsafe { BorrowedFd::borrow_raw(self.cq.fd()) };
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(100));
+        if !self.io.stream.pending() {
+            crate::wait::readable(&[cq_fd, self.io.stream.as_fd()], left)?;
+        }
+        self.cq.ack();
+        Ok(())
+    }
+
+    /// A free slot whose local buffer is also free.
+    fn free_slot(&self) -> Option<usize> {
+        (0..self.credit.len()).find(|&i| self.credit[i] && !self.busy[i])
+    }
+
+    fn dedicated(&mut self, len: usize, wait: bool) -> Result<Option<LoanMem>> {
+        let deadline = Instant::now() + self.loan_timeout;
+        while self.regions_live >= self.credit.len() {
+            self.reap()?;
+            self.read_control()?;
+            if self.regions_live < self.credit.len() {
+                break;
+            }
+            if !wait {
+                return Ok(None);
+            }
+            if Instant::now() >= deadline {
+                return Err(TransportError::Timeout(
+                    self.loan_timeout,
+                    "the receiver to free a dedicated region",
+                ));
+            }
+            self.wait(deadline)?;
+        }
+        let id = self.next_region;
+        self.next_region = (self.next_region + 1) & imm::MAX_ID;
+        self.io.send_frame(
+            &Frame::RdmaRegion {
+                id,
+                len: len as u64,
+            },
+            &[],
+        )?;
+        self.regions_live += 1;
+        let local = match self.spare.take() {
+            Some(s) if s.len() >= len => s,
+            _ => self.verbs.alloc(len, false)?,
+        };
+        let remote = loop {
+            self.reap()?;
+            self.read_control()?;
+            if let Some(r) = self.grants.remove(&id) {
+                break r;
+            }
+            if Instant::now() >= deadline {
+                return Err(TransportError::Timeout(
+                    self.loan_timeout,
+                    "the receiver to register a region for a large message",
+                ));
+            }
+            self.wait(deadline)?;
+        };
+        if remote.len < len as u64 {
+            return Err(self.fail(TransportError::Protocol(format!(
+                "the receiver granted {} bytes for a {len}-byte message",
+                remote.len
+            ))));
+        }
+        let ptr = NonNull::new(local.ptr()).expect("a registered region is never at address 0");
+        let cap = local.len();
+        Ok(Some(LoanMem::new(
+            ptr,
+            cap,
+            DEDICATED | u64::from(id),
+            Some(Box::new(DedicatedLoan { local, remote })),
+        )))
+    }
+
+    /// Post `wrs[q]` on each queue pair, as room allows, until all are posted.
+    fn post_all(&mut self, mut wrs: Vec<VecDeque<WriteWr>>) -> Result<()> {
+        let deadline = Instant::now() + self.loan_timeout;
+        loop {
+            let mut left = false;
+            let mut posted = false;
+            for (q, queue) in wrs.iter_mut().enumerate() {
+                let room = self.caps.max_send_wr - self.track[q].outstanding;
+                let n = room.min(queue.len()).min(BATCH);
+                if n == 0 {
+                    left |= !queue.is_empty();
+                    continue;
+                }
+                let mut batch: Vec<WriteWr> = queue.drain(..n).collect();
+                let t = &mut self.track[q];
+                for wr in &mut batch {
+                    t.unsignaled += 1;
+                    let ends = wr.imm.is_some();
+                    if ends || t.unsignaled >= SIGNAL_EVERY {
+                        wr.signaled = true;
+                        t.signaled.push_back((
+                            t.unsignaled as usize,
+                            ends.then_some(wr.wr_id),
+                        ));
+                        t.unsignaled = 0;
+                    }
+                }
+                t.outstanding += n;
+                if let Err(e) = self.qps[q].post_writes(&batch) {
+                    return Err(self.fail(e));
+                }
+                posted = true;
+                left |= !queue.is_empty();
+            }
+            if !left {
+                return Ok(());
+            }
+            self.reap()?;
+            if !posted {
+                if Instant::now() >= deadline {
+                    return Err(TransportError::Timeout(
+                        self.loan_timeout,
+                        "room in the rdma send queues",
+                    ));
+                }
+                self.wait(deadline)?;
+            }
+        }
+    }
+}
+
+impl SendPort for RdmaSender {
+    fn acquire(&mut self, len: usize, wait: bool) -> Result<Option<LoanMem>> {
+        self.check()?;
+        if len > self.slot_size {
+            return self.dedicated(len, wait);
+        }
+        let deadline = Instant::now() + self.loan_timeout;
+        loop {
+            self.reap()?;
+            self.read_control()?;
+            if let Some(i) = self.free_slot() {
+                self.credit[i] = false;
+                self.busy[i] = true;
+                // SAFETY: slot `i` of the local region, which lives as long as `self`.
+                let ptr = unsafe { self.local.ptr().add(i * self.slot_size) };
+                let ptr = NonNull::new(ptr).expect("inside a registered region");
+                return Ok(Some(LoanMem::new(ptr, self.slot_size, i as u64, None)));
+            }
+            if !wait {
+                return Ok(None);
+            }
+            if Instant::now() >= deadline {
+                return Err(TransportError::Timeout(
+                    self.loan_timeout,
+                    "a free receiver slot (the receiver holds every slot: drop guards sooner, \
+                     or raise RdmaOptions::slots)",
+                ));
+            }
+            self.wait(deadline)?;
+        }
+    }
+
+    fn publish(&mut self, mut mem: LoanMem, len: usize) -> Result<()> {
+        self.check()?;
+        let (src, lkey, dst, rkey, id, buf) = if mem.key & DEDICATED != 0 {
+            let d = mem
+                .take_keep::<DedicatedLoan>()
+                .expect("a dedicated loan keeps its regions");
+            let id = (mem.key & !DEDICATED) as u32;
+            let src = d.local.ptr() as u64;
+            let lkey = d.local.lkey();
+            (src, lkey, d.remote.addr, d.remote.rkey, id, Buf::Dedicated(d.local))
+        } else {
+            let i = mem.key as usize;
+            let dst = self.pool.addr + (i * self.slot_size) as u64;
+            let src = mem.ptr() as u64;
+            (src, self.local.lkey(), dst, self.pool.rkey, i as u32, Buf::Slot(i))
+        };
+        let dedicated = matches!(buf, Buf::Dedicated(_));
+        let k = self.qps.len();
+        let slices = len.div_ceil(self.slice).max(1);
+        let shares = slices.min(k);
+        let token = self.next_token;
+        self.next_token += 1;
+        let mut wrs: Vec<VecDeque<WriteWr>> = vec![VecDeque::new(); shares];
+        for s in 0..slices {
+            let off = s * self.slice;
+            let n = self.slice.min(len - off.min(len));
+            wrs[s % k].push_back(WriteWr {
+                wr_id: token,
+                local_addr: src + off as u64,
+                len: n as u32,
+                lkey,
+                remote_addr: dst + off as u64,
+                rkey,
+                imm: None,
+                signaled: false,
+            });
+        }
+        let tag = imm::encode(dedicated, shares, id);
+        for q in &mut wrs {
+            q.back_mut().expect("every share has a slice").imm = Some(tag);
+        }
+        self.inflight.insert(token, (shares, buf));
+        Counters::bump(&self.counters.messages);
+        if dedicated {
+            Counters::bump(&self.counters.dedicated);
+        }
+        self.post_all(wrs)
+    }
+
+    fn abandon(&mut self, mut mem: LoanMem) {
+        if mem.key & DEDICATED != 0 {
+            let id = (mem.key & !DEDICATED) as u32;
+            if let Some(d) = mem.take_keep::<DedicatedLoan>() {
+                self.spare = Some(d.local);
+            }
+            let _ = self.io.send_frame(&Frame::RdmaRegionFreed { id }, &[]);
+            self.regions_live = self.regions_live.saturating_sub(1);
+        } else {
+            let i = mem.key as usize;
+            self.credit[i] = true;
+            self.busy[i] = false;
+        }
+    }
+
+    fn loan_timeout(&self) -> Duration {
+        self.loan_timeout
+    }
+
+    fn stats(&self) -> &Counters {
+        &self.counters
+    }
+}
+
+impl Drop for RdmaSender {
+    fn drop(&mut self) {
+        // Let writes in flight finish (bounded) before the local memory goes:
+        // the device may still be reading it.
+        let deadline = Instant::now() + self.loan_timeout;
+        while !self.inflight.is_empty() && self.broken.is_none() && Instant::now() < deadline {
+            if self.reap().is_err() || self.wait(deadline).is_err() {
+                break;
+            }
+        }
+    }
+}
