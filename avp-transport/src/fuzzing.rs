@@ -80,11 +80,9 @@ pub fn handshake_listener(data: &[u8]) -> bool {
         &mut io,
         &ModelIdentity::default(),
         &options(flags),
-        None,
-        None,
+        handshake::Offers::default(),
         TransportKind::Tcp,
         Duration::ZERO,
-        None,
     )
     .is_ok()
 }
@@ -111,7 +109,6 @@ pub fn handshake_client(data: &[u8]) -> bool {
         ClientStep::Stay("fuzz".into()),
         TransportKind::Tcp,
         Duration::ZERO,
-        None,
     )
     .is_ok()
 }

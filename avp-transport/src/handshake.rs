@@ -46,6 +46,17 @@ pub(crate) trait RdmaGrantor {
     fn grant(&mut self, offer: &RdmaOffer, max_message: u64) -> Result<RdmaGrant>;
 }
 
+/// What a listener offers a connecting peer besides the transport it came in on.
+#[derive(Default)]
+pub(crate) struct Offers<'a> {
+    /// Its shared-memory control socket (to TCP peers on the same host).
+    pub(crate) shm_socket: Option<String>,
+    /// The device of `cuda://` sessions.
+    pub(crate) device: Option<&'a dyn DeviceMem>,
+    /// RDMA setup (`rdma://` listeners).
+    pub(crate) rdma: Option<&'a mut dyn RdmaGrantor>,
+}
+
 /// The connecting side's RDMA setup: its offer, and the listener's grant once accepted.
 pub(crate) struct RdmaClient {
     /// The sender's queue pairs.
@@ -166,9 +177,13 @@ fn expect_hello(frame: Frame) -> Result<Hello> {
 }
 
 /// What the connecting side does after reading the listener's `Hello`.
-pub(crate) enum ClientStep {
+pub(crate) enum ClientStep<'a> {
     /// Finish here; the string says why this transport (for the listener's logs).
     Stay(String),
+    /// Finish here and set up RDMA (the string as for `Stay`): the offer goes
+    /// in `Auth`, the listener's grant comes back in `Accept`.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    Rdma(String, &'a mut RdmaClient),
     /// Leave for the listener's shared-memory socket.
     #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     Switch,
@@ -191,17 +206,17 @@ pub(crate) fn client_finish(
     ours: &Hello,
     theirs: &Hello,
     opts: &Options,
-    step: ClientStep,
+    step: ClientStep<'_>,
     transport: TransportKind,
     timeout: Duration,
-    mut rdma: Option<&mut RdmaClient>,
 ) -> Result<Option<Session>> {
-    let why = match step {
+    let (why, rdma) = match step {
         ClientStep::Switch => {
             io.send_frame(&Frame::Switch { to: "shm".into() }, &[])?;
             return Ok(None);
         }
-        ClientStep::Stay(why) => why,
+        ClientStep::Stay(why) => (why, None),
+        ClientStep::Rdma(why, r) => (why, Some(r)),
     };
     if theirs.auth_required && opts.token.is_none() {
         return Err(TransportError::Auth(AuthFailure::TokenRequired));
@@ -249,7 +264,7 @@ pub(crate) fn client_finish(
             peer: "the listener",
         }));
     }
-    if let Some(r) = rdma.as_deref_mut() {
+    if let Some(r) = rdma {
         r.grant = Some(accept.rdma.clone().ok_or_else(|| {
             TransportError::Protocol("the listener accepted rdma without its queue pairs".into())
         })?);
@@ -375,12 +390,15 @@ pub(crate) fn server(
     io: &mut dyn FrameIo,
     identity: &ModelIdentity,
     opts: &Options,
-    shm_socket: Option<String>,
-    device: Option<&dyn DeviceMem>,
+    offers: Offers<'_>,
     transport: TransportKind,
     timeout: Duration,
-    mut rdma: Option<&mut dyn RdmaGrantor>,
 ) -> Result<Option<Session>> {
+    let Offers {
+        shm_socket,
+        device,
+        rdma,
+    } = offers;
     let (f, _) = io.recv_frame(timeout)?;
     let theirs = expect_hello(f)?;
     let resolver = match &opts.maps {
@@ -451,19 +469,26 @@ pub(crate) fn server(
     let transport = match (chosen.as_deref(), device, &theirs.device) {
         (None, _, _) => transport,
         (Some("rdma"), _, _) => {
-            let (Some(r), Some(peer), Some(offer)) = (rdma.as_deref_mut(), &theirs.rdma, &offer)
-            else {
+            let (Some(r), Some(peer), Some(offer)) = (rdma, &theirs.rdma, &offer) else {
                 return Err(refuse(
                     io,
                     "the peer chose rdma, which was not offered (or sent no queue pairs)".into(),
                 ));
             };
             if let Err(why) = r.reach(peer) {
-                return Err(refuse(io, format!("this listener cannot reach the sender's rdma device: {why}")));
+                return Err(refuse(
+                    io,
+                    format!("this listener cannot reach the sender's rdma device: {why}"),
+                ));
             }
             match r.grant(offer, opts.max_message.min(theirs.max_message)) {
                 Ok(g) => grant = Some(g),
-                Err(e) => return Err(refuse(io, format!("rdma setup failed on the listener: {e}"))),
+                Err(e) => {
+                    return Err(refuse(
+                        io,
+                        format!("rdma setup failed on the listener: {e}"),
+                    ));
+                }
             }
             TransportKind::Rdma
         }

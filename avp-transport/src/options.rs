@@ -311,6 +311,10 @@ pub struct RdmaOptions {
     pub slot_size: usize,
     /// Sender: how long `loan` waits for a free slot (backpressure).
     pub loan_timeout: Duration,
+    /// Tests only: the sender writes with a wrong remote key, as a broken
+    /// or hostile peer would (the receiver's device must refuse every write).
+    #[doc(hidden)]
+    pub wrong_rkey_for_tests: bool,
 }
 
 impl Default for RdmaOptions {
@@ -322,6 +326,7 @@ impl Default for RdmaOptions {
             slots: 4,
             slot_size: 16 << 20,
             loan_timeout: Duration::from_secs(10),
+            wrong_rkey_for_tests: false,
         }
     }
 }
@@ -364,10 +369,16 @@ impl RdmaOptions {
             Err(crate::TransportError::InvalidOption { option, reason })
         };
         if !(1..=16).contains(&self.queue_pairs) {
-            return bad("rdma.queue_pairs", format!("expected 1–16, found {}", self.queue_pairs));
+            return bad(
+                "rdma.queue_pairs",
+                format!("expected 1–16, found {}", self.queue_pairs),
+            );
         }
         if !(4096..=16 << 20).contains(&self.slice) {
-            return bad("rdma.slice", format!("expected 4 KiB – 16 MiB, found {} bytes", self.slice));
+            return bad(
+                "rdma.slice",
+                format!("expected 4 KiB – 16 MiB, found {} bytes", self.slice),
+            );
         }
         if !(1..=64).contains(&self.slots) {
             return bad("rdma.slots", format!("expected 1–64, found {}", self.slots));

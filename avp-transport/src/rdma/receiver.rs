@@ -2,7 +2,7 @@
 //! queue pairs' receives, and the control connection that returns slots to
 //! the sender and registers regions for large messages.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -90,8 +90,11 @@ struct Rx {
     seen: Vec<usize>,
     /// Shares landed per dedicated region.
     region_seen: HashMap<u32, usize>,
-    /// Complete messages, in order of completion: (dedicated, slot or region).
-    ready: VecDeque<(bool, u32)>,
+    /// Messages in the order they were sent: (dedicated, slot or region).
+    /// Every message has a share on queue pair 0, whose order is the send order.
+    order: VecDeque<(bool, u32)>,
+    /// Messages whose every share has landed.
+    complete: HashSet<(bool, u32)>,
     /// Why the session failed, once it has.
     broken: Option<String>,
     /// The sender closed the control connection.
@@ -131,7 +134,8 @@ impl RdmaReceiver {
             rx: Mutex::new(Rx {
                 seen: vec![0; parts.slots],
                 region_seen: HashMap::new(),
-                ready: VecDeque::new(),
+                order: VecDeque::new(),
+                complete: HashSet::new(),
                 broken: None,
                 peer_left: false,
                 wcs: Vec::new(),
@@ -166,15 +170,20 @@ impl RdmaReceiver {
                 }
                 continue;
             }
-            if let Some(&q) = self.qpn.get(&wc.qpn)
+            let q = self.qpn.get(&wc.qpn).copied();
+            if let Some(q) = q
                 && self.parts.qps[q].post_recvs(&[q as u64]).is_err()
             {
                 tracing::warn!("rdma: could not repost a receive on queue pair {q}");
             }
             let (dedicated, shares, id) = imm::decode(wc.imm.expect("checked"));
+            if q == Some(0) {
+                rx.order.push_back((dedicated, id));
+            }
             let seen = if dedicated {
                 if !lock(&self.regions).contains_key(&id) {
-                    result = result.and(Err(self.protocol(rx, "a write into a region never granted")));
+                    result =
+                        result.and(Err(self.protocol(rx, "a write into a region never granted")));
                     continue;
                 }
                 rx.region_seen.entry(id).or_default()
@@ -182,7 +191,8 @@ impl RdmaReceiver {
                 match rx.seen.get_mut(id as usize) {
                     Some(s) => s,
                     None => {
-                        result = result.and(Err(self.protocol(rx, "a write for a slot out of range")));
+                        result =
+                            result.and(Err(self.protocol(rx, "a write for a slot out of range")));
                         continue;
                     }
                 }
@@ -193,7 +203,7 @@ impl RdmaReceiver {
                 if dedicated {
                     rx.region_seen.remove(&id);
                 }
-                rx.ready.push_back((dedicated, id));
+                rx.complete.insert((dedicated, id));
             } else if *seen > shares {
                 result = result.and(Err(self.protocol(rx, "more shares than announced")));
             }
@@ -232,10 +242,13 @@ impl RdmaReceiver {
                     let mut regions = lock(&self.regions);
                     if len > self.max_message {
                         drop(regions);
-                        return Err(self.protocol(rx, &format!(
-                            "a region of {len} bytes, over the session's limit of {}",
-                            self.max_message
-                        )));
+                        return Err(self.protocol(
+                            rx,
+                            &format!(
+                                "a region of {len} bytes, over the session's limit of {}",
+                                self.max_message
+                            ),
+                        ));
                     }
                     if regions.len() >= self.parts.slots || regions.contains_key(&id) {
                         drop(regions);
@@ -261,11 +274,13 @@ impl RdmaReceiver {
     /// A complete message, if there is one.
     fn poll(&self, rx: &mut Rx) -> Result<Option<Delivery>> {
         if let Some(why) = &rx.broken {
-            return Err(TransportError::PeerGone(format!("rdma session failed: {why}")));
+            return Err(TransportError::PeerGone(format!(
+                "rdma session failed: {why}"
+            )));
         }
         self.reap(rx)?;
         self.serve_control(rx)?;
-        let Some((dedicated, id)) = rx.ready.pop_front() else {
+        let Some((dedicated, id)) = Self::next_ready(rx) else {
             return Ok(None);
         };
         let (ptr, cap, key, keep) = if dedicated {
@@ -277,7 +292,12 @@ impl RdmaReceiver {
             (mr.ptr(), mr.len(), DEDICATED | u64::from(id), Some(keep))
         } else {
             // SAFETY: slot `id` (checked against the slot count) of the pool.
-            let ptr = unsafe { self.parts.pool.ptr().add(id as usize * self.parts.slot_size) };
+            let ptr = unsafe {
+                self.parts
+                    .pool
+                    .ptr()
+                    .add(id as usize * self.parts.slot_size)
+            };
             (ptr, self.parts.slot_size, u64::from(id), None)
         };
         let held = Held { key, keep };
@@ -313,6 +333,17 @@ impl RdmaReceiver {
         }))
     }
 
+    /// The next message in send order, if all of it has landed.
+    fn next_ready(rx: &mut Rx) -> Option<(bool, u32)> {
+        let first = *rx.order.front()?;
+        rx.complete.remove(&first).then(|| rx.order.pop_front())?
+    }
+
+    /// Whether the next message in send order has landed.
+    fn has_ready(rx: &Rx) -> bool {
+        rx.order.front().is_some_and(|f| rx.complete.contains(f))
+    }
+
     fn gone() -> TransportError {
         TransportError::PeerGone("the rdma sender closed its control connection".into())
     }
@@ -329,7 +360,7 @@ impl RecvPort for RdmaReceiver {
             if rx.peer_left {
                 // Everything that landed before the sender left was delivered.
                 self.reap(&mut rx)?;
-                if rx.ready.is_empty() {
+                if !Self::has_ready(&rx) {
                     return Err(Self::gone());
                 }
                 continue;
@@ -340,7 +371,7 @@ impl RecvPort for RdmaReceiver {
             }
             self.parts.cq.arm()?;
             self.reap(&mut rx)?;
-            if !rx.ready.is_empty() {
+            if Self::has_ready(&rx) {
                 continue;
             }
             // SAFETY: both descriptors stay open while `self` lives.
@@ -376,7 +407,7 @@ impl RecvPort for RdmaReceiver {
         }
         self.parts.cq.arm()?;
         self.reap(&mut rx)?;
-        if !rx.ready.is_empty() {
+        if Self::has_ready(&rx) {
             return Ok(Armed::Busy);
         }
         Ok(Armed::Wait([self.parts.cq.fd(), self.ctl_fd]))

@@ -57,7 +57,11 @@ impl Scheme for RdmaScheme {
             }
         };
         let listener = TcpListener::bind(host_port).map_err(TransportError::io("bind tcp"))?;
-        Ok(vec![Box::new(TcpAcceptor { listener, rdma })])
+        Ok(vec![Box::new(TcpAcceptor {
+            listener,
+            scheme: "rdma",
+            rdma,
+        })])
     }
 
     fn connect(
@@ -78,9 +82,11 @@ impl Scheme for RdmaScheme {
         let (ours, theirs) = handshake::client_hello(&mut io, ours, t)?;
         let chosen = match (verbs, &theirs.rdma) {
             (Err(why), _) => Err(why),
-            (Ok(_), None) => Err("the listener offers no RDMA device (a tcp:// listener, or one \
+            (Ok(_), None) => Err(
+                "the listener offers no RDMA device (a tcp:// listener, or one \
                                   whose device could not be opened)"
-                .to_owned()),
+                    .to_owned(),
+            ),
             (Ok(v), Some(peer)) => match v.reach(peer) {
                 Ok(why) => Ok((v, why)),
                 Err(why) => Err(why),
@@ -99,7 +105,6 @@ impl Scheme for RdmaScheme {
                     ClientStep::Stay(reason),
                     TransportKind::Tcp,
                     t,
-                    None,
                 )?
                 .expect("stay yields a session");
                 return Ok((session, Box::new(tcp::TcpSender::new(io.stream))));
@@ -120,13 +125,14 @@ impl Scheme for RdmaScheme {
             &ours,
             &theirs,
             options,
-            ClientStep::Stay(reason),
+            ClientStep::Rdma(reason, &mut client),
             TransportKind::Rdma,
             t,
-            Some(&mut client),
         )?
         .expect("stay yields a session");
-        let grant = client.grant.expect("an accepted rdma session carries a grant");
+        let grant = client
+            .grant
+            .expect("an accepted rdma session carries a grant");
         let port = building.finish(io, grant, &options.rdma)?;
         Ok((session, Box::new(port)))
     }

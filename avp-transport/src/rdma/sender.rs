@@ -91,15 +91,17 @@ impl Building {
         for (q, r) in self.qps.iter().zip(&grant.qps) {
             q.connect(r)?;
         }
-        let local = self
-            .verbs
-            .alloc(pool_len.expect("checked"), false)?;
+        let local = self.verbs.alloc(pool_len.expect("checked"), false)?;
         let qpn = self
             .qps
             .iter()
             .enumerate()
             .map(|(i, q)| (q.endpoint().qpn, i))
             .collect();
+        let mut pool = grant.pool;
+        if o.wrong_rkey_for_tests {
+            pool.rkey ^= 0x5a5a_5a5a;
+        }
         Ok(RdmaSender {
             io,
             verbs: self.verbs,
@@ -110,7 +112,7 @@ impl Building {
             qpn,
             caps: self.caps,
             local,
-            pool: grant.pool,
+            pool,
             slot_size,
             slice: o.slice,
             credit: vec![true; slots],
@@ -409,10 +411,8 @@ impl RdmaSender {
                     let ends = wr.imm.is_some();
                     if ends || t.unsignaled >= SIGNAL_EVERY {
                         wr.signaled = true;
-                        t.signaled.push_back((
-                            t.unsignaled as usize,
-                            ends.then_some(wr.wr_id),
-                        ));
+                        t.signaled
+                            .push_back((t.unsignaled as usize, ends.then_some(wr.wr_id)));
                         t.unsignaled = 0;
                     }
                 }
@@ -481,12 +481,26 @@ impl SendPort for RdmaSender {
             let id = (mem.key & !DEDICATED) as u32;
             let src = d.local.ptr() as u64;
             let lkey = d.local.lkey();
-            (src, lkey, d.remote.addr, d.remote.rkey, id, Buf::Dedicated(d.local))
+            (
+                src,
+                lkey,
+                d.remote.addr,
+                d.remote.rkey,
+                id,
+                Buf::Dedicated(d.local),
+            )
         } else {
             let i = mem.key as usize;
             let dst = self.pool.addr + (i * self.slot_size) as u64;
             let src = mem.ptr() as u64;
-            (src, self.local.lkey(), dst, self.pool.rkey, i as u32, Buf::Slot(i))
+            (
+                src,
+                self.local.lkey(),
+                dst,
+                self.pool.rkey,
+                i as u32,
+                Buf::Slot(i),
+            )
         };
         let dedicated = matches!(buf, Buf::Dedicated(_));
         let k = self.qps.len();

@@ -196,7 +196,6 @@ pub(crate) fn connect_over(
         ClientStep::Stay(reason),
         kind,
         t,
-        None,
     )?
     .expect("stay yields a session");
     let slot_size = o.device.as_ref().map_or(0, |d| d.slot_size);
@@ -239,11 +238,12 @@ impl Acceptor for ShmAcceptor {
             &mut io,
             ctx.identity,
             ctx.options,
-            None,
-            self.device.as_deref(),
+            handshake::Offers {
+                device: self.device.as_deref(),
+                ..handshake::Offers::default()
+            },
             TransportKind::Shm,
             t,
-            None,
         )?
         .ok_or_else(|| {
             TransportError::Protocol("peer asked to switch away from shared memory".into())

@@ -62,6 +62,7 @@ impl Scheme for TcpScheme {
             0,
             Box::new(TcpAcceptor {
                 listener: l,
+                scheme: "tcp",
                 #[cfg(target_os = "linux")]
                 rdma: None,
             }),
@@ -91,7 +92,6 @@ impl Scheme for TcpScheme {
                     ClientStep::Switch,
                     TransportKind::Shm,
                     t,
-                    None,
                 )?;
                 drop(io);
                 return crate::shm::connect_over(pio, identity, options, reason, None);
@@ -108,7 +108,6 @@ impl Scheme for TcpScheme {
             ClientStep::Stay(reason),
             TransportKind::Tcp,
             t,
-            None,
         )?
         .expect("stay yields a session");
         Ok((session, Box::new(TcpSender::new(io.stream))))
@@ -140,6 +139,8 @@ pub(crate) fn dial(scheme: &str, host_port: &str, options: &Options) -> Result<S
 /// which offers its RDMA device).
 pub(crate) struct TcpAcceptor {
     pub(crate) listener: TcpListener,
+    /// The scheme the listener was bound with ("tcp", "rdma").
+    pub(crate) scheme: &'static str,
     #[cfg(target_os = "linux")]
     pub(crate) rdma: Option<crate::rdma::Accepting>,
 }
@@ -151,7 +152,7 @@ impl Acceptor for TcpAcceptor {
 
     fn local_addr(&self) -> Option<String> {
         let a = self.listener.local_addr().ok()?;
-        Some(format!("tcp://{a}"))
+        Some(format!("{}://{a}", self.scheme))
     }
 
     fn accept(&self, ctx: &AcceptCtx<'_>) -> Result<Option<(Session, Arc<dyn RecvPort>)>> {
@@ -180,11 +181,13 @@ impl Acceptor for TcpAcceptor {
             &mut io,
             ctx.identity,
             ctx.options,
-            offer,
-            None,
+            handshake::Offers {
+                shm_socket: offer,
+                device: None,
+                rdma: grantor,
+            },
             TransportKind::Tcp,
             t,
-            grantor,
         )
         .map_err(|e| with_peer(e, &peer.to_string()))?;
         let Some(session) = session else {

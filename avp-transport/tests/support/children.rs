@@ -44,6 +44,23 @@ pub fn wait_for(child: &mut Child, word: &str) {
     }
 }
 
+/// Wait until the child prints a line containing `prefix` (the test harness
+/// may put its own words first); the rest of the line after it.
+pub fn read_after(child: &mut Child, prefix: &str) -> String {
+    let mut r = BufReader::new(child.stdout.as_mut().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "child exited before printing {prefix:?}"
+        );
+        if let Some((_, rest)) = line.split_once(prefix) {
+            return rest.trim().to_owned();
+        }
+    }
+}
+
 /// Kill `child` with SIGKILL after `after`, from another thread.
 pub fn kill_later(mut child: Child, after: Duration) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {

@@ -131,8 +131,9 @@ impl SoftVerbs {
         let port = format!("avp-soft-verbs/{}/{}", std::process::id(), random_hex(8));
         let addr = SocketAddr::from_abstract_name(port.as_bytes())
             .map_err(TransportError::io("soft verbs port name"))?;
-        let listener =
-            Arc::new(UnixListener::bind_addr(&addr).map_err(TransportError::io("soft verbs port"))?);
+        let listener = Arc::new(
+            UnixListener::bind_addr(&addr).map_err(TransportError::io("soft verbs port"))?,
+        );
         let shared = Arc::new(Shared {
             keys: RwLock::default(),
             qps: Mutex::default(),
@@ -140,7 +141,11 @@ impl SoftVerbs {
             port,
         });
         let stop = Arc::new(AtomicBool::new(false));
-        let (l, s, st) = (Arc::clone(&listener), Arc::downgrade(&shared), Arc::clone(&stop));
+        let (l, s, st) = (
+            Arc::clone(&listener),
+            Arc::downgrade(&shared),
+            Arc::clone(&stop),
+        );
         std::thread::Builder::new()
             .name("avp-soft-verbs-port".into())
             .spawn(move || accept_loop(&l, &s, &st))
@@ -253,7 +258,11 @@ impl Verbs for SoftVerbs {
         // The emulator's queue pairs complete only on the emulator's queues.
         let cq = |c: &Arc<dyn CompletionQueue>| {
             Arc::clone(c).into_any().downcast::<SoftCq>().map_err(|_| {
-                TransportError::rdma("create_qp", "EINVAL", "a completion queue of another device")
+                TransportError::rdma(
+                    "create_qp",
+                    "EINVAL",
+                    "a completion queue of another device",
+                )
             })
         };
         let qpn = self.shared.next_qpn.fetch_add(1, Ordering::Relaxed);
@@ -325,7 +334,10 @@ impl SoftCq {
         {
             let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             if e.len() >= self.capacity {
-                tracing::error!("soft verbs: completion queue overrun ({} entries)", self.capacity);
+                tracing::error!(
+                    "soft verbs: completion queue overrun ({} entries)",
+                    self.capacity
+                );
                 return false;
             }
             e.push_back(wc);
@@ -371,7 +383,10 @@ fn dial(remote: &QpEndpoint, local: u32) -> Result<UnixStream> {
         TransportError::rdma(
             "connect",
             "IBV_WC_RETRY_EXC_ERR",
-            format!("the peer's emulated device {:?} does not answer: {e}", remote.port),
+            format!(
+                "the peer's emulated device {:?} does not answer: {e}",
+                remote.port
+            ),
         )
     })?;
     let hello = Packet {
@@ -384,7 +399,6 @@ fn dial(remote: &QpEndpoint, local: u32) -> Result<UnixStream> {
         .map_err(TransportError::io("soft verbs hello"))?;
     Ok(s)
 }
-
 
 #[cfg(test)]
 mod tests;

@@ -330,7 +330,9 @@ impl Inner {
             return;
         }
         st.error = Some(status);
-        let sent = std::mem::take(&mut st.sent).into_iter().map(|s| (s.wr, Some(s.seq)));
+        let sent = std::mem::take(&mut st.sent)
+            .into_iter()
+            .map(|s| (s.wr, Some(s.seq)));
         let queued = std::mem::take(&mut st.sq);
         let mut first = true;
         for (wr, at) in sent.chain(queued) {
@@ -417,7 +419,11 @@ impl Inner {
             let p = Packet {
                 kind: Kind::Write,
                 flags: if wr.imm.is_some() { HAS_IMM } else { 0 }
-                    | if wr.signaled || wr.imm.is_some() { ACK_REQ } else { 0 },
+                    | if wr.signaled || wr.imm.is_some() {
+                        ACK_REQ
+                    } else {
+                        0
+                    },
                 seq,
                 addr: wr.remote_addr,
                 rkey: wr.rkey,

@@ -88,7 +88,10 @@ fn writes_land_in_order_before_the_immediate() {
     let r = wait(&b.rcq, 1);
     assert_eq!(r[0].status, WcStatus::Success);
     assert_eq!(r[0].opcode, WcOpcode::RecvWithImm);
-    assert_eq!((r[0].wr_id, r[0].imm, r[0].byte_len), (42, Some(0xabc), 65536));
+    assert_eq!(
+        (r[0].wr_id, r[0].imm, r[0].byte_len),
+        (42, Some(0xabc), 65536)
+    );
     // Every earlier write's bytes are visible once the immediate is.
     assert!(bytes(&b, 0, 1 << 20).iter().all(|&x| x == 7));
     let s = wait(&a.scq, 1);
@@ -144,14 +147,18 @@ fn receiver_not_ready_is_retried_then_fails() {
         rnr_retry: 2000,
         ..caps
     });
-    a.qp.post_writes(&[write(&a, &b, 0, 64, Some(5), 1)]).unwrap();
+    a.qp.post_writes(&[write(&a, &b, 0, 64, Some(5), 1)])
+        .unwrap();
     std::thread::sleep(Duration::from_millis(1));
     b.qp.post_recvs(&[77]).unwrap();
     assert_eq!(wait(&b.rcq, 1)[0].wr_id, 77);
     assert_eq!(wait(&a.scq, 1)[0].status, WcStatus::Success);
     // None posted: the retries run out.
     let (a, b) = pair(caps);
-    let w = [write(&a, &b, 0, 64, Some(5), 1), write(&a, &b, 64, 64, Some(6), 2)];
+    let w = [
+        write(&a, &b, 0, 64, Some(5), 1),
+        write(&a, &b, 64, 64, Some(6), 2),
+    ];
     a.qp.post_writes(&w).unwrap();
     let s = wait(&a.scq, 2);
     assert_eq!(s[0].status, WcStatus::RnrRetryExcErr);
@@ -179,7 +186,10 @@ fn a_dead_peer_fails_outstanding_writes() {
     let (a, b) = pair(QpCaps::default());
     drop(b);
     std::thread::sleep(Duration::from_millis(20));
-    let w = [write(&a, &a, 0, 4096, Some(1), 1), write(&a, &a, 0, 8, Some(2), 2)];
+    let w = [
+        write(&a, &a, 0, 4096, Some(1), 1),
+        write(&a, &a, 0, 8, Some(2), 2),
+    ];
     a.qp.post_writes(&w).unwrap();
     let s = wait(&a.scq, 2);
     assert_eq!(s[0].status, WcStatus::RetryExcErr);
@@ -191,7 +201,8 @@ fn completion_channel_signals_once_armed() {
     let (a, b) = pair(QpCaps::default());
     b.qp.post_recvs(&[1]).unwrap();
     b.rcq.arm().unwrap();
-    a.qp.post_writes(&[write(&a, &b, 0, 8, Some(3), 1)]).unwrap();
+    a.qp.post_writes(&[write(&a, &b, 0, 8, Some(3), 1)])
+        .unwrap();
     // SAFETY: the queue's descriptor is open while `b` lives.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(b.rcq.fd()) };
     assert!(crate::wait::readable(&[fd], Duration::from_secs(10)).unwrap());
