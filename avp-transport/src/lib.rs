@@ -30,6 +30,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod address;
+mod assembly;
 mod async_api;
 mod device;
 mod endpoint;
@@ -52,6 +53,7 @@ mod tcp;
 mod wait;
 
 pub use address::Address;
+pub use assembly::{KvAssembly, Layer};
 #[cfg(target_os = "linux")]
 pub use device::buffer::DeviceBuffer;
 pub use device::loan::DeviceLoan;

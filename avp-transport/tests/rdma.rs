@@ -14,9 +14,12 @@ mod children;
 use std::time::{Duration, Instant};
 
 use avp_transport::{
-    Endpoint, Options, RdmaDevice, RdmaOptions, Receiver, Sender, TransportError, TransportKind,
+    Endpoint, KvAssembly, Options, RdmaDevice, RdmaOptions, Receiver, Sender, TransportError,
+    TransportKind,
 };
-use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
+use avp_wire::{
+    DType, Envelope, KvCacheDesc, KvLayout, LayerRange, MessageLayout, ModelIdentity, Payload,
+};
 use children::{kill_later, read_after, spawn_role};
 
 const T: Duration = Duration::from_secs(30);
@@ -288,6 +291,21 @@ fn child_role() {
             println!("GOT");
             std::thread::sleep(Duration::from_secs(600));
         }
+        "layered_sender" => {
+            // One message per layer, a layer every 40 ms (the model computing it).
+            let mut tx = Endpoint::connect(&arg, &id, options(emulated())).unwrap();
+            let desc = KvCacheDesc::new(8, 2, 64, 700, DType::F16, KvLayout::Hnd);
+            for l in 0..8u32 {
+                std::thread::sleep(Duration::from_millis(40));
+                let one = Payload::KvCache(desc.with_layers(LayerRange::new(l, l + 1)));
+                let layout = MessageLayout::new(&Envelope::default(), &one).unwrap();
+                let mut loan = tx.loan(&layout).unwrap();
+                for (i, s) in loan.writer().sections_mut().into_iter().enumerate() {
+                    fill(s, i, u64::from(l));
+                }
+                loan.finish().unwrap().send().unwrap();
+            }
+        }
         "endless_sender" => {
             let mut tx = Endpoint::connect(&arg, &id, options(emulated())).unwrap();
             for n in 0.. {
@@ -369,4 +387,32 @@ fn a_receiver_killed_mid_session_fails_the_sender_with_the_status() {
         s.contains("IBV_WC_RETRY_EXC_ERR") || matches!(e, TransportError::PeerGone(_)),
         "{s}"
     );
+}
+
+#[test]
+fn layers_are_ready_one_by_one_while_later_ones_are_produced() {
+    // Every layer (1.4 MiB, over a 1 MiB slot: dedicated regions) held at once.
+    let listener = bind(emulated().slots(8).slot_size(1 << 20));
+    let mut child = spawn_role("layered_sender", &listener.local_addr());
+    let rx = listener.accept(T).unwrap();
+    let mut cache = KvAssembly::new(&rx);
+    let mut at = Vec::new();
+    for l in 0..8u32 {
+        let layer = cache.wait_layer(l, T).unwrap();
+        at.push(Instant::now());
+        assert_eq!(layer.index, l);
+        let mut want = vec![0u8; layer.k.len()];
+        fill(&mut want, 0, u64::from(l));
+        assert!(layer.k == want.as_slice(), "layer {l} K");
+        fill(&mut want, 1, u64::from(l));
+        assert!(layer.v == want.as_slice(), "layer {l} V");
+        // Nothing of a later layer was needed to hand out this one.
+        assert_eq!(cache.ready(), l + 1, "layer {l}");
+    }
+    assert!(cache.is_complete());
+    // Layer 0 was in hand while the sender was still producing the others
+    // (7 more layers, 40 ms apart).
+    let spread = at[7] - at[0];
+    assert!(spread >= Duration::from_millis(200), "{spread:?}");
+    assert!(child.wait().unwrap().success());
 }
