@@ -53,6 +53,7 @@ pub(super) fn memcpy(size: usize, reps: usize) -> Row {
         e2e_s: e2e,
         produce_s: Vec::new(),
         extra: Vec::new(),
+        device: None,
     }
 }
 
@@ -105,6 +106,7 @@ pub(super) fn raw_tcp(
             .collect(),
         produce_s: Vec::new(),
         extra: Vec::new(),
+        device: None,
     })
 }
 

@@ -27,7 +27,7 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use avp_transport::{Endpoint, Options, ShmOptions, TcpOptions};
+use avp_transport::{Endpoint, Options, RdmaDevice, RdmaOptions, ShmOptions, TcpOptions};
 use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
 use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::unistd::Pid;
@@ -46,9 +46,10 @@ pub struct TransportArgs {
     /// Message sizes.
     #[arg(long, value_delimiter = ',', default_value = "4KiB,1MiB,64MiB,256MiB")]
     sizes: Vec<String>,
-    /// Transports to measure.
+    /// Transports to measure: memcpy, raw_tcp, raw_shm, shm, tcp, cuda, rdma.
     #[arg(
         long,
+        alias = "transport",
         value_delimiter = ',',
         default_value = "memcpy,raw_tcp,raw_shm,shm,tcp"
     )]
@@ -74,6 +75,28 @@ pub struct TransportArgs {
     /// standing in for a GPU, to run the protocol without one).
     #[arg(long)]
     device: Option<avp_transport::Device>,
+    /// The device of the `rdma` transport: verbs, verbs:NAME, or emulated (the
+    /// software device: runs the protocol between two threads here; its
+    /// figures are not a measurement of RDMA hardware and are marked so).
+    #[arg(long)]
+    rdma_device: Option<avp_transport::RdmaDevice>,
+}
+
+/// Which avp transport a row measures.
+enum Via {
+    Shm,
+    Tcp,
+    Rdma(Option<RdmaDevice>),
+}
+
+impl Via {
+    fn name(&self) -> &'static str {
+        match self {
+            Via::Shm => "shm",
+            Via::Tcp => "tcp",
+            Via::Rdma(_) => "rdma",
+        }
+    }
 }
 
 /// Where the two threads of a measurement run: the receiver on one CPU, the
@@ -162,6 +185,8 @@ pub(super) struct Row {
     pub(super) produce_s: Vec<f64>,
     /// Further figures of this row (JSON key, value), printed as they are.
     pub(super) extra: Vec<(&'static str, f64)>,
+    /// What stood in for the hardware, when something did (printed as `device`).
+    pub(super) device: Option<&'static str>,
 }
 
 impl Row {
@@ -187,6 +212,7 @@ impl Row {
                 .map(|(s, _)| s.sent.saturating_sub(s.started) as f64 / 1e9)
                 .collect(),
             extra: Vec::new(),
+            device: None,
         }
     }
 
@@ -253,6 +279,9 @@ impl Row {
             for (k, v) in &self.extra {
                 row[*k] = json!(r2(*v));
             }
+            if let Some(d) = self.device {
+                row["device"] = json!(d);
+            }
             println!("{row}");
         } else {
             let mut extra = produce
@@ -260,6 +289,9 @@ impl Row {
                 .unwrap_or_default();
             for (k, v) in &self.extra {
                 extra.push_str(&format!("  {k} {v:.2}"));
+            }
+            if let Some(d) = self.device {
+                extra.push_str(&format!("  [{d}]"));
             }
             println!(
                 "{:>8} {:>10} B  p50 {:>10.2} us  p99 {:>10.2} us  {:>9.2} GB/s{extra}",
@@ -292,8 +324,12 @@ pub fn run(a: TransportArgs) -> anyhow::Result<()> {
                     "memcpy" => memcpy(size, per_round),
                     "raw_tcp" => raw_tcp(size, per_round, cpus, gap)?,
                     "raw_shm" => raw_shm(size, per_round, cpus, gap)?,
-                    "shm" => avp_transport(size, per_round, true, a.spin, cpus, gap)?,
-                    "tcp" => avp_transport(size, per_round, false, a.spin, cpus, gap)?,
+                    "shm" => avp_transport(size, per_round, &Via::Shm, a.spin, cpus, gap)?,
+                    "tcp" => avp_transport(size, per_round, &Via::Tcp, a.spin, cpus, gap)?,
+                    "rdma" => {
+                        let via = Via::Rdma(a.rdma_device.clone());
+                        avp_transport(size, per_round, &via, a.spin, cpus, gap)?
+                    }
                     "cuda" => {
                         let device = a.device.ok_or_else(|| {
                             anyhow::anyhow!(
@@ -305,7 +341,7 @@ pub fn run(a: TransportArgs) -> anyhow::Result<()> {
                     }
                     other => {
                         anyhow::bail!(
-                            "unknown transport {other:?} (memcpy, raw_tcp, raw_shm, shm, tcp, cuda)"
+                            "unknown transport {other:?} (memcpy, raw_tcp, raw_shm, shm, tcp, cuda, rdma)"
                         )
                     }
                 };
@@ -367,7 +403,7 @@ fn emit_ratios(rows: &[Row], size: usize, json_out: bool) {
 fn avp_transport(
     size: usize,
     reps: usize,
-    shm: bool,
+    via: &Via,
     spin: bool,
     cpus: Option<Placement>,
     gap: Duration,
@@ -384,11 +420,18 @@ fn avp_transport(
                     ShmOptions::default().spin
                 }),
         )
-        .tcp(TcpOptions::default().shm_upgrade(shm));
-    let addr = if shm {
-        format!("shm://bench-{}", std::process::id())
-    } else {
-        "tcp://127.0.0.1:0".to_string()
+        .tcp(TcpOptions::default().shm_upgrade(matches!(via, Via::Shm)));
+    let (opts, addr) = match via {
+        Via::Shm => (opts, format!("shm://bench-{}", std::process::id())),
+        Via::Tcp => (opts, "tcp://127.0.0.1:0".to_string()),
+        Via::Rdma(device) => {
+            let mut r = RdmaOptions::default()
+                .slots(2)
+                .slot_size(layout.total_len().max(1 << 20))
+                .loan_timeout(T);
+            r.device = device.clone();
+            (opts.rdma(r), "rdma://127.0.0.1:0".to_string())
+        }
     };
     let id = ModelIdentity::default();
     let listener = Endpoint::bind(&addr, &id, opts.clone())?;
@@ -425,7 +468,7 @@ fn avp_transport(
     let _pin = Pin::to(cpus.map(|c| c.receiver));
     let rx = listener.accept(T)?;
     anyhow::ensure!(
-        rx.session().transport.name() == if shm { "shm" } else { "tcp" },
+        rx.session().transport.name() == via.name(),
         "negotiated {}",
         rx.session().explain()
     );
@@ -438,12 +481,11 @@ fn avp_transport(
         ack_tx.send(())?;
     }
     let stamps = h.join().expect("sender thread")?;
-    Ok(Row::handoffs(
-        if shm { "shm" } else { "tcp" },
-        size,
-        &stamps,
-        &ends,
-    ))
+    let mut row = Row::handoffs(via.name(), size, &stamps, &ends);
+    if let Via::Rdma(Some(RdmaDevice::Emulated)) = via {
+        row.device = Some("emulated (software verbs; not RDMA hardware)");
+    }
+    Ok(row)
 }
 
 /// When the sender of one message started producing it and when it called
