@@ -52,6 +52,10 @@ pub struct Args {
     /// Stay on TCP even on one host.
     #[arg(long)]
     no_shm_upgrade: bool,
+    /// The RDMA device of an `rdma://` session: verbs, verbs:NAME, or emulated
+    /// (the software device: the protocol on one host, reported as such).
+    #[arg(long)]
+    rdma_device: Option<avp_transport::RdmaDevice>,
     /// Drop a cross-model context that fails the quality gate (the solver then
     /// answers from its prompt alone) instead of using it with a warning.
     #[arg(long)]
@@ -89,6 +93,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             .shm(ShmOptions::default().loan_timeout(timeout))
             .tcp(TcpOptions::default().shm_upgrade(!a.no_shm_upgrade));
         o.vocabulary = vocabulary.clone();
+        o.rdma.device = a.rdma_device.clone();
+        o.rdma.loan_timeout = timeout;
         match transport_device {
             Some(d) => o.device(DeviceOptions::new(d)),
             None => o,

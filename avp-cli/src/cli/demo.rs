@@ -21,7 +21,8 @@ const DEFAULT_TASK: &str = "Natalia sold clips to 48 of her friends in April, an
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// How the agents reach each other (shm: shared memory; tcp: loopback TCP;
-    /// cuda: shared memory with the KV cache in GPU memory, device to device).
+    /// cuda: shared memory with the KV cache in GPU memory, device to device;
+    /// rdma: RDMA writes over loopback, with `--rdma-device`).
     /// Default: cuda for a model on a GPU (`--device cuda`), else shm.
     #[arg(long, value_enum)]
     transport: Option<Transport>,
@@ -30,6 +31,10 @@ pub struct Args {
     /// protocol without one, reported as such).
     #[arg(long)]
     transport_device: Option<avp_transport::Device>,
+    /// The RDMA device of `--transport rdma`: verbs, verbs:NAME, or emulated
+    /// (the software device: the protocol without an RDMA NIC, reported as such).
+    #[arg(long)]
+    rdma_device: Option<avp_transport::RdmaDevice>,
     /// The researcher's latent steps.
     #[arg(long, default_value_t = 10)]
     steps: u32,
@@ -61,6 +66,7 @@ enum Transport {
     Shm,
     Tcp,
     Cuda,
+    Rdma,
 }
 
 impl Args {
@@ -126,6 +132,7 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
         Transport::Shm => format!("shm://{name}"),
         Transport::Tcp => "tcp://127.0.0.1:0".into(),
         Transport::Cuda => format!("cuda://{name}"),
+        Transport::Rdma => "rdma://127.0.0.1:0".into(),
     };
     let mut common = vec![
         "--mode".into(),
@@ -144,6 +151,9 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
     }
     if let Some(d) = a.transport_device {
         common.extend(["--transport-device".into(), d.to_string()]);
+    }
+    if let Some(d) = &a.rdma_device {
+        common.extend(["--rdma-device".into(), d.to_string()]);
     }
     if a.enforce_quality {
         common.push("--enforce-quality".into());
