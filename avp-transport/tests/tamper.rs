@@ -146,3 +146,41 @@ fn an_untouched_relay_authenticates() {
     assert_eq!(client.join().unwrap().unwrap(), rx.session().id);
     mitm.join().unwrap();
 }
+
+/// The RDMA setup rides in the MAC'd frames: a queue pair or a key changed on
+/// the way fails the session instead of pointing writes somewhere else.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_changed_rdma_offer_or_grant_is_refused() {
+    use avp_transport::{RdmaDevice, RdmaOptions};
+    let rdma = || opts().rdma(RdmaOptions::default().device(RdmaDevice::Emulated));
+    for (which, tamper) in [
+        (
+            AUTH,
+            (|f: &mut Value| f["rdma"]["qps"][0]["qpn"] = json!(7)) as fn(&mut Value),
+        ),
+        (ACCEPT, |f| f["rdma"]["pool"]["rkey"] = json!(1234)),
+        (ACCEPT, |f| f["rdma"]["slot_size"] = json!(1 << 30)),
+    ] {
+        let listener =
+            Endpoint::bind("rdma://127.0.0.1:0", &ModelIdentity::default(), rdma()).unwrap();
+        let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+        let via = format!("rdma://{}", proxy.local_addr().unwrap());
+        let upstream = listener.local_addr().replace("rdma://", "tcp://");
+        let mitm = man_in_the_middle(proxy, upstream, which, tamper);
+        let client = std::thread::spawn(move || {
+            Endpoint::connect(&via, &ModelIdentity::default(), rdma()).expect_err("tampered")
+        });
+        let at_listener = listener.accept(T);
+        let c = client.join().unwrap();
+        if which == AUTH {
+            let l = at_listener.expect_err("tampered");
+            assert!(bad_proof(&l, "the connecting peer"), "{l}");
+            assert!(refused(&c), "{c}");
+        } else {
+            assert!(at_listener.is_ok());
+            assert!(bad_proof(&c, "the listener"), "{c}");
+        }
+        mitm.join().unwrap();
+    }
+}
