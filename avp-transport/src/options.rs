@@ -311,6 +311,9 @@ pub struct RdmaOptions {
     pub slot_size: usize,
     /// Sender: how long `loan` waits for a free slot (backpressure).
     pub loan_timeout: Duration,
+    /// The port's GID index (RoCE); `None` takes the RoCE v2 entry of the
+    /// port's first IPv4 address (InfiniBand: 0).
+    pub gid_index: Option<u8>,
     /// Tests only: the sender writes with a wrong remote key, as a broken
     /// or hostile peer would (the receiver's device must refuse every write).
     #[doc(hidden)]
@@ -326,6 +329,7 @@ impl Default for RdmaOptions {
             slots: 4,
             slot_size: 16 << 20,
             loan_timeout: Duration::from_secs(10),
+            gid_index: None,
             wrong_rkey_for_tests: false,
         }
     }
@@ -360,6 +364,11 @@ impl RdmaOptions {
     /// How long `loan` waits for a free slot.
     pub fn loan_timeout(mut self, t: Duration) -> Self {
         self.loan_timeout = t;
+        self
+    }
+    /// The port's GID index (RoCE).
+    pub fn gid_index(mut self, i: u8) -> Self {
+        self.gid_index = Some(i);
         self
     }
 

@@ -32,6 +32,10 @@
 //! # drop(tx); Ok(()) }
 //! ```
 
+#[cfg(all(feature = "rdma", target_os = "linux"))]
+mod ibverbs;
+#[cfg(target_os = "linux")]
+mod memory;
 #[cfg(target_os = "linux")]
 mod receiver;
 #[cfg(target_os = "linux")]
@@ -87,16 +91,26 @@ impl std::fmt::Display for RdmaDevice {
     }
 }
 
-/// Open the device the options name. `Ok(None)` with the reason when none
-/// is named and this build or host has none; `Err` when a named one fails.
+/// Open the device the options name. `Ok(Err(why))` when none is named and
+/// this build or host has none (the session then runs over TCP); `Err` when a
+/// named one cannot be opened.
 #[cfg(target_os = "linux")]
 pub(crate) fn open(
     o: &crate::Options,
 ) -> crate::Result<Result<std::sync::Arc<dyn verbs::Verbs>, String>> {
-    use crate::error::TransportError;
     match &o.rdma.device {
         Some(RdmaDevice::Emulated) => Ok(Ok(std::sync::Arc::new(soft::SoftVerbs::open()?))),
-        Some(RdmaDevice::Verbs(name)) => Err(TransportError::rdma(
+        #[cfg(feature = "rdma")]
+        Some(RdmaDevice::Verbs(name)) => Ok(Ok(std::sync::Arc::new(ibverbs::IbVerbs::open(
+            name,
+            o.rdma.gid_index,
+        )?))),
+        #[cfg(feature = "rdma")]
+        None => Ok(ibverbs::IbVerbs::open("", o.rdma.gid_index)
+            .map(|v| std::sync::Arc::new(v) as std::sync::Arc<dyn verbs::Verbs>)
+            .map_err(|e| format!("no usable RDMA device: {e}"))),
+        #[cfg(not(feature = "rdma"))]
+        Some(RdmaDevice::Verbs(name)) => Err(crate::TransportError::rdma(
             "open",
             "ENODEV",
             format!(
@@ -104,6 +118,7 @@ pub(crate) fn open(
                  `rdma` feature; RdmaDevice::Emulated stands in for tests)"
             ),
         )),
+        #[cfg(not(feature = "rdma"))]
         None => Ok(Err(
             "no RDMA device: none configured (RdmaOptions::device) and this build has no \
              verbs backend (the `rdma` feature)"

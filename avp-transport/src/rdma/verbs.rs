@@ -26,6 +26,9 @@ pub(crate) struct RdmaInfo {
     pub device: String,
     /// For the emulator: the host's boot id (it reaches only this host).
     pub host: String,
+    /// The link layer ("infiniband", "ethernet"; "" for the emulator).
+    #[serde(default)]
+    pub link: String,
 }
 
 /// How a peer reaches one queue pair (exchanged in the handshake).

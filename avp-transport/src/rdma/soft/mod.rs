@@ -25,62 +25,20 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::error::{Result, TransportError};
 use crate::handshake::{boot_id, random_hex};
-use crate::shm::segment::{Event, page_up};
+use crate::shm::segment::Event;
+
+use super::memory::Mapping;
 
 use super::verbs::{
     CompletionQueue, MemoryRegion, QpCaps, QpEndpoint, QueuePair, RdmaInfo, Verbs, Wc,
 };
 
 use qp::{Packet, SoftQp};
-
-/// Anonymous page-aligned memory, unmapped when the last holder drops it
-/// (a registration, or a queue-pair thread writing into it right now).
-struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: plain memory; who reads and writes it is governed by the verbs
-// rules (a region is written by the NIC thread only while the owner lets the
-// peer write it).
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn new(len: usize) -> Result<Mapping> {
-        let len = page_up(len.max(1));
-        let size = std::num::NonZeroUsize::new(len).expect("at least a page");
-        use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
-        // SAFETY: a fresh private anonymous mapping aliases nothing.
-        let ptr = unsafe {
-            mmap_anonymous(
-                None,
-                size,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE,
-            )
-        }
-        .map_err(TransportError::errno("mmap rdma region"))?;
-        Ok(Mapping {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping; every user holds an Arc to it, so none is left.
-        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
-    }
-}
 
 /// A live registration, as the device checks keys against it.
 #[derive(Clone)]
@@ -92,9 +50,9 @@ struct Registration {
 impl Registration {
     /// The `len` bytes at address `addr`, if they lie inside.
     fn span(&self, addr: u64, len: u64) -> Option<*mut u8> {
-        let start = self.map.ptr.as_ptr() as u64;
+        let start = self.map.ptr() as u64;
         let end = addr.checked_add(len)?;
-        (addr >= start && end <= start + self.map.len as u64).then_some(addr as *mut u8)
+        (addr >= start && end <= start + self.map.len() as u64).then_some(addr as *mut u8)
     }
 }
 
@@ -204,6 +162,7 @@ impl Verbs for SoftVerbs {
             backend: "emulated".into(),
             device: "soft".into(),
             host: boot_id(),
+            link: String::new(),
         }
     }
 
@@ -298,10 +257,10 @@ impl Drop for SoftMr {
 
 impl MemoryRegion for SoftMr {
     fn ptr(&self) -> *mut u8 {
-        self.map.ptr.as_ptr()
+        self.map.ptr()
     }
     fn len(&self) -> usize {
-        self.map.len
+        self.map.len()
     }
     fn lkey(&self) -> u32 {
         self.key
