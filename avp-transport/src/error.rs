@@ -108,6 +108,7 @@ impl TransportError {
             reason: reason.into(),
         }
     }
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     pub(crate) fn rdma(
         op: &'static str,
         status: impl Into<String>,

@@ -373,6 +373,7 @@ impl RdmaOptions {
     }
 
     /// Refuse values out of range, naming the knob.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     pub(crate) fn check(&self) -> crate::Result<()> {
         let bad = |option: &'static str, reason: String| {
             Err(crate::TransportError::InvalidOption { option, reason })

@@ -9,6 +9,9 @@
 //! is ordered across queue pairs, and after any error a queue pair completes
 //! every outstanding and later request with [`WcStatus::WrFlushErr`].
 
+// The transport using these is Linux-only; the handshake's types are everywhere.
+#![cfg_attr(not(target_os = "linux"), allow(dead_code))]
+
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
