@@ -133,6 +133,10 @@ typedef enum avp_transport_kind {
    * Shared memory with sections in device memory (`cuda://`).
    */
   AVP_TRANSPORT_CUDA = 2,
+  /**
+   * RDMA writes into the receiver's registered memory (`rdma://`).
+   */
+  AVP_TRANSPORT_RDMA = 3,
 } avp_transport_kind;
 
 /**
@@ -339,6 +343,17 @@ typedef struct avp_options {
    * Bytes per device slot (rounded up to the device's granularity).
    */
   uint64_t device_slot_size;
+  /**
+   * The RDMA device of `rdma://` sessions: "emulated" (the software
+   * device, for tests), "verbs" (the first verbs device) or "verbs:NAME";
+   * NULL: the first verbs device when built with the `rdma` feature, else
+   * none (the session then runs over TCP, and says why).
+   */
+  const char *rdma_device;
+  /**
+   * Queue pairs an `rdma://` message is striped over (1–16).
+   */
+  uint32_t rdma_queue_pairs;
 } avp_options;
 
 /**
@@ -645,7 +660,8 @@ const char *avp_version(void);
 
 /**
  * The ABI version: incremented on any incompatible change of this header
- * (2: device fields in `avp_options` and `avp_message_info`).
+ * (2: device fields in `avp_options` and `avp_message_info`; 3: RDMA
+ * fields in `avp_options`).
  */
 uint32_t avp_abi_version(void);
 
@@ -655,7 +671,8 @@ uint32_t avp_abi_version(void);
 enum avp_status avp_options_default(struct avp_options *out);
 
 /**
- * Listen at `address` ("shm://NAME" or "tcp://HOST:PORT"; port 0 picks one).
+ * Listen at `address` ("shm://NAME", "tcp://HOST:PORT", "cuda://NAME" or
+ * "rdma://HOST:PORT"; port 0 picks one).
  *
  * `identity` and `options` may be NULL (unknown identity, default options).
  * On success `*out` holds a listener to free with `avp_listener_free`.

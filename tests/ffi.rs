@@ -136,6 +136,8 @@ fn c_program_exchanges_kv_over_shm_and_tcp() {
     let exe = compile("gcc", "-std=c99", "tests/ffi/kv_exchange.c", "kv_c", false);
     exchange(&exe, &unique("c"), false, false);
     exchange(&exe, "tcp://127.0.0.1:0", true, false);
+    // rdma:// on the software RDMA device (options.rdma_device = "emulated").
+    exchange_in(&exe, "rdma://127.0.0.1:0", &["rdma"], false);
 }
 
 #[test]

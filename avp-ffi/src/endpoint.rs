@@ -91,6 +91,7 @@ fn session_info(s: &Session) -> avp_session_info {
             TransportKind::Shm => avp_transport_kind::AVP_TRANSPORT_SHM,
             TransportKind::Tcp => avp_transport_kind::AVP_TRANSPORT_TCP,
             TransportKind::Cuda => avp_transport_kind::AVP_TRANSPORT_CUDA,
+            TransportKind::Rdma => avp_transport_kind::AVP_TRANSPORT_RDMA,
         },
         max_message: s.max_message,
         map_id: [0; 64],
@@ -107,7 +108,8 @@ fn session_info(s: &Session) -> avp_session_info {
     info
 }
 
-/// Listen at `address` ("shm://NAME" or "tcp://HOST:PORT"; port 0 picks one).
+/// Listen at `address` ("shm://NAME", "tcp://HOST:PORT", "cuda://NAME" or
+/// "rdma://HOST:PORT"; port 0 picks one).
 ///
 /// `identity` and `options` may be NULL (unknown identity, default options).
 /// On success `*out` holds a listener to free with `avp_listener_free`.

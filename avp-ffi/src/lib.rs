@@ -56,10 +56,11 @@ pub extern "C" fn avp_version() -> *const c_char {
 }
 
 /// The ABI version: incremented on any incompatible change of this header
-/// (2: device fields in `avp_options` and `avp_message_info`).
+/// (2: device fields in `avp_options` and `avp_message_info`; 3: RDMA
+/// fields in `avp_options`).
 #[unsafe(no_mangle)]
 pub extern "C" fn avp_abi_version() -> u32 {
-    2
+    3
 }
 
 /// Fill `out` with the default options (then change what you need).

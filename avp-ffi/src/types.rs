@@ -93,6 +93,8 @@ pub enum avp_transport_kind {
     AVP_TRANSPORT_TCP = 1,
     /// Shared memory with sections in device memory (`cuda://`).
     AVP_TRANSPORT_CUDA = 2,
+    /// RDMA writes into the receiver's registered memory (`rdma://`).
+    AVP_TRANSPORT_RDMA = 3,
 }
 
 /// Envelope string fields of a message.
@@ -170,6 +172,13 @@ pub struct avp_options {
     pub device_ordinal: u32,
     /// Bytes per device slot (rounded up to the device's granularity).
     pub device_slot_size: u64,
+    /// The RDMA device of `rdma://` sessions: "emulated" (the software
+    /// device, for tests), "verbs" (the first verbs device) or "verbs:NAME";
+    /// NULL: the first verbs device when built with the `rdma` feature, else
+    /// none (the session then runs over TCP, and says why).
+    pub rdma_device: *const c_char,
+    /// Queue pairs an `rdma://` message is striped over (1–16).
+    pub rdma_queue_pairs: u32,
 }
 
 /// Which device `cuda://` sessions keep message sections on.
@@ -382,6 +391,8 @@ pub(crate) fn default_options() -> avp_options {
         device_ordinal: 0,
         device_slot_size: avp_transport::DeviceOptions::new(avp_transport::Device::Emulated)
             .slot_size as u64,
+        rdma_device: std::ptr::null(),
+        rdma_queue_pairs: d.rdma.queue_pairs as u32,
     }
 }
 
@@ -411,12 +422,24 @@ pub(crate) unsafe fn options(o: Option<&avp_options>) -> Result<Options, Error> 
         ));
     }
     // SAFETY: per the caller's contract.
-    let (agent_id, token) = unsafe {
+    let (agent_id, token, rdma_device) = unsafe {
         (
             string(o.agent_id, "options.agent_id")?,
             string(o.token, "options.token")?,
+            string(o.rdma_device, "options.rdma_device")?,
         )
     };
+    let rdma_device = match rdma_device.as_str() {
+        "" => None,
+        name => Some(
+            name.parse::<avp_transport::RdmaDevice>()
+                .map_err(|e| Error::arg(format!("options.rdma_device: {e}")))?,
+        ),
+    };
+    let mut rdma = avp_transport::RdmaOptions::default()
+        .queue_pairs(o.rdma_queue_pairs as usize)
+        .loan_timeout(Duration::from_millis(o.loan_timeout_ms as u64));
+    rdma.device = rdma_device;
     Ok({
         let mut o = Options::default()
             .agent_id(agent_id)
@@ -441,6 +464,7 @@ pub(crate) unsafe fn options(o: Option<&avp_options>) -> Result<Options, Error> 
                     .stall_timeout(Duration::from_millis(o.connect_timeout_ms as u64)),
             );
         o.token = (!token.is_empty()).then_some(token);
+        o.rdma = rdma;
         let device = match o_device {
             avp_device_kind::AVP_DEVICE_NONE => None,
             avp_device_kind::AVP_DEVICE_CUDA => Some(avp_transport::Device::Cuda(o_ordinal)),

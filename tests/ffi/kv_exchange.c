@@ -56,12 +56,16 @@ static struct avp_identity identity(void) {
 
 static const char TEXT[] = "{\"role\":\"researcher\",\"content\":\"x = 6 * 7\"}";
 
+/* "emulated" when the programs run over rdma:// (the software RDMA device). */
+static const char *RDMA_DEVICE = NULL;
+
 static int do_recv(const char *addr, int tcp) {
   struct avp_identity id = identity();
   struct avp_options o;
   CHECK(avp_options_default(&o));
   o.allow_shm_upgrade = tcp ? 0 : 1;
   o.token = "c-secret";
+  o.rdma_device = RDMA_DEVICE;
   struct avp_listener l;
   CHECK(avp_listener_bind(addr, &id, &o, &l));
   char where[256];
@@ -74,9 +78,10 @@ static int do_recv(const char *addr, int tcp) {
   CHECK(avp_listener_accept(l, 30000, &r));
   struct avp_session_info si;
   CHECK(avp_receiver_session(r, &si));
-  printf("SESSION %s mode=%d transport=%s (%s)\n", si.session_id, (int)si.mode,
-         si.transport == AVP_TRANSPORT_SHM ? "shm" : "tcp", si.transport_reason);
-  if ((si.transport == AVP_TRANSPORT_TCP) != (tcp != 0)) {
+  int want = tcp ? AVP_TRANSPORT_TCP : RDMA_DEVICE ? AVP_TRANSPORT_RDMA : AVP_TRANSPORT_SHM;
+  printf("SESSION %s mode=%d transport=%d (%s)\n", si.session_id, (int)si.mode,
+         (int)si.transport, si.transport_reason);
+  if ((int)si.transport != want) {
     fprintf(stderr, "unexpected transport\n");
     return 1;
   }
@@ -173,6 +178,7 @@ static int do_send(const char *addr, int tcp) {
   CHECK(avp_options_default(&o));
   o.allow_shm_upgrade = tcp ? 0 : 1;
   o.token = "c-secret";
+  o.rdma_device = RDMA_DEVICE;
   o.slots = 2;
   struct avp_sender s;
   CHECK(avp_sender_connect(addr, &id, &o, &s));
@@ -239,7 +245,7 @@ static int do_badargs(void) {
   size_t n;
   char buf[8];
 
-  if (strlen(avp_version()) == 0 || avp_abi_version() != 2) failures++;
+  if (strlen(avp_version()) == 0 || avp_abi_version() != 3) failures++;
   EXPECT(avp_options_default(NULL), AVP_ERR_NULL);
   struct avp_options o;
   CHECK(avp_options_default(&o));
@@ -393,10 +399,11 @@ static int do_badargs(void) {
 int main(int argc, char **argv) {
   if (argc >= 2 && strcmp(argv[1], "badargs") == 0) return do_badargs();
   if (argc < 3) {
-    fprintf(stderr, "usage: %s recv|send ADDR [tcp] | badargs\n", argv[0]);
+    fprintf(stderr, "usage: %s recv|send ADDR [tcp|rdma] | badargs\n", argv[0]);
     return 64;
   }
   int tcp = argc >= 4 && strcmp(argv[3], "tcp") == 0;
+  if (argc >= 4 && strcmp(argv[3], "rdma") == 0) RDMA_DEVICE = "emulated";
   if (strcmp(argv[1], "recv") == 0) return do_recv(argv[2], tcp);
   if (strcmp(argv[1], "send") == 0) return do_send(argv[2], tcp);
   return 64;
