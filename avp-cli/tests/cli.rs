@@ -188,6 +188,48 @@ fn bench_transport_prints_json_lines() {
 }
 
 #[test]
+fn bench_transport_measures_rdma_on_the_emulated_device_and_says_so() {
+    let args = [
+        "bench",
+        "transport",
+        "--json",
+        "--sizes",
+        "4KiB,1MiB",
+        "--transport",
+        "rdma",
+        "--rdma-device",
+        "emulated",
+        "--reps",
+        "4",
+    ];
+    let out = avp(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["transport"], "rdma", "{r}");
+        assert!(r["gbps"].as_f64().unwrap() > 0.0, "{r}");
+        let device = r["device"].as_str().unwrap_or_default();
+        assert!(
+            device.contains("emulated"),
+            "rows on the emulator say so: {r}"
+        );
+    }
+    // Without a device the session would be TCP: the bench refuses to call that rdma.
+    let out = avp(&args[..args.len() - 4]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RDMA not used"), "{err}");
+}
+
+#[test]
 fn generate_answers_with_the_default_model() {
     let out = avp(&[
         "generate",
