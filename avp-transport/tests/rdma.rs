@@ -14,8 +14,8 @@ mod children;
 use std::time::{Duration, Instant};
 
 use avp_transport::{
-    Endpoint, KvAssembly, Options, RdmaDevice, RdmaOptions, Receiver, Sender, TransportError,
-    TransportKind,
+    Device, DeviceBuffer, DeviceOptions, Endpoint, KvAssembly, Options, RdmaDevice, RdmaOptions,
+    Receiver, Sender, TransportError, TransportKind,
 };
 use avp_wire::{
     DType, Envelope, KvCacheDesc, KvLayout, LayerRange, MessageLayout, ModelIdentity, Payload,
@@ -267,6 +267,117 @@ fn a_wrong_remote_key_fails_both_ends_and_the_listener_serves_on() {
     t.join().unwrap();
 }
 
+/// Options for GPUDirect RDMA on the emulated device: device slots of 256 KiB.
+fn with_device(r: RdmaOptions) -> Options {
+    options(r).device(DeviceOptions::new(Device::Emulated).slot_size(256 << 10))
+}
+
+/// Send a device message of `seq` positions (its sections copied in from
+/// device buffers); whether it went into a device slot.
+fn send_device(tx: &mut Sender, seq: u64, n: u64) -> bool {
+    let l = layout(seq);
+    let srcs: Vec<DeviceBuffer> = (0..l.section_count())
+        .map(|i| {
+            let mut bytes = vec![0u8; l.section(i).len as usize];
+            fill(&mut bytes, i, n);
+            let mut b = DeviceBuffer::new(Device::Emulated, bytes.len()).unwrap();
+            b.write(&bytes).unwrap();
+            b
+        })
+        .collect();
+    let mut loan = tx.loan_device(&l).unwrap();
+    let on_device = loan.on_device();
+    for (i, s) in srcs.iter().enumerate() {
+        // SAFETY: `s` is device memory of the section's length on the
+        // session's device, unchanged until `finish`.
+        unsafe { loan.write_from_device(i, s.span().addr) }.unwrap();
+    }
+    loan.finish().unwrap().send().unwrap();
+    on_device
+}
+
+/// Receive device message `n` of `seq` positions; whether it arrived in device memory.
+fn check_device(rx: &Receiver, seq: u64, n: u64) -> bool {
+    let g = rx.recv(T).unwrap();
+    let l = layout(seq);
+    assert_eq!(g.header().total_len(), l.total_len() as u64);
+    let mut want = Vec::new();
+    for i in 0..l.section_count() {
+        let mut got = vec![0u8; l.section(i).len as usize];
+        g.copy_section_to_host(i, &mut got).unwrap();
+        want.resize(got.len(), 0);
+        fill(&mut want, i, n);
+        assert!(got == want, "message {n} section {i}");
+    }
+    g.on_device()
+}
+
+#[test]
+fn device_sections_go_device_to_device_and_large_ones_through_the_host() {
+    let listener = Endpoint::bind(
+        "rdma://127.0.0.1:0",
+        &ModelIdentity::default(),
+        with_device(emulated()),
+    )
+    .unwrap();
+    let addr = listener.local_addr();
+    let sender = std::thread::spawn(move || {
+        let mut tx =
+            Endpoint::connect(&addr, &ModelIdentity::default(), with_device(emulated())).unwrap();
+        // 16 positions fit a 256 KiB device slot; 200 (400 KiB) do not.
+        let placed = [
+            send_device(&mut tx, 16, 0),
+            send_device(&mut tx, 200, 1),
+            send_device(&mut tx, 40, 2),
+        ];
+        (tx.session().clone(), tx.stats(), placed)
+    });
+    let rx = listener.accept(T).unwrap();
+    let explain = rx.session().explain();
+    assert!(explain.contains("GPUDirect RDMA"), "{explain}");
+    let arrived = [
+        check_device(&rx, 16, 0),
+        check_device(&rx, 200, 1),
+        check_device(&rx, 40, 2),
+    ];
+    let (session, stats, placed) = sender.join().unwrap();
+    assert!(
+        session.explain().contains("GPUDirect RDMA"),
+        "{}",
+        session.explain()
+    );
+    assert_eq!(placed, [true, false, true]);
+    assert_eq!(arrived, [true, false, true]);
+    assert_eq!(stats.device_messages, 2);
+    assert_eq!(rx.stats().device_messages, 2);
+    // Only the large message crossed into host memory on the sender.
+    assert_eq!(
+        stats.device_to_host_bytes,
+        layout(200).sections().map(|s| s.len).sum::<u64>()
+    );
+}
+
+#[test]
+fn device_memory_on_one_end_only_is_said_and_host_memory_is_used() {
+    let listener = bind(emulated());
+    let addr = listener.local_addr();
+    let sender = std::thread::spawn(move || {
+        let mut tx =
+            Endpoint::connect(&addr, &ModelIdentity::default(), with_device(emulated())).unwrap();
+        assert!(!send_device(&mut tx, 16, 0));
+        tx.session().clone()
+    });
+    let rx = listener.accept(T).unwrap();
+    assert!(!check_device(&rx, 16, 0));
+    let s = sender.join().unwrap();
+    assert!(
+        s.explain()
+            .contains("device memory not used: the listener has no device slots"),
+        "{}",
+        s.explain()
+    );
+}
+
 /// Entry point of the child processes; does nothing in a normal test run.
 #[test]
 fn child_role() {
@@ -307,6 +418,19 @@ fn child_role() {
                     fill(s, i, u64::from(l));
                 }
                 loan.finish().unwrap().send().unwrap();
+            }
+        }
+        "device_receiver" => {
+            let listener = Endpoint::bind(
+                "rdma://127.0.0.1:0",
+                &ModelIdentity::default(),
+                with_device(emulated()),
+            )
+            .unwrap();
+            println!("ADDR {}", listener.local_addr());
+            let rx = listener.accept(T).unwrap();
+            for n in 0..4 {
+                assert!(check_device(&rx, 16 + n * 8, n));
             }
         }
         "endless_sender" => {
@@ -417,5 +541,19 @@ fn layers_are_ready_one_by_one_while_later_ones_are_produced() {
     // (7 more layers, 40 ms apart).
     let spread = at[7] - at[0];
     assert!(spread >= Duration::from_millis(200), "{spread:?}");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn device_messages_cross_processes_device_to_device() {
+    let mut child = spawn_role("device_receiver", "");
+    let addr = read_after(&mut child, "ADDR ");
+    let mut tx =
+        Endpoint::connect(&addr, &ModelIdentity::default(), with_device(emulated())).unwrap();
+    for n in 0..4 {
+        assert!(send_device(&mut tx, 16 + n * 8, n));
+    }
+    assert_eq!(tx.stats().device_to_host_bytes, 0);
+    drop(tx);
     assert!(child.wait().unwrap().success());
 }

@@ -91,6 +91,9 @@ pub(crate) struct CudaVmm {
     uuid: String,
     name: String,
     granularity: usize,
+    /// Whether allocations can be registered with an RDMA NIC (GPUDirect
+    /// RDMA on VMM memory); they are then made with that flag.
+    rdma_capable: bool,
 }
 
 /// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as `nvidia-smi -L` prints it.
@@ -118,7 +121,7 @@ fn attribute(dev: sys::CUdevice, a: CUdevice_attribute) -> Result<i32> {
 }
 
 /// Allocation properties of exportable device memory on `dev`.
-fn properties(dev: sys::CUdevice) -> sys::CUmemAllocationProp {
+fn properties(dev: sys::CUdevice, rdma_capable: bool) -> sys::CUmemAllocationProp {
     // SAFETY: the property struct is plain C data for which all-zero bytes
     // are a valid value (no flags, null pointers).
     let mut p: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
@@ -126,6 +129,7 @@ fn properties(dev: sys::CUdevice) -> sys::CUmemAllocationProp {
     p.requestedHandleTypes = POSIX_FD;
     p.location.type_ = CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
     p.location.id = dev;
+    p.allocFlags.gpuDirectRDMACapable = u8::from(rdma_capable);
     p
 }
 
@@ -178,7 +182,13 @@ impl CudaVmm {
                 ),
             ));
         }
-        let prop = properties(dev);
+        // GPUDirect RDMA on VMM memory: allocations an RDMA NIC can register.
+        let rdma_capable = attribute(
+            dev,
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED,
+        )
+        .is_ok_and(|v| v != 0);
+        let prop = properties(dev, rdma_capable);
         let mut g = 0usize;
         check(
             // SAFETY: valid out-pointer and property struct.
@@ -199,6 +209,7 @@ impl CudaVmm {
             uuid: uuid_string(&uuid),
             name: format!("{name} (cuda:{ordinal})"),
             granularity: g.max(1),
+            rdma_capable,
             ctx,
             stream,
             dev,
@@ -290,6 +301,27 @@ impl Region for VmmRegion {
                 )
             },
             "cuMemExportToShareableHandle",
+        )?;
+        // SAFETY: the driver just created this descriptor for us.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn dmabuf(&self) -> Result<OwnedFd> {
+        let _current = Current::push(&self.ctx)?;
+        let mut fd: i32 = -1;
+        check(
+            // SAFETY: for dma-buf handles the out-parameter is an int; the
+            // range is this region's mapping.
+            unsafe {
+                sys::cuMemGetHandleForAddressRange(
+                    (&mut fd as *mut i32).cast::<c_void>(),
+                    self.va,
+                    self.len,
+                    sys::CUmemRangeHandleType::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+                    0,
+                )
+            },
+            "cuMemGetHandleForAddressRange (dma-buf; needs GPUDirect RDMA support)",
         )?;
         // SAFETY: the driver just created this descriptor for us.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -392,7 +424,7 @@ impl DeviceMem for CudaVmm {
         let _current = self.current()?;
         let len = round_up(len, self.granularity)
             .ok_or_else(|| TransportError::device("alloc", format!("{len} bytes overflow")))?;
-        let prop = properties(self.dev);
+        let prop = properties(self.dev, self.rdma_capable);
         let mut h: sys::CUmemGenericAllocationHandle = 0;
         check(
             // SAFETY: valid out-pointer and properties; len is granularity-aligned.

@@ -124,6 +124,15 @@ pub(crate) trait Region: Send + Sync {
     fn len(&self) -> usize;
     /// A descriptor a peer on this host can import (allocated regions only).
     fn export(&self) -> Result<OwnedFd>;
+    /// The region as a dma-buf descriptor, for an RDMA NIC to register
+    /// (GPUDirect RDMA); an error where the device has none.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    fn dmabuf(&self) -> Result<OwnedFd> {
+        Err(crate::error::TransportError::device(
+            "dma-buf",
+            "this device's memory cannot be exported as a dma-buf",
+        ))
+    }
 }
 
 /// What a transport needs from a device.

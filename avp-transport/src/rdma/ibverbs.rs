@@ -25,6 +25,7 @@ use sideway::ibverbs::queue_pair::{
     QueuePairType, SetScatterGatherEntry as _, WorkRequestFlags,
 };
 
+use crate::device::{Device, Region};
 use crate::error::{Result, TransportError};
 
 use super::memory::Mapping;
@@ -200,6 +201,34 @@ impl Verbs for IbVerbs {
         Ok(Arc::new(IbMr { mr, map }))
     }
 
+    fn register_device(
+        &self,
+        region: Arc<dyn Region>,
+        device: Device,
+        remote_write: bool,
+    ) -> Result<Arc<dyn MemoryRegion>> {
+        let access = if remote_write {
+            AccessFlags::LocalWrite | AccessFlags::RemoteWrite
+        } else {
+            AccessFlags::LocalWrite
+        };
+        let (addr, len) = (region.addr(), region.len());
+        let mr = match device {
+            // The emulated device's memory is host memory.
+            // SAFETY: `region` outlives the registration (`IbDeviceMr` drops
+            // the registration first).
+            Device::Emulated => unsafe { self.pd.reg_mr(addr as usize, len, access) },
+            _ => {
+                let fd = region.dmabuf()?;
+                // SAFETY: as above; the dma-buf names the region's whole range,
+                // addressed by its device address (iova).
+                unsafe { self.pd.reg_dmabuf_mr(0, len, addr, fd.as_raw_fd(), access) }
+            }
+        }
+        .map_err(|e| err("register device memory (GPUDirect RDMA)", e))?;
+        Ok(Arc::new(IbDeviceMr { mr, region }))
+    }
+
     fn create_cq(&self, capacity: usize) -> Result<Arc<dyn CompletionQueue>> {
         let chan = self
             .ctx
@@ -269,6 +298,28 @@ impl MemoryRegion for IbMr {
     }
     fn len(&self) -> usize {
         self.map.len()
+    }
+    fn lkey(&self) -> u32 {
+        self.mr.lkey()
+    }
+    fn rkey(&self) -> u32 {
+        self.mr.rkey()
+    }
+}
+
+/// A registration of device memory.
+struct IbDeviceMr {
+    // Dropped first: deregister, then release the region.
+    mr: Arc<IbvMr>,
+    region: Arc<dyn Region>,
+}
+
+impl MemoryRegion for IbDeviceMr {
+    fn ptr(&self) -> *mut u8 {
+        self.region.addr() as *mut u8
+    }
+    fn len(&self) -> usize {
+        self.region.len()
     }
     fn lkey(&self) -> u32 {
         self.mr.lkey()

@@ -128,29 +128,60 @@ pub(crate) fn open(
 }
 
 /// The immediate value of a share's last write: bit 31 marks a dedicated
-/// region, bits 24–30 hold the number of shares − 1, bits 0–23 the slot or
-/// region.
+/// region, bit 30 a message whose sections are in device memory, bits 24–29
+/// hold the number of shares − 1, bits 0–23 the slot or region.
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub(crate) mod imm {
     /// Largest slot or region number.
     pub(crate) const MAX_ID: u32 = (1 << 24) - 1;
 
-    /// Encode.
-    pub(crate) fn encode(dedicated: bool, shares: usize, id: u32) -> u32 {
-        debug_assert!((1..=128).contains(&shares) && id <= MAX_ID);
-        (u32::from(dedicated) << 31) | ((shares as u32 - 1) << 24) | id
+    /// What an immediate says.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) struct Imm {
+        /// In a dedicated region (else a pool slot).
+        pub(crate) dedicated: bool,
+        /// Sections in device memory.
+        pub(crate) device: bool,
+        /// Queue pairs the message was dealt over.
+        pub(crate) shares: usize,
+        /// The slot or region.
+        pub(crate) id: u32,
     }
 
-    /// Decode: (dedicated, shares, id).
-    pub(crate) fn decode(v: u32) -> (bool, usize, u32) {
-        (v >> 31 == 1, ((v >> 24) & 0x7f) as usize + 1, v & MAX_ID)
+    /// Encode.
+    pub(crate) fn encode(i: Imm) -> u32 {
+        debug_assert!((1..=64).contains(&i.shares) && i.id <= MAX_ID);
+        (u32::from(i.dedicated) << 31)
+            | (u32::from(i.device) << 30)
+            | ((i.shares as u32 - 1) << 24)
+            | i.id
+    }
+
+    /// Decode.
+    pub(crate) fn decode(v: u32) -> Imm {
+        Imm {
+            dedicated: v >> 31 == 1,
+            device: (v >> 30) & 1 == 1,
+            shares: ((v >> 24) & 0x3f) as usize + 1,
+            id: v & MAX_ID,
+        }
     }
 
     #[cfg(test)]
     #[test]
     fn round_trips() {
-        for (d, s, i) in [(false, 1, 0), (true, 16, MAX_ID), (false, 128, 7)] {
-            assert_eq!(decode(encode(d, s, i)), (d, s, i));
+        for (dedicated, device, shares, id) in [
+            (false, false, 1, 0),
+            (true, true, 16, MAX_ID),
+            (false, true, 64, 7),
+        ] {
+            let i = Imm {
+                dedicated,
+                device,
+                shares,
+                id,
+            };
+            assert_eq!(decode(encode(i)), i);
         }
     }
 }

@@ -9,15 +9,17 @@ use std::time::{Duration, Instant};
 
 use avp_wire::{PREAMBLE_LEN, Preamble};
 
+use crate::device::{DeviceMem, DeviceSpan, Region, round_up};
 use crate::error::{Result, TransportError};
 use crate::frame::{Frame, FrameIo, StreamIo};
-use crate::options::RdmaOptions;
+use crate::options::{DeviceOptions, Options};
 use crate::port::{Armed, Counters, Delivery, Held, Idle, RecvPort};
 use crate::tcp::Conn;
 
 use super::imm;
 use super::verbs::{
-    CompletionQueue, MemoryRegion, QpCaps, QueuePair, RdmaGrant, RdmaOffer, Verbs, Wc, WcStatus,
+    CompletionQueue, DeviceGrant, MemoryRegion, QpCaps, QueuePair, RdmaGrant, RdmaOffer, Verbs, Wc,
+    WcStatus,
 };
 
 /// Key bit of a delivery in a dedicated region.
@@ -32,16 +34,39 @@ pub(crate) struct Parts {
     pool: Arc<dyn MemoryRegion>,
     slots: usize,
     slot_size: usize,
+    /// Device slots (GPUDirect RDMA), or why there are none ("" when
+    /// neither end asked for any).
+    device: std::result::Result<ReceiverDevice, String>,
+}
+
+/// The receiver's device slots, registered for the sender's writes.
+struct ReceiverDevice {
+    mem: Arc<dyn DeviceMem>,
+    mr: Arc<dyn MemoryRegion>,
+    slot_size: usize,
 }
 
 impl Parts {
+    /// What the session's explanation adds about device memory.
+    pub(crate) fn device_note(&self) -> String {
+        match &self.device {
+            Ok(d) => format!(
+                "; KV sections device to device (GPUDirect RDMA into {})",
+                d.mem.info().name
+            ),
+            Err(why) if why.is_empty() => String::new(),
+            Err(why) => format!("; device memory not used: {why}"),
+        }
+    }
+
     /// Register the pool, create and connect the queue pairs for `offer`,
     /// and post their receives.
     pub(crate) fn build(
         verbs: Arc<dyn Verbs>,
-        o: &RdmaOptions,
+        options: &Options,
         offer: &RdmaOffer,
     ) -> Result<(Parts, RdmaGrant)> {
+        let o = &options.rdma;
         let k = offer.qps.len();
         if !(1..=16).contains(&k) {
             return Err(TransportError::Protocol(format!(
@@ -65,11 +90,26 @@ impl Parts {
             q.connect(remote)?;
             qps.push(q);
         }
+        let device = match (&offer.device, &options.device) {
+            (None, None) => Err(String::new()),
+            (None, Some(_)) => Err("the sender offers none (no Options::device, or its NIC \
+                                    cannot read its device memory)"
+                .to_owned()),
+            (Some(_), None) => Err("this listener has no Options::device".to_owned()),
+            (Some(_), Some(d)) => {
+                device_pool(verbs.as_ref(), d, o.slots).map_err(|e| e.to_string())
+            }
+        };
         let grant = RdmaGrant {
             qps: qps.iter().map(|q| q.endpoint()).collect(),
             pool: pool.remote(),
             slots: o.slots as u32,
             slot_size: slot_size as u64,
+            device: device.as_ref().ok().map(|d| DeviceGrant {
+                pool: d.mr.remote(),
+                slot_size: d.slot_size as u64,
+                info: d.mem.info(),
+            }),
         };
         let parts = Parts {
             verbs,
@@ -79,9 +119,23 @@ impl Parts {
             pool,
             slots: o.slots,
             slot_size,
+            device,
         };
         Ok((parts, grant))
     }
+}
+
+/// `slots` device slots of `d`, registered for the sender's writes.
+fn device_pool(verbs: &dyn Verbs, d: &DeviceOptions, slots: usize) -> Result<ReceiverDevice> {
+    let mem = crate::device::open(d.device)?;
+    let slot_size =
+        round_up(d.slot_size, mem.granularity()).ok_or_else(|| TransportError::InvalidOption {
+            option: "device slot_size",
+            reason: format!("{} bytes overflow when rounded", d.slot_size),
+        })?;
+    let region: Arc<dyn Region> = Arc::from(mem.alloc(slot_size * slots)?);
+    let mr = verbs.register_device(region, d.device, true)?;
+    Ok(ReceiverDevice { mem, mr, slot_size })
 }
 
 /// What one receiving thread at a time touches.
@@ -95,6 +149,8 @@ struct Rx {
     order: VecDeque<(bool, u32)>,
     /// Messages whose every share has landed.
     complete: HashSet<(bool, u32)>,
+    /// Per slot: whether its message's sections are in the device slot.
+    on_device: Vec<bool>,
     /// Why the session failed, once it has.
     broken: Option<String>,
     /// The sender closed the control connection.
@@ -136,6 +192,7 @@ impl RdmaReceiver {
                 region_seen: HashMap::new(),
                 order: VecDeque::new(),
                 complete: HashSet::new(),
+                on_device: vec![false; parts.slots],
                 broken: None,
                 peer_left: false,
                 wcs: Vec::new(),
@@ -176,9 +233,25 @@ impl RdmaReceiver {
             {
                 tracing::warn!("rdma: could not repost a receive on queue pair {q}");
             }
-            let (dedicated, shares, id) = imm::decode(wc.imm.expect("checked"));
+            let imm::Imm {
+                dedicated,
+                device,
+                shares,
+                id,
+            } = imm::decode(wc.imm.expect("checked"));
+            if device && (dedicated || self.parts.device.is_err()) {
+                result = result.and(Err(
+                    self.protocol(rx, "device sections without device slots")
+                ));
+                continue;
+            }
             if q == Some(0) {
                 rx.order.push_back((dedicated, id));
+                if let Some(d) = rx.on_device.get_mut(id as usize)
+                    && !dedicated
+                {
+                    *d = device;
+                }
             }
             let seen = if dedicated {
                 if !lock(&self.regions).contains_key(&id) {
@@ -301,20 +374,43 @@ impl RdmaReceiver {
             (ptr, self.parts.slot_size, u64::from(id), None)
         };
         let held = Held { key, keep };
+        let on_device = !dedicated && rx.on_device[id as usize];
         let mut pre = [0u8; PREAMBLE_LEN];
         let n = cap.min(PREAMBLE_LEN);
         // SAFETY: `n` bytes at the start of the slot or region, which stays
         // registered while `held` lives; read as plain bytes.
         unsafe { std::ptr::copy_nonoverlapping(ptr, pre.as_mut_ptr(), n) };
-        let len = match Preamble::read(&pre[..n]) {
-            Ok(p) if p.total_len <= cap as u64 => p.total_len as usize,
-            Ok(p) => {
+        // The sections' room: the slot itself, or its device slot.
+        let room = match (&self.parts.device, on_device) {
+            (Ok(d), true) => d.slot_size,
+            _ => cap,
+        };
+        let (len, device) = match Preamble::read(&pre[..n]) {
+            Ok(p) if p.total_len > room as u64 => {
                 self.release(held);
                 return Err(TransportError::Segment(format!(
-                    "the message declares {} bytes, its rdma slot holds {cap}",
+                    "the message declares {} bytes, its rdma slot holds {room}",
                     p.total_len
                 )));
             }
+            Ok(p) if on_device => {
+                let d = self.parts.device.as_ref().expect("checked by reap");
+                let prefix = PREAMBLE_LEN as u64 + u64::from(p.header_len);
+                if prefix > cap as u64 {
+                    self.release(held);
+                    return Err(TransportError::Segment(format!(
+                        "a header of {} bytes in a host slot of {cap}",
+                        p.header_len
+                    )));
+                }
+                let span = DeviceSpan {
+                    addr: d.mr.ptr() as u64 + (id as usize * d.slot_size) as u64,
+                    len: p.total_len,
+                };
+                Counters::bump(&self.counters.device_messages);
+                (prefix as usize, Some(span))
+            }
+            Ok(p) => (p.total_len as usize, None),
             Err(e) => {
                 self.release(held);
                 return Err(e.into());
@@ -329,7 +425,7 @@ impl RdmaReceiver {
             ptr,
             len,
             peer_writable: true,
-            device: None,
+            device,
         }))
     }
 
@@ -431,6 +527,10 @@ impl RecvPort for RdmaReceiver {
         };
         // A sender that left needs no credit.
         let _ = lock(&self.ctl).send_frame(&frame, &[]);
+    }
+
+    fn device(&self) -> Option<Arc<dyn DeviceMem>> {
+        self.parts.device.as_ref().ok().map(|d| Arc::clone(&d.mem))
     }
 
     fn pool_range(&self) -> Option<std::ops::Range<usize>> {

@@ -9,7 +9,7 @@ use avp_wire::ModelIdentity;
 
 use crate::error::{Result, TransportError};
 use crate::handshake::{self, ClientStep, RdmaClient, RdmaGrantor};
-use crate::options::{Options, RdmaOptions};
+use crate::options::Options;
 use crate::port::SendPort;
 use crate::scheme::{Acceptor, Scheme};
 use crate::session::{Session, TransportKind};
@@ -115,12 +115,12 @@ impl Scheme for RdmaScheme {
             options.rdma.queue_pairs,
             device_words(&verbs.info())
         );
-        let building = Building::new(verbs, &options.rdma)?;
+        let building = Building::new(verbs, options)?;
         let mut client = RdmaClient {
             offer: building.offer(),
             grant: None,
         };
-        let session = handshake::client_finish(
+        let mut session = handshake::client_finish(
             &mut io,
             &ours,
             &theirs,
@@ -133,6 +133,19 @@ impl Scheme for RdmaScheme {
         let grant = client
             .grant
             .expect("an accepted rdma session carries a grant");
+        let note = match (&grant.device, building.device_offered()) {
+            (Some(g), _) => format!(
+                "; KV sections device to device (GPUDirect RDMA into {})",
+                g.info.name
+            ),
+            (None, Some(Err(why))) => format!("; device memory not used: {why}"),
+            (None, Some(Ok(()))) => "; device memory not used: the listener has no device \
+                                     slots (no Options::device, or its NIC cannot write its \
+                                     device memory)"
+                .to_owned(),
+            (None, None) => String::new(),
+        };
+        session.transport_reason.push_str(&note);
         let port = building.finish(io, grant, &options.rdma)?;
         Ok((session, Box::new(port)))
     }
@@ -148,7 +161,7 @@ impl Accepting {
     pub(crate) fn session(&self, options: &Options) -> AcceptSession {
         AcceptSession {
             verbs: Arc::clone(&self.verbs),
-            options: options.rdma.clone(),
+            options: options.clone(),
             parts: None,
         }
     }
@@ -157,16 +170,17 @@ impl Accepting {
 /// The listener's RDMA setup for one session, built when the peer chooses it.
 pub(crate) struct AcceptSession {
     verbs: Arc<dyn Verbs>,
-    options: RdmaOptions,
+    options: Options,
     parts: Option<Parts>,
 }
 
 impl AcceptSession {
     /// The receiving port, once the handshake accepted an RDMA session.
-    pub(crate) fn into_receiver(self, conn: Conn, session: &Session) -> Result<RdmaReceiver> {
+    pub(crate) fn into_receiver(self, conn: Conn, session: &mut Session) -> Result<RdmaReceiver> {
         let parts = self.parts.ok_or_else(|| {
             TransportError::Protocol("an rdma session was accepted without its setup".into())
         })?;
+        session.transport_reason.push_str(&parts.device_note());
         Ok(RdmaReceiver::new(parts, conn, session.max_message))
     }
 }

@@ -8,9 +8,10 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::device::{Device, DeviceMem, DeviceSpan, Region};
 use crate::error::{Result, TransportError};
 use crate::frame::{Frame, FrameIo, StreamIo};
-use crate::options::RdmaOptions;
+use crate::options::{Options, RdmaOptions};
 use crate::port::{Counters, LoanMem, SendPort};
 use crate::tcp::Conn;
 
@@ -34,11 +35,19 @@ pub(crate) struct Building {
     rcq: Arc<dyn CompletionQueue>,
     qps: Vec<Arc<dyn QueuePair>>,
     caps: QpCaps,
+    /// The device whose memory this NIC can read (`Options::device`), or why
+    /// not; `None` without `Options::device`.
+    device: Option<Probed>,
 }
 
 impl Building {
     /// Create the session's completion queue and queue pairs.
-    pub(crate) fn new(verbs: Arc<dyn Verbs>, o: &RdmaOptions) -> Result<Building> {
+    pub(crate) fn new(verbs: Arc<dyn Verbs>, options: &Options) -> Result<Building> {
+        let o = &options.rdma;
+        let device = options
+            .device
+            .as_ref()
+            .map(|d| probe_device(verbs.as_ref(), d.device));
         let caps = QpCaps::default();
         let cq = verbs.create_cq(o.queue_pairs * caps.max_send_wr + 16)?;
         let rcq = verbs.create_cq(16)?;
@@ -51,13 +60,27 @@ impl Building {
             rcq,
             qps,
             caps,
+            device,
         })
+    }
+
+    /// Whether this end offers device memory: `None` without
+    /// `Options::device`, else `Ok` or why not.
+    pub(crate) fn device_offered(&self) -> Option<std::result::Result<(), &str>> {
+        self.device
+            .as_ref()
+            .map(|r| r.as_ref().map(|_| ()).map_err(String::as_str))
     }
 
     /// What the receiver needs to connect.
     pub(crate) fn offer(&self) -> RdmaOffer {
         RdmaOffer {
             qps: self.qps.iter().map(|q| q.endpoint()).collect(),
+            device: self
+                .device
+                .as_ref()
+                .and_then(|r| r.as_ref().ok())
+                .map(|(_, m)| m.info()),
         }
     }
 
@@ -92,6 +115,27 @@ impl Building {
             q.connect(r)?;
         }
         let local = self.verbs.alloc(pool_len.expect("checked"), false)?;
+        let device = match (grant.device, self.device) {
+            (Some(g), Some(Ok((kind, mem)))) => {
+                let dslot = usize::try_from(g.slot_size).unwrap_or(usize::MAX);
+                let len = dslot.checked_mul(slots).filter(|&n| n as u64 <= g.pool.len);
+                let Some(len) = len else {
+                    return Err(bad(format!(
+                        "{slots} device slots of {dslot} bytes in a pool of {} bytes",
+                        g.pool.len
+                    )));
+                };
+                let region: Arc<dyn Region> = Arc::from(mem.alloc(len)?);
+                let mr = self.verbs.register_device(region, kind, false)?;
+                Some(SenderDevice {
+                    mem,
+                    local: mr,
+                    remote: g.pool,
+                    slot_size: dslot,
+                })
+            }
+            _ => None,
+        };
         let qpn = self
             .qps
             .iter()
@@ -127,9 +171,43 @@ impl Building {
             loan_timeout: o.loan_timeout,
             wcs: Vec::new(),
             counters: Counters::default(),
+            device,
+            warned_large: false,
         })
     }
 }
+
+/// A device whose memory this NIC can read, or why not.
+type Probed = std::result::Result<(Device, Arc<dyn DeviceMem>), String>;
+
+/// Allocate and register a little of `device`'s memory: whether this NIC
+/// can read it (GPUDirect RDMA), or why not.
+fn probe_device(verbs: &dyn Verbs, device: Device) -> Probed {
+    let probe = || -> Result<Arc<dyn DeviceMem>> {
+        let mem = crate::device::open(device)?;
+        let region: Arc<dyn Region> = Arc::from(mem.alloc(mem.granularity())?);
+        verbs.register_device(region, device, false)?;
+        Ok(mem)
+    };
+    probe().map(|m| (device, m)).map_err(|e| e.to_string())
+}
+
+/// The sender's device slots (its loans' sections) and the receiver's.
+struct SenderDevice {
+    mem: Arc<dyn DeviceMem>,
+    /// Local device slots, registered (one per receiver slot).
+    local: Arc<dyn MemoryRegion>,
+    remote: RemoteRegion,
+    slot_size: usize,
+}
+
+/// A device loan's host part: the preamble and header, this long.
+struct DevicePart {
+    prefix_len: usize,
+}
+
+/// Key bit of a loan whose sections are in device memory.
+const DEVICE: u64 = 1 << 62;
 
 /// A queue pair's send-queue accounting.
 #[derive(Clone, Default)]
@@ -187,6 +265,10 @@ pub(crate) struct RdmaSender {
     loan_timeout: Duration,
     wcs: Vec<Wc>,
     counters: Counters,
+    device: Option<SenderDevice>,
+    /// A device message too large for a device slot was sent through host
+    /// memory (said once in the log; counted in `device_to_host_bytes`).
+    warned_large: bool,
 }
 
 /// What a failed write's status means to a sender.
@@ -474,56 +556,83 @@ impl SendPort for RdmaSender {
 
     fn publish(&mut self, mut mem: LoanMem, len: usize) -> Result<()> {
         self.check()?;
-        let (src, lkey, dst, rkey, id, buf) = if mem.key & DEDICATED != 0 {
+        // Where the bytes go: (source, lkey, destination, rkey, offset, length).
+        let mut parts: Vec<(u64, u32, u64, u32, usize, usize)> = Vec::with_capacity(2);
+        let (id, buf, device) = if mem.key & DEDICATED != 0 {
             let d = mem
                 .take_keep::<DedicatedLoan>()
                 .expect("a dedicated loan keeps its regions");
             let id = (mem.key & !DEDICATED) as u32;
-            let src = d.local.ptr() as u64;
-            let lkey = d.local.lkey();
-            (
-                src,
-                lkey,
+            parts.push((
+                d.local.ptr() as u64,
+                d.local.lkey(),
                 d.remote.addr,
                 d.remote.rkey,
-                id,
-                Buf::Dedicated(d.local),
-            )
+                0,
+                len,
+            ));
+            (id, Buf::Dedicated(d.local), false)
         } else {
-            let i = mem.key as usize;
+            let i = (mem.key & !DEVICE) as usize;
             let dst = self.pool.addr + (i * self.slot_size) as u64;
             let src = mem.ptr() as u64;
-            (
-                src,
-                self.local.lkey(),
-                dst,
-                self.pool.rkey,
-                i as u32,
-                Buf::Slot(i),
-            )
+            match (mem.key & DEVICE != 0, &self.device) {
+                (true, Some(d)) => {
+                    let prefix = mem
+                        .take_keep::<DevicePart>()
+                        .expect("a device loan keeps its prefix length")
+                        .prefix_len
+                        .min(len);
+                    let span = mem.device.expect("a device loan has a device span");
+                    let rdst = d.remote.addr + (i * d.slot_size) as u64;
+                    parts.push((src, self.local.lkey(), dst, self.pool.rkey, 0, prefix));
+                    parts.push((span.addr, d.local.lkey(), rdst, d.remote.rkey, prefix, len));
+                    Counters::bump(&self.counters.device_messages);
+                    (i as u32, Buf::Slot(i), true)
+                }
+                _ => {
+                    parts.push((src, self.local.lkey(), dst, self.pool.rkey, 0, len));
+                    (i as u32, Buf::Slot(i), false)
+                }
+            }
         };
         let dedicated = matches!(buf, Buf::Dedicated(_));
         let k = self.qps.len();
-        let slices = len.div_ceil(self.slice).max(1);
-        let shares = slices.min(k);
         let token = self.next_token;
         self.next_token += 1;
-        let mut wrs: Vec<VecDeque<WriteWr>> = vec![VecDeque::new(); shares];
-        for s in 0..slices {
-            let off = s * self.slice;
-            let n = self.slice.min(len - off.min(len));
-            wrs[s % k].push_back(WriteWr {
-                wr_id: token,
-                local_addr: src + off as u64,
-                len: n as u32,
-                lkey,
-                remote_addr: dst + off as u64,
-                rkey,
-                imm: None,
-                signaled: false,
-            });
+        // Slices of each part, dealt round robin over the queue pairs (slice 0,
+        // the preamble's, always on queue pair 0).
+        let mut wrs: Vec<VecDeque<WriteWr>> = vec![VecDeque::new(); k];
+        let mut n_slice = 0usize;
+        for &(src, lkey, dst, rkey, start, end) in &parts {
+            let mut off = start;
+            while off < end || (off == 0 && end == 0) {
+                let n = self.slice.min(end - off);
+                wrs[n_slice % k].push_back(WriteWr {
+                    wr_id: token,
+                    local_addr: src + off as u64,
+                    len: n as u32,
+                    lkey,
+                    remote_addr: dst + off as u64,
+                    rkey,
+                    imm: None,
+                    signaled: false,
+                });
+                n_slice += 1;
+                off += n;
+                if n == 0 {
+                    break;
+                }
+            }
         }
-        let tag = imm::encode(dedicated, shares, id);
+        wrs.retain(|q| !q.is_empty());
+        let shares = wrs.len();
+        let tag = imm::encode(imm::Imm {
+            dedicated,
+            device,
+            shares,
+            id,
+        });
         for q in &mut wrs {
             q.back_mut().expect("every share has a slice").imm = Some(tag);
         }
@@ -535,6 +644,45 @@ impl SendPort for RdmaSender {
         self.post_all(wrs)
     }
 
+    fn acquire_device(&mut self, len: usize, prefix_len: usize) -> Result<Option<LoanMem>> {
+        let Some(dslot) = self.device.as_ref().map(|d| d.slot_size) else {
+            return Ok(None);
+        };
+        if prefix_len > self.slot_size {
+            return Err(TransportError::TooLarge {
+                size: prefix_len as u64,
+                limit: self.slot_size as u64,
+            });
+        }
+        if len > dslot {
+            if !self.warned_large {
+                tracing::warn!(
+                    "rdma: a device message of {len} bytes exceeds the device slot of {dslot} \
+                     bytes: it goes through host memory (counted in device_to_host_bytes; \
+                     raise DeviceOptions::slot_size on the receiver)"
+                );
+                self.warned_large = true;
+            }
+            return Ok(None);
+        }
+        let Some(mut mem) = self.acquire(prefix_len, true)? else {
+            return Ok(None);
+        };
+        let i = mem.key as usize;
+        let d = self.device.as_ref().expect("checked above");
+        mem.key |= DEVICE;
+        mem.keep = Some(Box::new(DevicePart { prefix_len }));
+        mem.device = Some(DeviceSpan {
+            addr: d.local.ptr() as u64 + (i * dslot) as u64,
+            len: len as u64,
+        });
+        Ok(Some(mem))
+    }
+
+    fn device(&self) -> Option<Arc<dyn DeviceMem>> {
+        self.device.as_ref().map(|d| Arc::clone(&d.mem))
+    }
+
     fn abandon(&mut self, mut mem: LoanMem) {
         if mem.key & DEDICATED != 0 {
             let id = (mem.key & !DEDICATED) as u32;
@@ -544,7 +692,7 @@ impl SendPort for RdmaSender {
             let _ = self.io.send_frame(&Frame::RdmaRegionFreed { id }, &[]);
             self.regions_live = self.regions_live.saturating_sub(1);
         } else {
-            let i = mem.key as usize;
+            let i = (mem.key & !DEVICE) as usize;
             self.credit[i] = true;
             self.busy[i] = false;
         }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::device::{Device, Region};
 use crate::error::Result;
 
 /// What an end tells its peer about its RDMA device, in the handshake.
@@ -69,6 +70,22 @@ pub(crate) struct RemoteRegion {
 pub(crate) struct RdmaOffer {
     /// Its queue pairs, one per stripe.
     pub qps: Vec<QpEndpoint>,
+    /// Its device, when its messages' sections can come from device memory
+    /// registered with its NIC (GPUDirect RDMA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<crate::device::DeviceInfo>,
+}
+
+/// The receiver's device slots (GPUDirect RDMA), paired one to one with the
+/// host slots that hold each device message's preamble and header.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct DeviceGrant {
+    /// The device pool, registered once.
+    pub pool: RemoteRegion,
+    /// Bytes per device slot.
+    pub slot_size: u64,
+    /// The receiver's device.
+    pub info: crate::device::DeviceInfo,
 }
 
 /// The receiver's part of an RDMA session, in its `Accept` frame.
@@ -82,6 +99,9 @@ pub(crate) struct RdmaGrant {
     pub slots: u32,
     /// Bytes per slot.
     pub slot_size: u64,
+    /// Device slots, when both ends keep sections in device memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceGrant>,
 }
 
 /// Registered memory, owned by this process; deregistered and freed on drop.
@@ -252,6 +272,15 @@ pub(crate) trait Verbs: Send + Sync {
     /// Page-aligned memory of at least `len` bytes, registered for local
     /// access and, when `remote_write`, for the peer's writes.
     fn alloc(&self, len: usize, remote_write: bool) -> Result<Arc<dyn MemoryRegion>>;
+    /// Register device memory for GPUDirect RDMA: `region` of `device`,
+    /// kept alive by the registration, for local access and, when
+    /// `remote_write`, the peer's writes. Its `ptr` is the device address.
+    fn register_device(
+        &self,
+        region: Arc<dyn Region>,
+        device: Device,
+        remote_write: bool,
+    ) -> Result<Arc<dyn MemoryRegion>>;
     /// A completion queue of `capacity` entries.
     fn create_cq(&self, capacity: usize) -> Result<Arc<dyn CompletionQueue>>;
     /// A queue pair completing sends on `send_cq` and receives on `recv_cq`.

@@ -33,6 +33,7 @@ use crate::handshake::{boot_id, random_hex};
 use crate::shm::segment::Event;
 
 use super::memory::Mapping;
+use crate::device::{Device, Region};
 
 use super::verbs::{
     CompletionQueue, MemoryRegion, QpCaps, QpEndpoint, QueuePair, RdmaInfo, Verbs, Wc,
@@ -40,19 +41,23 @@ use super::verbs::{
 
 use qp::{Packet, SoftQp};
 
+/// What keeps registered memory alive (a mapping, a device region).
+type Keep = Arc<dyn std::any::Any + Send + Sync>;
+
 /// A live registration, as the device checks keys against it.
 #[derive(Clone)]
 struct Registration {
-    map: Arc<Mapping>,
+    base: u64,
+    len: usize,
     remote_write: bool,
+    _keep: Keep,
 }
 
 impl Registration {
     /// The `len` bytes at address `addr`, if they lie inside.
     fn span(&self, addr: u64, len: u64) -> Option<*mut u8> {
-        let start = self.map.ptr() as u64;
         let end = addr.checked_add(len)?;
-        (addr >= start && end <= start + self.map.len() as u64).then_some(addr as *mut u8)
+        (addr >= self.base && end <= self.base + self.len as u64).then_some(addr as *mut u8)
     }
 }
 
@@ -112,6 +117,36 @@ impl SoftVerbs {
             shared,
             listener,
             stop,
+        })
+    }
+}
+
+impl SoftVerbs {
+    /// Register `len` bytes at `base`, kept alive by `keep`.
+    fn register(&self, base: u64, len: usize, remote_write: bool, keep: Keep) -> Arc<SoftMr> {
+        let mut keys = self.shared.keys.write().unwrap_or_else(|e| e.into_inner());
+        let key = loop {
+            let mut b = [0u8; 4];
+            getrandom::fill(&mut b).expect("the OS random source works");
+            let k = u32::from_ne_bytes(b);
+            if k != 0 && !keys.contains_key(&k) {
+                break k;
+            }
+        };
+        keys.insert(
+            key,
+            Registration {
+                base,
+                len,
+                remote_write,
+                _keep: keep,
+            },
+        );
+        Arc::new(SoftMr {
+            base,
+            len,
+            key,
+            shared: Arc::clone(&self.shared),
         })
     }
 }
@@ -181,27 +216,28 @@ impl Verbs for SoftVerbs {
 
     fn alloc(&self, len: usize, remote_write: bool) -> Result<Arc<dyn MemoryRegion>> {
         let map = Arc::new(Mapping::new(len)?);
-        let mut keys = self.shared.keys.write().unwrap_or_else(|e| e.into_inner());
-        let key = loop {
-            let mut b = [0u8; 4];
-            getrandom::fill(&mut b).expect("the OS random source works");
-            let k = u32::from_ne_bytes(b);
-            if k != 0 && !keys.contains_key(&k) {
-                break k;
-            }
-        };
-        keys.insert(
-            key,
-            Registration {
-                map: Arc::clone(&map),
-                remote_write,
-            },
-        );
-        Ok(Arc::new(SoftMr {
-            map,
-            key,
-            shared: Arc::clone(&self.shared),
-        }))
+        let (base, len) = (map.ptr() as u64, map.len());
+        Ok(self.register(base, len, remote_write, map))
+    }
+
+    fn register_device(
+        &self,
+        region: Arc<dyn Region>,
+        device: Device,
+        remote_write: bool,
+    ) -> Result<Arc<dyn MemoryRegion>> {
+        if device != Device::Emulated {
+            return Err(TransportError::rdma(
+                "register",
+                "EOPNOTSUPP",
+                format!(
+                    "the emulated verbs device reaches host memory only, not {device}; GPU \
+                     memory needs a verbs device (feature rdma)"
+                ),
+            ));
+        }
+        let (base, len) = (region.addr(), region.len());
+        Ok(self.register(base, len, remote_write, Arc::new(region)))
     }
 
     fn create_cq(&self, capacity: usize) -> Result<Arc<dyn CompletionQueue>> {
@@ -236,9 +272,11 @@ impl Verbs for SoftVerbs {
     }
 }
 
-/// A registration of the emulated device.
+/// A registration of the emulated device (the memory stays alive with the
+/// device's entry, until deregistration and any placement in progress end).
 struct SoftMr {
-    map: Arc<Mapping>,
+    base: u64,
+    len: usize,
     key: u32,
     shared: Arc<Shared>,
 }
@@ -257,10 +295,10 @@ impl Drop for SoftMr {
 
 impl MemoryRegion for SoftMr {
     fn ptr(&self) -> *mut u8 {
-        self.map.ptr()
+        self.base as *mut u8
     }
     fn len(&self) -> usize {
-        self.map.len()
+        self.len
     }
     fn lkey(&self) -> u32 {
         self.key
