@@ -159,13 +159,21 @@ pub(crate) enum Frame {
         id: u32,
         /// Message length.
         len: u64,
+        /// For a message whose sections are in device memory: the length of
+        /// its host part (preamble and header); the sections then get a
+        /// device region of `len` bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_prefix: Option<u64>,
     },
     /// RDMA, receiver to sender: the dedicated region `id`, registered.
     RdmaRegionGrant {
         /// The sender's name for it.
         id: u32,
-        /// Where to write.
+        /// Where to write (a device message: its host part).
         region: crate::rdma::verbs::RemoteRegion,
+        /// A device message: where its sections go.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<crate::rdma::verbs::RemoteRegion>,
     },
     /// RDMA: dedicated region `id` is gone (receiver: its guard was dropped;
     /// sender: the loan was abandoned).

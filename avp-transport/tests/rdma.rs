@@ -267,6 +267,10 @@ fn a_wrong_remote_key_fails_both_ends_and_the_listener_serves_on() {
     t.join().unwrap();
 }
 
+/// Device messages across processes: in device slots, and one (400 KiB) in
+/// a dedicated device region.
+const DEVICE_SEQS: [u64; 4] = [16, 24, 200, 32];
+
 /// Options for GPUDirect RDMA on the emulated device: device slots of 256 KiB.
 fn with_device(r: RdmaOptions) -> Options {
     options(r).device(DeviceOptions::new(Device::Emulated).slot_size(256 << 10))
@@ -313,7 +317,7 @@ fn check_device(rx: &Receiver, seq: u64, n: u64) -> bool {
 }
 
 #[test]
-fn device_sections_go_device_to_device_and_large_ones_through_the_host() {
+fn device_sections_go_device_to_device_in_slots_and_dedicated_regions() {
     let listener = Endpoint::bind(
         "rdma://127.0.0.1:0",
         &ModelIdentity::default(),
@@ -324,7 +328,8 @@ fn device_sections_go_device_to_device_and_large_ones_through_the_host() {
     let sender = std::thread::spawn(move || {
         let mut tx =
             Endpoint::connect(&addr, &ModelIdentity::default(), with_device(emulated())).unwrap();
-        // 16 positions fit a 256 KiB device slot; 200 (400 KiB) do not.
+        // 16 positions fit a 256 KiB device slot; 200 (400 KiB) get a
+        // dedicated device region.
         let placed = [
             send_device(&mut tx, 16, 0),
             send_device(&mut tx, 200, 1),
@@ -346,15 +351,13 @@ fn device_sections_go_device_to_device_and_large_ones_through_the_host() {
         "{}",
         session.explain()
     );
-    assert_eq!(placed, [true, false, true]);
-    assert_eq!(arrived, [true, false, true]);
-    assert_eq!(stats.device_messages, 2);
-    assert_eq!(rx.stats().device_messages, 2);
-    // Only the large message crossed into host memory on the sender.
-    assert_eq!(
-        stats.device_to_host_bytes,
-        layout(200).sections().map(|s| s.len).sum::<u64>()
-    );
+    assert_eq!(placed, [true; 3]);
+    assert_eq!(arrived, [true; 3]);
+    assert_eq!((stats.device_messages, stats.dedicated), (3, 1));
+    assert_eq!(rx.stats().device_messages, 3);
+    assert_eq!(rx.stats().dedicated, 1);
+    // Not a byte of the sections crossed into host memory on the sender.
+    assert_eq!(stats.device_to_host_bytes, 0);
 }
 
 #[test]
@@ -429,8 +432,8 @@ fn child_role() {
             .unwrap();
             println!("ADDR {}", listener.local_addr());
             let rx = listener.accept(T).unwrap();
-            for n in 0..4 {
-                assert!(check_device(&rx, 16 + n * 8, n));
+            for (n, seq) in DEVICE_SEQS.into_iter().enumerate() {
+                assert!(check_device(&rx, seq, n as u64));
             }
         }
         "endless_sender" => {
@@ -550,8 +553,8 @@ fn device_messages_cross_processes_device_to_device() {
     let addr = read_after(&mut child, "ADDR ");
     let mut tx =
         Endpoint::connect(&addr, &ModelIdentity::default(), with_device(emulated())).unwrap();
-    for n in 0..4 {
-        assert!(send_device(&mut tx, 16 + n * 8, n));
+    for (n, seq) in DEVICE_SEQS.into_iter().enumerate() {
+        assert!(send_device(&mut tx, seq, n as u64));
     }
     assert_eq!(tx.stats().device_to_host_bytes, 0);
     drop(tx);

@@ -138,6 +138,14 @@ fn device_pool(verbs: &dyn Verbs, d: &DeviceOptions, slots: usize) -> Result<Rec
     Ok(ReceiverDevice { mem, mr, slot_size })
 }
 
+/// A region registered for one message: host memory, and for a device
+/// message (its preamble and header there) device memory for its sections.
+#[derive(Clone)]
+struct Dedicated {
+    host: Arc<dyn MemoryRegion>,
+    device: Option<Arc<dyn MemoryRegion>>,
+}
+
 /// What one receiving thread at a time touches.
 struct Rx {
     /// Shares landed per slot.
@@ -167,7 +175,7 @@ pub(crate) struct RdmaReceiver {
     ctl: Mutex<StreamIo<Conn>>,
     ctl_fd: RawFd,
     /// Dedicated regions registered for the sender, by its name for them.
-    regions: Mutex<HashMap<u32, Arc<dyn MemoryRegion>>>,
+    regions: Mutex<HashMap<u32, Dedicated>>,
     max_message: u64,
     counters: Counters,
 }
@@ -239,7 +247,7 @@ impl RdmaReceiver {
                 shares,
                 id,
             } = imm::decode(wc.imm.expect("checked"));
-            if device && (dedicated || self.parts.device.is_err()) {
+            if device && self.parts.device.is_err() {
                 result = result.and(Err(
                     self.protocol(rx, "device sections without device slots")
                 ));
@@ -251,6 +259,14 @@ impl RdmaReceiver {
                     && !dedicated
                 {
                     *d = device;
+                }
+                if dedicated
+                    && lock(&self.regions)
+                        .get(&id)
+                        .is_some_and(|r| r.device.is_some() != device)
+                {
+                    result = result.and(Err(self.protocol(rx, "a region used as the other kind")));
+                    continue;
                 }
             }
             let seen = if dedicated {
@@ -311,7 +327,11 @@ impl RdmaReceiver {
                 Err(e) => return Err(e),
             };
             match frame {
-                Frame::RdmaRegion { id, len } => {
+                Frame::RdmaRegion {
+                    id,
+                    len,
+                    device_prefix,
+                } => {
                     let mut regions = lock(&self.regions);
                     if len > self.max_message {
                         drop(regions);
@@ -327,11 +347,39 @@ impl RdmaReceiver {
                         drop(regions);
                         return Err(self.protocol(rx, "more dedicated regions than slots"));
                     }
-                    let mr = self.parts.verbs.alloc(len as usize, true)?;
-                    let region = mr.remote();
-                    regions.insert(id, mr);
+                    let d = match (device_prefix, &self.parts.device) {
+                        (None, _) => Dedicated {
+                            host: self.parts.verbs.alloc(len as usize, true)?,
+                            device: None,
+                        },
+                        (Some(p), Ok(dev)) if p <= len && p <= self.parts.slot_size as u64 => {
+                            let region: Arc<dyn Region> = Arc::from(dev.mem.alloc(len as usize)?);
+                            Dedicated {
+                                host: self.parts.verbs.alloc(p as usize, true)?,
+                                device: Some(self.parts.verbs.register_device(
+                                    region,
+                                    dev.mem.device(),
+                                    true,
+                                )?),
+                            }
+                        }
+                        (Some(_), _) => {
+                            drop(regions);
+                            return Err(self.protocol(
+                                rx,
+                                "a device region asked of a session without device slots, or \
+                                 with a host part larger than a slot",
+                            ));
+                        }
+                    };
+                    let grant = Frame::RdmaRegionGrant {
+                        id,
+                        region: d.host.remote(),
+                        device: d.device.as_ref().map(|m| m.remote()),
+                    };
+                    regions.insert(id, d);
                     drop(regions);
-                    ctl.send_frame(&Frame::RdmaRegionGrant { id, region }, &[])?;
+                    ctl.send_frame(&grant, &[])?;
                 }
                 Frame::RdmaRegionFreed { id } => {
                     lock(&self.regions).remove(&id);
@@ -356,13 +404,16 @@ impl RdmaReceiver {
         let Some((dedicated, id)) = Self::next_ready(rx) else {
             return Ok(None);
         };
-        let (ptr, cap, key, keep) = if dedicated {
-            let mr = lock(&self.regions)
+        // The host part, and where the sections are when in device memory.
+        let (ptr, cap, key, keep, device_base) = if dedicated {
+            let d = lock(&self.regions)
                 .get(&id)
                 .cloned()
                 .ok_or_else(|| self.protocol(rx, "a message in a freed region"))?;
-            let keep: Box<dyn std::any::Any + Send + Sync> = Box::new(Arc::clone(&mr));
-            (mr.ptr(), mr.len(), DEDICATED | u64::from(id), Some(keep))
+            let base = d.device.as_ref().map(|m| (m.ptr() as u64, m.len()));
+            let (ptr, cap) = (d.host.ptr(), d.host.len());
+            let keep: Box<dyn std::any::Any + Send + Sync> = Box::new(d);
+            (ptr, cap, DEDICATED | u64::from(id), Some(keep), base)
         } else {
             // SAFETY: slot `id` (checked against the slot count) of the pool.
             let ptr = unsafe {
@@ -371,20 +422,24 @@ impl RdmaReceiver {
                     .ptr()
                     .add(id as usize * self.parts.slot_size)
             };
-            (ptr, self.parts.slot_size, u64::from(id), None)
+            let base = match (&self.parts.device, rx.on_device[id as usize]) {
+                (Ok(d), true) => Some((
+                    d.mr.ptr() as u64 + (id as usize * d.slot_size) as u64,
+                    d.slot_size,
+                )),
+                _ => None,
+            };
+            (ptr, self.parts.slot_size, u64::from(id), None, base)
         };
         let held = Held { key, keep };
-        let on_device = !dedicated && rx.on_device[id as usize];
+        let on_device = device_base.is_some();
         let mut pre = [0u8; PREAMBLE_LEN];
         let n = cap.min(PREAMBLE_LEN);
         // SAFETY: `n` bytes at the start of the slot or region, which stays
         // registered while `held` lives; read as plain bytes.
         unsafe { std::ptr::copy_nonoverlapping(ptr, pre.as_mut_ptr(), n) };
-        // The sections' room: the slot itself, or its device slot.
-        let room = match (&self.parts.device, on_device) {
-            (Ok(d), true) => d.slot_size,
-            _ => cap,
-        };
+        // The sections' room: the slot or region itself, or its device part.
+        let room = device_base.map_or(cap, |(_, room)| room);
         let (len, device) = match Preamble::read(&pre[..n]) {
             Ok(p) if p.total_len > room as u64 => {
                 self.release(held);
@@ -394,7 +449,6 @@ impl RdmaReceiver {
                 )));
             }
             Ok(p) if on_device => {
-                let d = self.parts.device.as_ref().expect("checked by reap");
                 let prefix = PREAMBLE_LEN as u64 + u64::from(p.header_len);
                 if prefix > cap as u64 {
                     self.release(held);
@@ -404,7 +458,7 @@ impl RdmaReceiver {
                     )));
                 }
                 let span = DeviceSpan {
-                    addr: d.mr.ptr() as u64 + (id as usize * d.slot_size) as u64,
+                    addr: device_base.expect("on device").0,
                     len: p.total_len,
                 };
                 Counters::bump(&self.counters.device_messages);

@@ -172,7 +172,6 @@ impl Building {
             wcs: Vec::new(),
             counters: Counters::default(),
             device,
-            warned_large: false,
         })
     }
 }
@@ -224,13 +223,18 @@ struct Track {
 /// Local memory of a message in flight.
 enum Buf {
     Slot(usize),
-    Dedicated(Arc<dyn MemoryRegion>),
+    /// A dedicated host region (kept for the next large message) and, for a
+    /// device message, its device region.
+    Dedicated(Arc<dyn MemoryRegion>, Option<Arc<dyn MemoryRegion>>),
 }
 
 /// A dedicated loan's memory.
 struct DedicatedLoan {
     local: Arc<dyn MemoryRegion>,
     remote: RemoteRegion,
+    /// A device message: its sections' local and remote regions, and the
+    /// length of its host part.
+    device: Option<(Arc<dyn MemoryRegion>, RemoteRegion, usize)>,
 }
 
 /// The sending half of an RDMA session.
@@ -252,8 +256,8 @@ pub(crate) struct RdmaSender {
     credit: Vec<bool>,
     /// Local buffer `i` is still being written from.
     busy: Vec<bool>,
-    /// Dedicated regions granted and not yet loaned.
-    grants: HashMap<u32, RemoteRegion>,
+    /// Dedicated regions granted and not yet loaned (with the device part).
+    grants: HashMap<u32, (RemoteRegion, Option<RemoteRegion>)>,
     next_region: u32,
     /// Dedicated regions the receiver holds for us.
     regions_live: usize,
@@ -266,9 +270,6 @@ pub(crate) struct RdmaSender {
     wcs: Vec<Wc>,
     counters: Counters,
     device: Option<SenderDevice>,
-    /// A device message too large for a device slot was sent through host
-    /// memory (said once in the log; counted in `device_to_host_bytes`).
-    warned_large: bool,
 }
 
 /// What a failed write's status means to a sender.
@@ -338,7 +339,7 @@ impl RdmaSender {
                 if entry.0 == 0 {
                     match self.inflight.remove(&t).expect("present").1 {
                         Buf::Slot(i) => self.busy[i] = false,
-                        Buf::Dedicated(mr) => {
+                        Buf::Dedicated(mr, _device) => {
                             if self.spare.as_ref().is_none_or(|s| s.len() < mr.len()) {
                                 self.spare = Some(mr);
                             }
@@ -375,8 +376,8 @@ impl RdmaSender {
                 Frame::RdmaCredit { slot } if self.credit.get(slot as usize) == Some(&false) => {
                     self.credit[slot as usize] = true;
                 }
-                Frame::RdmaRegionGrant { id, region } => {
-                    self.grants.insert(id, region);
+                Frame::RdmaRegionGrant { id, region, device } => {
+                    self.grants.insert(id, (region, device));
                 }
                 Frame::RdmaRegionFreed { .. } if self.regions_live > 0 => self.regions_live -= 1,
                 other => {
@@ -410,7 +411,15 @@ impl RdmaSender {
         (0..self.credit.len()).find(|&i| self.credit[i] && !self.busy[i])
     }
 
-    fn dedicated(&mut self, len: usize, wait: bool) -> Result<Option<LoanMem>> {
+    /// A region registered for one message of `len` bytes; with
+    /// `device_prefix`, its sections in device memory and its first
+    /// `device_prefix` bytes in host memory.
+    fn dedicated(
+        &mut self,
+        len: usize,
+        wait: bool,
+        device_prefix: Option<usize>,
+    ) -> Result<Option<LoanMem>> {
         let deadline = Instant::now() + self.loan_timeout;
         while self.regions_live >= self.credit.len() {
             self.reap()?;
@@ -435,15 +444,24 @@ impl RdmaSender {
             &Frame::RdmaRegion {
                 id,
                 len: len as u64,
+                device_prefix: device_prefix.map(|p| p as u64),
             },
             &[],
         )?;
         self.regions_live += 1;
+        let host_len = device_prefix.unwrap_or(len);
         let local = match self.spare.take() {
-            Some(s) if s.len() >= len => s,
-            _ => self.verbs.alloc(len, false)?,
+            Some(s) if s.len() >= host_len => s,
+            _ => self.verbs.alloc(host_len, false)?,
         };
-        let remote = loop {
+        let local_device = match (device_prefix, &self.device) {
+            (Some(_), Some(d)) => {
+                let region: Arc<dyn Region> = Arc::from(d.mem.alloc(len)?);
+                Some(self.verbs.register_device(region, d.mem.device(), false)?)
+            }
+            _ => None,
+        };
+        let (remote, remote_device) = loop {
             self.reap()?;
             self.read_control()?;
             if let Some(r) = self.grants.remove(&id) {
@@ -457,20 +475,40 @@ impl RdmaSender {
             }
             self.wait(deadline)?;
         };
-        if remote.len < len as u64 {
+        let device_len = remote_device.map_or(len as u64, |d| d.len);
+        if remote.len < host_len as u64 || device_len < len as u64 {
             return Err(self.fail(TransportError::Protocol(format!(
-                "the receiver granted {} bytes for a {len}-byte message",
+                "the receiver granted {} (+ {device_len} device) bytes for a {len}-byte message",
                 remote.len
             ))));
         }
+        let device = match (local_device, remote_device, device_prefix) {
+            (Some(l), Some(r), Some(p)) => Some((l, r, p)),
+            (None, None, None) => None,
+            _ => {
+                return Err(self.fail(TransportError::Protocol(
+                    "the receiver's grant does not match the region asked for (device part)".into(),
+                )));
+            }
+        };
         let ptr = NonNull::new(local.ptr()).expect("a registered region is never at address 0");
         let cap = local.len();
-        Ok(Some(LoanMem::new(
+        let span = device.as_ref().map(|(l, _, _)| DeviceSpan {
+            addr: l.ptr() as u64,
+            len: len as u64,
+        });
+        let mut mem = LoanMem::new(
             ptr,
             cap,
             DEDICATED | u64::from(id),
-            Some(Box::new(DedicatedLoan { local, remote })),
-        )))
+            Some(Box::new(DedicatedLoan {
+                local,
+                remote,
+                device,
+            })),
+        );
+        mem.device = span;
+        Ok(Some(mem))
     }
 
     /// Post `wrs[q]` on each queue pair, as room allows, until all are posted.
@@ -526,7 +564,7 @@ impl SendPort for RdmaSender {
     fn acquire(&mut self, len: usize, wait: bool) -> Result<Option<LoanMem>> {
         self.check()?;
         if len > self.slot_size {
-            return self.dedicated(len, wait);
+            return self.dedicated(len, wait, None);
         }
         let deadline = Instant::now() + self.loan_timeout;
         loop {
@@ -563,15 +601,30 @@ impl SendPort for RdmaSender {
                 .take_keep::<DedicatedLoan>()
                 .expect("a dedicated loan keeps its regions");
             let id = (mem.key & !DEDICATED) as u32;
-            parts.push((
+            let host = (
                 d.local.ptr() as u64,
                 d.local.lkey(),
                 d.remote.addr,
                 d.remote.rkey,
-                0,
-                len,
-            ));
-            (id, Buf::Dedicated(d.local), false)
+            );
+            let device = match &d.device {
+                Some((local, remote, prefix)) => {
+                    let prefix = (*prefix).min(len);
+                    parts.push((host.0, host.1, host.2, host.3, 0, prefix));
+                    // A device region holds the message at its own offsets, as a slot does.
+                    let dev = (local.ptr() as u64, local.lkey(), remote.addr, remote.rkey);
+                    parts.push((dev.0, dev.1, dev.2, dev.3, prefix, len));
+                    Counters::bump(&self.counters.device_messages);
+                    true
+                }
+                None => {
+                    parts.push((host.0, host.1, host.2, host.3, 0, len));
+                    false
+                }
+            };
+            // The device region, registered, stays with the message in flight.
+            let keep = d.device.map(|(local, _, _)| local);
+            (id, Buf::Dedicated(d.local, keep), device)
         } else {
             let i = (mem.key & !DEVICE) as usize;
             let dst = self.pool.addr + (i * self.slot_size) as u64;
@@ -596,7 +649,7 @@ impl SendPort for RdmaSender {
                 }
             }
         };
-        let dedicated = matches!(buf, Buf::Dedicated(_));
+        let dedicated = matches!(buf, Buf::Dedicated(..));
         let k = self.qps.len();
         let token = self.next_token;
         self.next_token += 1;
@@ -655,15 +708,7 @@ impl SendPort for RdmaSender {
             });
         }
         if len > dslot {
-            if !self.warned_large {
-                tracing::warn!(
-                    "rdma: a device message of {len} bytes exceeds the device slot of {dslot} \
-                     bytes: it goes through host memory (counted in device_to_host_bytes; \
-                     raise DeviceOptions::slot_size on the receiver)"
-                );
-                self.warned_large = true;
-            }
-            return Ok(None);
+            return self.dedicated(len, true, Some(prefix_len));
         }
         let Some(mut mem) = self.acquire(prefix_len, true)? else {
             return Ok(None);
