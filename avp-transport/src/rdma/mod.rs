@@ -32,6 +32,8 @@
 //! # drop(tx); Ok(()) }
 //! ```
 
+#[cfg(all(test, target_os = "linux"))]
+mod hostile;
 #[cfg(all(feature = "rdma", target_os = "linux"))]
 mod ibverbs;
 #[cfg(target_os = "linux")]
