@@ -74,3 +74,13 @@ async fn async_tcp() {
     let kind = exchange("tcp://127.0.0.1:0".into(), opts, 20).await;
     assert_eq!(kind, TransportKind::Tcp);
 }
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_rdma_on_the_emulated_device() {
+    use avp_transport::{RdmaDevice, RdmaOptions};
+    let opts =
+        Options::default().rdma(RdmaOptions::default().device(RdmaDevice::Emulated).slots(2));
+    let kind = exchange("rdma://127.0.0.1:0".into(), opts, 20).await;
+    assert_eq!(kind, TransportKind::Rdma);
+}
