@@ -253,7 +253,7 @@ fn stand_in_message(session_id: &str) -> Vec<u8> {
 
 /// A private copy of the preamble and the header it declares (a few KiB), in
 /// one allocation of its exact size.
-fn copy_prefix(bytes: &[u8]) -> Result<Box<[u8]>> {
+pub(crate) fn copy_prefix(bytes: &[u8]) -> Result<Box<[u8]>> {
     let mut pre = [0u8; PREAMBLE_LEN];
     let n = bytes.len().min(PREAMBLE_LEN);
     pre[..n].copy_from_slice(&bytes[..n]);

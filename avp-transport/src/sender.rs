@@ -263,7 +263,11 @@ impl<'a> Loan<'a> {
         let writer = self.writer.take().expect("writer present until finish");
         let len = writer.layout().total_len();
         let bytes = writer.seal()?;
-        Message::parse(bytes)?;
+        // Validated from a private copy of the header: the loaned memory may be
+        // shared, and reading a header twice where someone else can write it
+        // (check, then use) is how parsers get fooled.
+        let prefix = crate::receiver::copy_prefix(bytes)?;
+        Message::parse_split(&prefix, bytes)?;
         Ok(self.ready(len))
     }
 

@@ -210,8 +210,9 @@ impl<'a> DeviceLoan<'a> {
         // SAFETY: the host part of a device loan is a slot of at least the
         // prefix's length (checked by the port), exclusively ours.
         let host = unsafe { std::slice::from_raw_parts_mut(mem.ptr(), prefix.len()) };
+        // Checked in private memory, then written to the (shared) slot.
+        avp_wire::Header::parse(&prefix)?;
         host.copy_from_slice(&prefix);
-        avp_wire::Header::parse(host)?;
         Ok(loan.ready(self.layout.total_len()))
     }
 }
