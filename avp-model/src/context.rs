@@ -56,10 +56,21 @@ impl Context {
         })
     }
 
-    /// The avp-wire payload: the KV cache when there is one, else one hidden row.
+    /// The avp-wire payload: the KV cache (f32) when there is one, else one hidden row.
     pub fn payload(&self) -> Result<Payload> {
+        self.payload_as(DType::F32)
+    }
+
+    /// [`Self::payload`] with the KV cache in wire dtype `kv_dtype` (f32, f16
+    /// or bf16: half the bytes, converted as it is written).
+    pub fn payload_as(&self, kv_dtype: DType) -> Result<Payload> {
+        if kv_dtype == DType::I8 {
+            return Err(ModelError::Invalid(
+                "int8 KV on the wire is not supported yet (f32, f16, bf16 are)".into(),
+            ));
+        }
         if let Some(kv) = &self.kv
-            && let Some(desc) = kv.desc()
+            && let Some(desc) = kv.desc_as(kv_dtype)
         {
             return Ok(Payload::KvCache(desc));
         }
@@ -87,23 +98,39 @@ impl Context {
 
     /// The message layout for this context under `base` (see [`Self::envelope`]).
     pub fn layout(&self, base: Envelope) -> Result<MessageLayout> {
-        Ok(MessageLayout::new(&self.envelope(base), &self.payload()?)?)
+        self.layout_as(base, DType::F32)
     }
 
-    /// Write the sections of a message laid out by [`Self::layout`], for instance
-    /// straight into a loaned transport slot.
+    /// [`Self::layout`] with the KV cache in wire dtype `kv_dtype`;
+    /// [`Self::write_into`] then writes it in that dtype.
+    pub fn layout_as(&self, base: Envelope, kv_dtype: DType) -> Result<MessageLayout> {
+        Ok(MessageLayout::new(
+            &self.envelope(base),
+            &self.payload_as(kv_dtype)?,
+        )?)
+    }
+
+    /// Write the sections of a message laid out by [`Self::layout`] or
+    /// [`Self::layout_as`], for instance straight into a loaned transport slot.
     pub fn write_into(&self, writer: &mut MessageWriter<'_>) -> Result<()> {
-        if let Payload::KvCache(_) = self.payload()? {
-            let kv = self.kv.as_ref().expect("payload checked");
-            return kv.write_into(writer);
+        match (writer.layout().payload(), &self.kv, &self.last_hidden) {
+            (Payload::KvCache(_), Some(kv), _) => kv.write_into(writer),
+            (Payload::HiddenState(_), _, Some(h)) => write_f32s(writer, 0, h),
+            (p, ..) => Err(ModelError::Invalid(format!(
+                "this context has no {} to write",
+                p.kind_name()
+            ))),
         }
-        let h = self.last_hidden.as_ref().expect("payload checked");
-        write_f32s(writer, 0, h)
     }
 
     /// This context as an encoded v2 message.
     pub fn to_bytes(&self, base: Envelope) -> Result<Vec<u8>> {
-        encode(&self.layout(base)?, |w| self.write_into(w))
+        self.to_bytes_as(base, DType::F32)
+    }
+
+    /// [`Self::to_bytes`] with the KV cache in wire dtype `kv_dtype`.
+    pub fn to_bytes_as(&self, base: Envelope, kv_dtype: DType) -> Result<Vec<u8>> {
+        encode(&self.layout_as(base, kv_dtype)?, |w| self.write_into(w))
     }
 
     /// This context as a v1 message, the format of the Python reference

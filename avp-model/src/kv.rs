@@ -77,10 +77,29 @@ impl<B: Backend> Cache<B> {
     }
 
     /// Each K and V into its section of `writer`, one tensor read to the host
-    /// at a time.
+    /// at a time, in the wire dtype `writer`'s layout gives (f32 copied,
+    /// f16 and bf16 converted in the same pass).
     fn write_into(&self, writer: &mut avp_wire::MessageWriter<'_>) -> Result<()> {
+        let dtype = match writer.layout().payload() {
+            avp_wire::Payload::KvCache(d) => d.dtype,
+            other => {
+                return Err(ModelError::Invalid(format!(
+                    "a KV cache written into a {} message",
+                    other.kind_name()
+                )));
+            }
+        };
         for (i, t) in self.tensors().enumerate() {
-            writer.write_section(i, t.clone().into_data().as_bytes())?;
+            let data = t.clone().into_data();
+            match dtype {
+                WireDType::F32 => writer.write_section(i, data.as_bytes())?,
+                _ => {
+                    let src = data.as_slice::<f32>().map_err(|e| {
+                        ModelError::Invalid(format!("KV tensor {i} is not f32: {e:?}"))
+                    })?;
+                    encode_floats(src, dtype, writer.section_mut(i)?)?;
+                }
+            }
         }
         Ok(())
     }
@@ -209,6 +228,41 @@ fn host_tensor<B: Backend>(
         KvLayout::Nhd => Tensor::<B, 4>::from_data(TensorData::new(values, [1, s, h, hd]), device)
             .swap_dims(1, 2),
     })
+}
+
+/// `src` as little-endian `dtype` values into `dst` (exactly its size), in one pass.
+pub(crate) fn encode_floats(src: &[f32], dtype: WireDType, dst: &mut [u8]) -> Result<()> {
+    if dst.len() != src.len() * dtype.size() {
+        return Err(ModelError::Invalid(format!(
+            "{} values as {dtype:?} need {} bytes, the section has {}",
+            src.len(),
+            src.len() * dtype.size(),
+            dst.len()
+        )));
+    }
+    match dtype {
+        WireDType::F32 => {
+            for (d, &x) in dst.chunks_exact_mut(4).zip(src) {
+                d.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        WireDType::F16 => {
+            for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&half::f16::from_f32(x).to_le_bytes());
+            }
+        }
+        WireDType::Bf16 => {
+            for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+            }
+        }
+        WireDType::I8 => {
+            return Err(ModelError::Invalid(
+                "int8 KV on the wire is not supported yet (f32, f16, bf16 are)".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Little-endian f32, f16 or bf16 values as f32.
@@ -381,6 +435,11 @@ impl KvCache {
         each!(&self.kv, c => c.desc(), None)
     }
 
+    /// [`Self::desc`] with the wire dtype `dtype` (f32, f16 or bf16).
+    pub fn desc_as(&self, dtype: WireDType) -> Option<KvCacheDesc> {
+        self.desc().map(|d| KvCacheDesc { dtype, ..d })
+    }
+
     /// Cached positions.
     pub fn len(&self) -> usize {
         each!(&self.kv, c => c.len(), 0)
@@ -411,8 +470,8 @@ impl KvCache {
     }
 
     /// Write every layer's K and V into the sections of a message laid out for
-    /// [`Self::desc`], through host memory (copied once, checksummed in the
-    /// same pass; a GPU cache is read back from the device).
+    /// [`Self::desc`] or [`Self::desc_as`], through host memory (copied or
+    /// converted once; a GPU cache is read back from the device).
     pub fn write_into(&self, writer: &mut avp_wire::MessageWriter<'_>) -> Result<()> {
         each!(&self.kv, c => c.write_into(writer), Ok(()))
     }
@@ -446,6 +505,27 @@ fn section_list<B: Engine>(c: &Cache<B>) -> Result<Vec<KvSection>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn floats_round_trip_through_every_wire_dtype() {
+        let src = [0.0f32, 1.5, -2.25, 65504.0, 1e-3, -0.0];
+        for dtype in [WireDType::F32, WireDType::F16, WireDType::Bf16] {
+            let mut bytes = vec![0u8; src.len() * dtype.size()];
+            encode_floats(&src, dtype, &mut bytes).unwrap();
+            let back = decode_floats(&bytes, dtype).unwrap();
+            for (a, b) in src.iter().zip(&back) {
+                let tol = if dtype == WireDType::F32 {
+                    0.0
+                } else {
+                    a.abs() / 128.0
+                };
+                assert!((a - b).abs() <= tol, "{dtype:?}: {a} became {b}");
+            }
+        }
+        let mut short = vec![0u8; 3];
+        assert!(encode_floats(&src, WireDType::F16, &mut short).is_err());
+        assert!(encode_floats(&src, WireDType::I8, &mut [0u8; 6]).is_err());
+    }
 
     fn cache(seq: usize) -> Cache<Cpu> {
         let d = Default::default();

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use avp_model::latent::{mean_row_norm, realign_matrix};
 use avp_model::{Context, GenerateOptions, Model, ModelError};
-use avp_wire::{Envelope, Message, Payload};
+use avp_wire::{DType, Envelope, Message, Payload};
 
 fn model() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
@@ -131,6 +131,40 @@ fn a_context_survives_the_wire_and_generates_the_same() {
         .generate(QUESTION, Some(&back), &greedy(10), |_| {})
         .unwrap();
     assert_eq!(here.tokens, there.tokens);
+}
+
+#[test]
+fn a_context_in_f16_or_bf16_is_half_the_bytes_and_generates_the_same() {
+    let m = model();
+    let ctx = m.think(TASK, 4, None).unwrap();
+    let full = ctx.to_bytes(Envelope::default()).unwrap();
+    let here = m
+        .generate(QUESTION, Some(&ctx), &greedy(16), |_| {})
+        .unwrap();
+    for dtype in [DType::F16, DType::Bf16] {
+        let bytes = ctx.to_bytes_as(Envelope::default(), dtype).unwrap();
+        let msg = Message::parse(&bytes).unwrap();
+        msg.verify().unwrap();
+        let Payload::KvCache(desc) = msg.payload() else {
+            panic!("a KV message")
+        };
+        assert_eq!(desc.dtype, dtype);
+        // Half the section bytes (the header is about the same size).
+        let section_bytes = |m: &Message<'_>| m.sections().map(|s| s.bytes.len()).sum::<usize>();
+        let f32_msg = Message::parse(&full).unwrap();
+        assert_eq!(
+            2 * section_bytes(&msg),
+            section_bytes(&f32_msg),
+            "{dtype:?}"
+        );
+        let back = Context::from_bytes(&bytes, m).unwrap();
+        let there = m
+            .generate(QUESTION, Some(&back), &greedy(16), |_| {})
+            .unwrap();
+        assert_eq!(here.tokens, there.tokens, "{dtype:?}");
+    }
+    let e = ctx.to_bytes_as(Envelope::default(), DType::I8).unwrap_err();
+    assert!(e.to_string().contains("int8"), "{e}");
 }
 
 #[test]

@@ -52,6 +52,9 @@ pub struct Args {
     /// Stay on TCP even on one host.
     #[arg(long)]
     no_shm_upgrade: bool,
+    /// The KV cache's element type on the wire (researcher).
+    #[arg(long, value_enum, default_value = "f32")]
+    kv_dtype: super::KvDtype,
     /// The RDMA device of an `rdma://` session: verbs, verbs:NAME, or emulated
     /// (the software device: the protocol on one host, reported as such).
     #[arg(long)]
@@ -124,7 +127,15 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             println!("READY {}", session.explain());
             let mut go = String::new();
             std::io::stdin().lock().read_line(&mut go)?;
-            let report = agent::research(&model, &mut tx, a.mode, &a.task, a.steps, a.max_tokens)?;
+            let report = agent::research(
+                &model,
+                &mut tx,
+                a.mode,
+                &a.task,
+                a.steps,
+                a.max_tokens,
+                a.kv_dtype.wire(),
+            )?;
             let mut v = serde_json::to_value(&report)?;
             v["session"] = session.explain().into();
             v["transport"] = session.transport.name().into();

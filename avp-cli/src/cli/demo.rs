@@ -38,6 +38,9 @@ pub struct Args {
     /// The researcher's latent steps.
     #[arg(long, default_value_t = 10)]
     steps: u32,
+    /// The KV cache's element type on the wire (f16 and bf16: half the bytes).
+    #[arg(long, value_enum, default_value = "f32")]
+    kv_dtype: super::KvDtype,
     /// Model name or path (GGUF file or Hugging Face directory).
     #[arg(long, default_value = "smollm2")]
     model: String,
@@ -155,6 +158,7 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
     if let Some(d) = &a.rdma_device {
         common.extend(["--rdma-device".into(), d.to_string()]);
     }
+    common.extend(["--kv-dtype".into(), a.kv_dtype.name().into()]);
     if a.enforce_quality {
         common.push("--enforce-quality".into());
     }
@@ -194,6 +198,7 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
         "b_generated_tokens": sr.generated_tokens,
         "payload": sr.payload,
         "bytes_moved": rr.bytes,
+        "kv_dtype": a.kv_dtype.name(),
         "a_work_ms": rr.work_ms,
         "handoff_ms": span(rr.t_send_ns, sr.t_recv_ns),
         "b_ttft_ms": sr.ttft_ms,

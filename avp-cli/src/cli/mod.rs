@@ -28,6 +28,38 @@ pub struct RunOn {
     pub device: avp_model::Device,
 }
 
+/// The element type a KV cache travels in (the model computes in f32).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// 4 bytes per value, exactly what the model holds.
+    #[default]
+    F32,
+    /// 2 bytes per value (IEEE half precision), converted as it is written.
+    F16,
+    /// 2 bytes per value (bfloat16: f32's range, 8 bits of mantissa).
+    Bf16,
+}
+
+impl KvDtype {
+    /// As avp-wire names it.
+    pub fn wire(self) -> avp_wire::DType {
+        match self {
+            KvDtype::F32 => avp_wire::DType::F32,
+            KvDtype::F16 => avp_wire::DType::F16,
+            KvDtype::Bf16 => avp_wire::DType::Bf16,
+        }
+    }
+
+    /// As the command line names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::Bf16 => "bf16",
+        }
+    }
+}
+
 /// Agent Vector Protocol: move KV caches and hidden states between agents.
 #[derive(Parser, Debug)]
 #[command(name = "avp", version, about)]

@@ -31,6 +31,9 @@ pub struct Args {
     /// Keep only the last hidden state (a few KB) instead of the KV cache.
     #[arg(long)]
     hidden_only: bool,
+    /// The KV cache's element type in the file (f16 and bf16: half the bytes).
+    #[arg(long, value_enum, default_value = "f32")]
+    kv_dtype: super::KvDtype,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -46,9 +49,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         tokenizer_hash: model.identity().tokenizer_hash.clone(),
         ..Default::default()
     };
+    if a.v1 && a.kv_dtype != super::KvDtype::F32 {
+        anyhow::bail!("--v1 writes the reference's format, whose KV is f32: drop --kv-dtype");
+    }
     let bytes = match a.v1 {
         true => ctx.to_v1(envelope)?,
-        false => ctx.to_bytes(envelope)?,
+        false => ctx.to_bytes_as(envelope, a.kv_dtype.wire())?,
     };
     std::fs::write(&a.out, &bytes).with_context(|| format!("write {}", a.out.display()))?;
     println!(

@@ -104,6 +104,7 @@ pub fn research(
     task: &str,
     steps: u32,
     max_tokens: usize,
+    kv_dtype: avp_wire::DType,
 ) -> anyhow::Result<ResearcherReport> {
     let t_start_ns = now_ns();
     let started = Instant::now();
@@ -153,7 +154,7 @@ pub fn research(
         // Written straight into the transport's buffer.
         match &logits {
             None => {
-                let layout = ctx.layout(envelope)?;
+                let layout = ctx.layout_as(envelope, kv_dtype)?;
                 report.bytes = layout.total_len() as u64;
                 super::handoff::send(tx, &ctx, &layout)?;
                 report.sent = "kv_cache".into();

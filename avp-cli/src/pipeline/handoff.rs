@@ -6,8 +6,9 @@
 //!   into the slot (counted as device to host). A CPU model with a transport
 //!   device copies its host bytes in (counted as host to device).
 //! - Otherwise (no transport device, or one the model's tensors are not on:
-//!   another GPU, or the emulated device) the context is written through host
-//!   memory into an ordinary loan.
+//!   another GPU, or the emulated device; or a KV wire dtype narrower than the
+//!   model's f32, converted as it is written) the context is written through
+//!   host memory into an ordinary loan.
 //! - A receiver holding a device message fills the model's own tensors from
 //!   it ([`Context::from_sections`]): device to device when the session's
 //!   device is the model's GPU, through host buffers otherwise.
@@ -18,7 +19,7 @@
 use anyhow::{Context as _, bail};
 use avp_model::{Context, FillTo, KvTarget, Model};
 use avp_transport::{RecvGuard, Sender};
-use avp_wire::MessageLayout;
+use avp_wire::{DType, MessageLayout, Payload};
 
 /// Whether device memory of `model` (where a model's tensors are) is memory
 /// of the transport's `device`: the same GPU.
@@ -31,9 +32,12 @@ fn same_gpu(model: Option<avp_model::Device>, transport: Option<avp_transport::D
 
 /// Send `ctx` laid out by `layout` (from [`Context::layout`]) through `tx`.
 pub fn send(tx: &mut Sender, ctx: &Context, layout: &MessageLayout) -> anyhow::Result<()> {
+    // The model's tensors are f32: a narrower wire dtype is converted on the host.
+    let f32_kv = matches!(layout.payload(), Payload::KvCache(d) if d.dtype == DType::F32);
     let kv = match &ctx.kv {
         Some(kv)
             if tx.device().is_some()
+                && f32_kv
                 && !kv.is_empty()
                 && (!kv.on_gpu() || same_gpu(kv.device(), tx.device())) =>
         {
