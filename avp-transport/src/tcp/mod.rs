@@ -190,13 +190,14 @@ impl Acceptor for TcpAcceptor {
             t,
         )
         .map_err(|e| with_peer(e, &peer.to_string()))?;
-        let Some(mut session) = session else {
+        let Some(session) = session else {
             return Ok(None);
         };
         #[cfg(target_os = "linux")]
         if session.transport == TransportKind::Rdma
             && let Some(r) = rdma
         {
+            let mut session = session;
             let port = r.into_receiver(io.stream, &mut session)?;
             return Ok(Some((session, Arc::new(port) as Arc<dyn RecvPort>)));
         }
