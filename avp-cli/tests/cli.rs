@@ -230,6 +230,39 @@ fn bench_transport_measures_rdma_on_the_emulated_device_and_says_so() {
 }
 
 #[test]
+fn bench_kv_reports_half_the_bytes_for_f16_and_bf16() {
+    let args = [
+        "bench",
+        "kv",
+        "--json",
+        "--prompts",
+        "1",
+        "--tokens",
+        "4",
+        "--steps",
+        "1",
+    ];
+    let out = avp(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let dtypes: Vec<&str> = rows.iter().map(|r| r["dtype"].as_str().unwrap()).collect();
+    assert_eq!(dtypes, ["f16", "bf16"]);
+    for r in &rows {
+        assert_eq!(r["bytes_over_f32"], 0.5, "{r}");
+        let agreement = r["greedy_agreement"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&agreement), "{r}");
+        assert!(r["next_token_kl_mean"].as_f64().unwrap() >= 0.0, "{r}");
+    }
+}
+
+#[test]
 fn generate_answers_with_the_default_model() {
     let out = avp(&[
         "generate",

@@ -23,6 +23,8 @@ pub enum Bench {
     /// Model: prefill/decode tokens per second, one latent step, and agent B's time
     /// to first token from a KV handoff versus re-reading text.
     Model(super::bench_model::ModelArgs),
+    /// KV wire dtypes (f16, bf16) against f32: bytes and answer agreement.
+    Kv(super::bench_kv::KvArgs),
     /// Every bench above (wire, transport, model) as JSON lines.
     All(super::bench_report::AllArgs),
     /// An HTML page with SVG plots of the benches (runs them, or reads --input).
@@ -66,6 +68,7 @@ pub fn run(b: Bench) -> anyhow::Result<std::process::ExitCode> {
         Bench::Wire(a) => wire(a)?,
         Bench::MemcpyOffsets(a) => offsets(a)?,
         Bench::Transport(a) => super::bench_transport::run(a)?,
+        Bench::Kv(a) => super::bench_kv::run(a)?,
         Bench::Model(a) => super::bench_model::run(a)?,
         Bench::All(a) => super::bench_report::all(a)?,
         Bench::Report(a) => super::bench_report::report(a)?,

@@ -4,6 +4,7 @@ mod agent;
 mod bench;
 mod bench_baseline;
 mod bench_device;
+mod bench_kv;
 mod bench_model;
 mod bench_report;
 mod bench_transport;
