@@ -408,6 +408,24 @@ fn child_role() {
             println!("GOT");
             std::thread::sleep(Duration::from_secs(600));
         }
+        "flushed_receiver" => {
+            let listener = bind(emulated());
+            println!("ADDR {}", listener.local_addr());
+            let rx = listener.accept(T).unwrap();
+            let Err(e) = rx.recv(T) else {
+                panic!("a write with a wrong key was delivered")
+            };
+            assert!(e.to_string().contains("IBV_WC_WR_FLUSH_ERR"), "{e}");
+        }
+        "holding_receiver" => {
+            let listener = bind(emulated().slots(2));
+            println!("ADDR {}", listener.local_addr());
+            let rx = listener.accept(T).unwrap();
+            let held = (rx.recv(T).unwrap(), rx.recv(T).unwrap());
+            println!("HOLDING");
+            std::thread::sleep(Duration::from_secs(600));
+            drop(held);
+        }
         "layered_sender" => {
             // One message per layer, a layer every 40 ms (the model computing it).
             let mut tx = Endpoint::connect(&arg, &id, options(emulated())).unwrap();
@@ -559,4 +577,52 @@ fn device_messages_cross_processes_device_to_device() {
     assert_eq!(tx.stats().device_to_host_bytes, 0);
     drop(tx);
     assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn across_processes_a_wrong_key_fails_both_ends() {
+    let mut child = spawn_role("flushed_receiver", "");
+    let addr = read_after(&mut child, "ADDR ");
+    let mut r = emulated();
+    r.wrong_rkey_for_tests = true;
+    let mut tx = Endpoint::connect(&addr, &ModelIdentity::default(), options(r)).unwrap();
+    let l = layout(4);
+    let mut loan = tx.loan(&l).unwrap();
+    for s in loan.writer().sections_mut() {
+        s.fill(3);
+    }
+    loan.finish().unwrap().send().unwrap();
+    let deadline = Instant::now() + T;
+    let e = loop {
+        match tx.loan(&l) {
+            Err(e) => break e.to_string(),
+            Ok(loan) => drop(loan),
+        }
+        assert!(Instant::now() < deadline, "the write was never refused");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(e.contains("IBV_WC_REM_ACCESS_ERR"), "{e}");
+    assert!(
+        child.wait().unwrap().success(),
+        "the receiver saw the flush"
+    );
+}
+
+#[test]
+fn across_processes_a_receiver_that_stops_releasing_stops_the_sender_without_a_hang() {
+    let mut child = spawn_role("holding_receiver", "");
+    let addr = read_after(&mut child, "ADDR ");
+    let r = emulated().loan_timeout(Duration::from_millis(300));
+    let mut tx = Endpoint::connect(&addr, &ModelIdentity::default(), options(r)).unwrap();
+    send(&mut tx, 8, 0);
+    send(&mut tx, 8, 1);
+    read_after(&mut child, "HOLDING");
+    let started = Instant::now();
+    let Err(e) = tx.loan(&layout(8)) else {
+        panic!("no slot is free")
+    };
+    assert!(matches!(e, TransportError::Timeout(..)), "{e}");
+    assert!(started.elapsed() < T);
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
