@@ -10,6 +10,14 @@ fn avp(args: &[&str]) -> Output {
         .expect("run avp")
 }
 
+/// Each line of a command's stdout as JSON.
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn vector(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../spec/vectors")
@@ -160,10 +168,7 @@ fn bench_transport_prints_json_lines() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&out);
     for t in ["shm", "tcp", "raw_tcp", "raw_shm"] {
         let r = rows
             .iter()
@@ -208,10 +213,7 @@ fn bench_transport_measures_rdma_on_the_emulated_device_and_says_so() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&out);
     assert_eq!(rows.len(), 2, "{rows:?}");
     for r in &rows {
         assert_eq!(r["transport"], "rdma", "{r}");
@@ -248,10 +250,7 @@ fn bench_kv_reports_half_the_bytes_for_f16_and_bf16() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&out);
     let dtypes: Vec<&str> = rows.iter().map(|r| r["dtype"].as_str().unwrap()).collect();
     assert_eq!(dtypes, ["f16", "bf16"]);
     for r in &rows {

@@ -31,7 +31,7 @@ use crate::error::{Result, TransportError};
 use super::memory::Mapping;
 use super::verbs::{
     CompletionQueue, MemoryRegion, QpCaps, QpEndpoint, QueuePair, RdmaInfo, Verbs, Wc, WcOpcode,
-    WcStatus, WriteWr,
+    WcStatus, WriteWr, own_cq,
 };
 
 /// The port every queue pair uses.
@@ -250,16 +250,7 @@ impl Verbs for IbVerbs {
         recv_cq: &Arc<dyn CompletionQueue>,
         caps: QpCaps,
     ) -> Result<Arc<dyn QueuePair>> {
-        let cq = |c: &Arc<dyn CompletionQueue>| {
-            Arc::clone(c).into_any().downcast::<IbCq>().map_err(|_| {
-                TransportError::rdma(
-                    "create_qp",
-                    "EINVAL",
-                    "a completion queue of another device",
-                )
-            })
-        };
-        let (scq, rcq) = (cq(send_cq)?, cq(recv_cq)?);
+        let (scq, rcq) = (own_cq::<IbCq>(send_cq)?, own_cq::<IbCq>(recv_cq)?);
         let mut b = self.pd.create_qp_builder();
         b.setup_qp_type(QueuePairType::ReliableConnection)
             .setup_max_send_wr(caps.max_send_wr as u32)

@@ -249,6 +249,18 @@ pub(crate) trait CompletionQueue: Send + Sync {
     fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }
 
+/// `c` as a backend's own completion queue type `T`: a queue pair completes
+/// only on queues of its own device.
+pub(crate) fn own_cq<T: Send + Sync + 'static>(c: &Arc<dyn CompletionQueue>) -> Result<Arc<T>> {
+    Arc::clone(c).into_any().downcast::<T>().map_err(|_| {
+        crate::error::TransportError::rdma(
+            "create_qp",
+            "EINVAL",
+            "a completion queue of another device",
+        )
+    })
+}
+
 /// A reliable-connected queue pair.
 pub(crate) trait QueuePair: Send + Sync {
     /// How the peer reaches it.

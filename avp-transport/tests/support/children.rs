@@ -30,18 +30,7 @@ pub fn spawn_role(role: &str, arg: &str) -> Child {
 
 /// Wait until the child prints `word` on a line of its stdout.
 pub fn wait_for(child: &mut Child, word: &str) {
-    let mut r = BufReader::new(child.stdout.as_mut().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            r.read_line(&mut line).unwrap() > 0,
-            "child exited before printing {word:?}"
-        );
-        if line.contains(word) {
-            return;
-        }
-    }
+    read_after(child, word);
 }
 
 /// Wait until the child prints a line containing `prefix` (the test harness

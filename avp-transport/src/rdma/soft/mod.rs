@@ -36,7 +36,7 @@ use super::memory::Mapping;
 use crate::device::{Device, Region};
 
 use super::verbs::{
-    CompletionQueue, MemoryRegion, QpCaps, QpEndpoint, QueuePair, RdmaInfo, Verbs, Wc,
+    CompletionQueue, MemoryRegion, QpCaps, QpEndpoint, QueuePair, RdmaInfo, Verbs, Wc, own_cq,
 };
 
 use qp::{Packet, SoftQp};
@@ -250,22 +250,12 @@ impl Verbs for SoftVerbs {
         recv_cq: &Arc<dyn CompletionQueue>,
         caps: QpCaps,
     ) -> Result<Arc<dyn QueuePair>> {
-        // The emulator's queue pairs complete only on the emulator's queues.
-        let cq = |c: &Arc<dyn CompletionQueue>| {
-            Arc::clone(c).into_any().downcast::<SoftCq>().map_err(|_| {
-                TransportError::rdma(
-                    "create_qp",
-                    "EINVAL",
-                    "a completion queue of another device",
-                )
-            })
-        };
         let qpn = self.shared.next_qpn.fetch_add(1, Ordering::Relaxed);
         let q = SoftQp::new(
             qpn,
             Arc::clone(&self.shared),
-            cq(send_cq)?,
-            cq(recv_cq)?,
+            own_cq::<SoftCq>(send_cq)?,
+            own_cq::<SoftCq>(recv_cq)?,
             caps,
         )?;
         Ok(Arc::new(q))
