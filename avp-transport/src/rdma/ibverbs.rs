@@ -28,7 +28,7 @@ use sideway::ibverbs::queue_pair::{
 use crate::device::{Device, Region};
 use crate::error::{Result, TransportError};
 
-use super::memory::Mapping;
+use crate::shm::segment::Mapping;
 use super::verbs::{
     CompletionQueue, MemoryRegion, QpCaps, QpEndpoint, QueuePair, RdmaInfo, Verbs, Wc, WcOpcode,
     WcStatus, WriteWr, own_cq,
@@ -189,7 +189,7 @@ impl Verbs for IbVerbs {
     }
 
     fn alloc(&self, len: usize, remote_write: bool) -> Result<Arc<dyn MemoryRegion>> {
-        let map = Mapping::new(len)?;
+        let map = Mapping::anonymous(len)?;
         let access = if remote_write {
             AccessFlags::LocalWrite | AccessFlags::RemoteWrite
         } else {

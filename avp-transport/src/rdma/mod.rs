@@ -37,8 +37,6 @@ mod hostile;
 #[cfg(all(feature = "rdma", target_os = "linux"))]
 mod ibverbs;
 #[cfg(target_os = "linux")]
-mod memory;
-#[cfg(target_os = "linux")]
 mod receiver;
 #[cfg(target_os = "linux")]
 pub(crate) mod scheme;

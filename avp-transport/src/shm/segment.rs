@@ -50,9 +50,32 @@ impl Mapping {
         Ok(Mapping { ptr: p.cast(), len })
     }
 
+    /// At least `len` bytes (whole pages) of private anonymous memory,
+    /// zeroed and populated up front (memory to register for RDMA).
+    pub(crate) fn anonymous(len: usize) -> Result<Mapping> {
+        let len = page_up(len.max(1));
+        let n = NonZeroUsize::new(len).expect("at least a page");
+        // SAFETY: a fresh private anonymous mapping aliases nothing.
+        let p = unsafe {
+            nix::sys::mman::mmap_anonymous(
+                None,
+                n,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_POPULATE,
+            )
+        }
+        .map_err(TransportError::errno("mmap"))?;
+        Ok(Mapping { ptr: p.cast(), len })
+    }
+
     /// Start of the mapping.
     pub(crate) fn ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 
     /// Address range, for zero-copy checks.

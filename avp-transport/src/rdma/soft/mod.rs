@@ -32,7 +32,7 @@ use crate::error::{Result, TransportError};
 use crate::handshake::{boot_id, random_hex};
 use crate::shm::segment::Event;
 
-use super::memory::Mapping;
+use crate::shm::segment::Mapping;
 use crate::device::{Device, Region};
 
 use super::verbs::{
@@ -215,7 +215,7 @@ impl Verbs for SoftVerbs {
     }
 
     fn alloc(&self, len: usize, remote_write: bool) -> Result<Arc<dyn MemoryRegion>> {
-        let map = Arc::new(Mapping::new(len)?);
+        let map = Arc::new(Mapping::anonymous(len)?);
         let (base, len) = (map.ptr() as u64, map.len());
         Ok(self.register(base, len, remote_write, map))
     }
