@@ -28,11 +28,11 @@ use sideway::ibverbs::queue_pair::{
 use crate::device::{Device, Region};
 use crate::error::{Result, TransportError};
 
-use crate::shm::segment::Mapping;
 use super::verbs::{
     CompletionQueue, MemoryRegion, QpCaps, QpEndpoint, QueuePair, RdmaInfo, Verbs, Wc, WcOpcode,
     WcStatus, WriteWr, own_cq,
 };
+use crate::shm::segment::Mapping;
 
 /// The port every queue pair uses.
 const PORT: u8 = 1;
@@ -54,6 +54,15 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 fn err(op: &'static str, e: impl std::error::Error) -> TransportError {
     TransportError::rdma(op, "verbs call failed", chain(&e))
+}
+
+/// Local access, and the peer's writes when `remote_write`.
+fn access(remote_write: bool) -> AccessFlags {
+    if remote_write {
+        AccessFlags::LocalWrite | AccessFlags::RemoteWrite
+    } else {
+        AccessFlags::LocalWrite
+    }
 }
 
 /// An opened verbs device and its protection domain.
@@ -190,16 +199,12 @@ impl Verbs for IbVerbs {
 
     fn alloc(&self, len: usize, remote_write: bool) -> Result<Arc<dyn MemoryRegion>> {
         let map = Mapping::anonymous(len)?;
-        let access = if remote_write {
-            AccessFlags::LocalWrite | AccessFlags::RemoteWrite
-        } else {
-            AccessFlags::LocalWrite
-        };
+        let (addr, len) = (map.ptr() as u64, map.len());
         // SAFETY: the mapping outlives the registration (`IbMr` drops the
         // registration first) and is not moved.
-        let mr = unsafe { self.pd.reg_mr(map.ptr() as usize, map.len(), access) }
+        let mr = unsafe { self.pd.reg_mr(addr as usize, len, access(remote_write)) }
             .map_err(|e| err("reg_mr", e))?;
-        Ok(Arc::new(IbMr { mr, map }))
+        Ok(Arc::new(IbMr::new(mr, addr, len, Box::new(map))))
     }
 
     fn register_device(
@@ -208,16 +213,12 @@ impl Verbs for IbVerbs {
         device: Device,
         remote_write: bool,
     ) -> Result<Arc<dyn MemoryRegion>> {
-        let access = if remote_write {
-            AccessFlags::LocalWrite | AccessFlags::RemoteWrite
-        } else {
-            AccessFlags::LocalWrite
-        };
         let (addr, len) = (region.addr(), region.len());
+        let access = access(remote_write);
         let mr = match device {
             // The emulated device's memory is host memory.
-            // SAFETY: `region` outlives the registration (`IbDeviceMr` drops
-            // the registration first).
+            // SAFETY: `region` outlives the registration (`IbMr` drops the
+            // registration first).
             Device::Emulated => unsafe { self.pd.reg_mr(addr as usize, len, access) },
             _ => {
                 let fd = region.dmabuf()?;
@@ -227,7 +228,7 @@ impl Verbs for IbVerbs {
             }
         }
         .map_err(|e| err("register device memory (GPUDirect RDMA)", e))?;
-        Ok(Arc::new(IbDeviceMr { mr, region }))
+        Ok(Arc::new(IbMr::new(mr, addr, len, Box::new(region))))
     }
 
     fn create_cq(&self, capacity: usize) -> Result<Arc<dyn CompletionQueue>> {
@@ -277,41 +278,38 @@ impl Verbs for IbVerbs {
     }
 }
 
-/// A registration of mapped memory.
+/// A registration of host or device memory at `addr`.
 struct IbMr {
-    // Dropped first: deregister, then unmap.
+    // Dropped first: deregister, then release the memory.
     mr: Arc<IbvMr>,
-    map: Mapping,
+    addr: u64,
+    len: usize,
+    /// The mapping or device region registered.
+    _memory: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl IbMr {
+    fn new(
+        mr: Arc<IbvMr>,
+        addr: u64,
+        len: usize,
+        memory: Box<dyn std::any::Any + Send + Sync>,
+    ) -> IbMr {
+        IbMr {
+            mr,
+            addr,
+            len,
+            _memory: memory,
+        }
+    }
 }
 
 impl MemoryRegion for IbMr {
     fn ptr(&self) -> *mut u8 {
-        self.map.ptr()
+        self.addr as *mut u8
     }
     fn len(&self) -> usize {
-        self.map.len()
-    }
-    fn lkey(&self) -> u32 {
-        self.mr.lkey()
-    }
-    fn rkey(&self) -> u32 {
-        self.mr.rkey()
-    }
-}
-
-/// A registration of device memory.
-struct IbDeviceMr {
-    // Dropped first: deregister, then release the region.
-    mr: Arc<IbvMr>,
-    region: Arc<dyn Region>,
-}
-
-impl MemoryRegion for IbDeviceMr {
-    fn ptr(&self) -> *mut u8 {
-        self.region.addr() as *mut u8
-    }
-    fn len(&self) -> usize {
-        self.region.len()
+        self.len
     }
     fn lkey(&self) -> u32 {
         self.mr.lkey()

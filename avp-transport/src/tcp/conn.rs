@@ -133,7 +133,7 @@ pub(crate) fn advance(
 }
 
 /// Write every part, in order, with as few system calls as the kernel allows.
-pub(crate) fn write_all_vectored(conn: &mut Conn, parts: &[&[u8]]) -> Result<()> {
+pub(crate) fn write_all_vectored(conn: &mut impl Write, parts: &[&[u8]]) -> Result<()> {
     let mut slices = io_slices(parts);
     let mut bufs: &mut [IoSlice<'_>] = &mut slices;
     while !bufs.is_empty() {

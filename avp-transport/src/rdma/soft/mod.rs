@@ -32,8 +32,8 @@ use crate::error::{Result, TransportError};
 use crate::handshake::{boot_id, random_hex};
 use crate::shm::segment::Event;
 
-use crate::shm::segment::Mapping;
 use crate::device::{Device, Region};
+use crate::shm::segment::Mapping;
 
 use super::verbs::{
     CompletionQueue, MemoryRegion, QpCaps, QpEndpoint, QueuePair, RdmaInfo, Verbs, Wc, own_cq,

@@ -3,13 +3,14 @@
 //! (the responder's checks and placement, and acknowledgements).
 
 use std::collections::VecDeque;
-use std::io::{IoSlice, Read, Write};
+use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, TransportError};
 use crate::rdma::verbs::{QpCaps, QpEndpoint, QueuePair, Wc, WcOpcode, WcStatus, WriteWr};
+use crate::tcp::write_all_vectored;
 
 use super::{Shared, SoftCq, dial};
 
@@ -444,22 +445,12 @@ impl Inner {
     }
 
     /// Write one packet (and its bytes) to the peer.
-    fn send(&self, p: &Packet, bytes: &[u8]) -> std::io::Result<()> {
+    fn send(&self, p: &Packet, bytes: &[u8]) -> Result<()> {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(s) = w.as_mut() else {
-            return Err(std::io::ErrorKind::NotConnected.into());
-        };
-        let head = p.encode();
-        let mut parts = [IoSlice::new(&head), IoSlice::new(bytes)];
-        let mut parts: &mut [IoSlice<'_>] = &mut parts;
-        while !parts.is_empty() {
-            let n = s.write_vectored(parts)?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            IoSlice::advance_slices(&mut parts, n);
-        }
-        Ok(())
+        let s = w
+            .as_mut()
+            .ok_or_else(|| TransportError::PeerGone("queue pair not connected".into()))?;
+        write_all_vectored(s, &[&p.encode(), bytes])
     }
 
     /// Read the peer's packets until the connection closes.
