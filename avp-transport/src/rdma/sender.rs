@@ -165,6 +165,7 @@ impl Building {
             next_region: 0,
             regions_live: 0,
             spare: None,
+            spare_device: None,
             inflight: HashMap::new(),
             next_token: 1,
             broken: None,
@@ -198,6 +199,28 @@ struct SenderDevice {
     local: Arc<dyn MemoryRegion>,
     remote: RemoteRegion,
     slot_size: usize,
+}
+
+/// Where one part of a message goes: local memory (address and key) to
+/// remote memory (address and key), at the message's offsets.
+#[derive(Clone, Copy)]
+struct Part {
+    src: u64,
+    lkey: u32,
+    dst: u64,
+    rkey: u32,
+}
+
+impl Part {
+    /// From the start of `local` to `dst` (key `rkey`).
+    fn between(local: &Arc<dyn MemoryRegion>, dst: u64, rkey: u32) -> Part {
+        Part {
+            src: local.ptr() as u64,
+            lkey: local.lkey(),
+            dst,
+            rkey,
+        }
+    }
 }
 
 /// A device loan's host part: the preamble and header, this long.
@@ -261,8 +284,11 @@ pub(crate) struct RdmaSender {
     next_region: u32,
     /// Dedicated regions the receiver holds for us.
     regions_live: usize,
-    /// A local dedicated buffer kept for the next large message.
+    /// A local dedicated buffer kept for the next large message (host part),
+    /// and one of device memory (a device message's sections): registering
+    /// memory is slow, and fresh memory faults on first touch.
     spare: Option<Arc<dyn MemoryRegion>>,
+    spare_device: Option<Arc<dyn MemoryRegion>>,
     inflight: HashMap<u64, (usize, Buf)>,
     next_token: u64,
     broken: Option<TransportError>,
@@ -339,11 +365,7 @@ impl RdmaSender {
                 if entry.0 == 0 {
                     match self.inflight.remove(&t).expect("present").1 {
                         Buf::Slot(i) => self.busy[i] = false,
-                        Buf::Dedicated(mr, _device) => {
-                            if self.spare.as_ref().is_none_or(|s| s.len() < mr.len()) {
-                                self.spare = Some(mr);
-                            }
-                        }
+                        Buf::Dedicated(mr, device) => self.keep_spare(mr, device),
                     }
                 }
             }
@@ -406,6 +428,22 @@ impl RdmaSender {
         Ok(())
     }
 
+    /// Keep a finished dedicated message's regions for the next one (the
+    /// larger of each kind).
+    fn keep_spare(&mut self, host: Arc<dyn MemoryRegion>, device: Option<Arc<dyn MemoryRegion>>) {
+        let larger = |old: &Option<Arc<dyn MemoryRegion>>, new: &Arc<dyn MemoryRegion>| {
+            old.as_ref().is_none_or(|o| o.len() < new.len())
+        };
+        if larger(&self.spare, &host) {
+            self.spare = Some(host);
+        }
+        if let Some(d) = device
+            && larger(&self.spare_device, &d)
+        {
+            self.spare_device = Some(d);
+        }
+    }
+
     /// A free slot whose local buffer is also free.
     fn free_slot(&self) -> Option<usize> {
         (0..self.credit.len()).find(|&i| self.credit[i] && !self.busy[i])
@@ -455,10 +493,13 @@ impl RdmaSender {
             _ => self.verbs.alloc(host_len, false)?,
         };
         let local_device = match (device_prefix, &self.device) {
-            (Some(_), Some(d)) => {
-                let region: Arc<dyn Region> = Arc::from(d.mem.alloc(len)?);
-                Some(self.verbs.register_device(region, d.mem.device(), false)?)
-            }
+            (Some(_), Some(d)) => Some(match self.spare_device.take() {
+                Some(s) if s.len() >= len => s,
+                _ => {
+                    let region: Arc<dyn Region> = Arc::from(d.mem.alloc(len)?);
+                    self.verbs.register_device(region, d.mem.device(), false)?
+                }
+            }),
             _ => None,
         };
         let (remote, remote_device) = loop {
@@ -594,61 +635,61 @@ impl SendPort for RdmaSender {
 
     fn publish(&mut self, mut mem: LoanMem, len: usize) -> Result<()> {
         self.check()?;
-        // Where the bytes go: (source, lkey, destination, rkey, offset, length).
-        let mut parts: Vec<(u64, u32, u64, u32, usize, usize)> = Vec::with_capacity(2);
-        let (id, buf, device) = if mem.key & DEDICATED != 0 {
+        // Where the host part and, for a device message, the device part go.
+        let (id, host, dev, buf) = if mem.key & DEDICATED != 0 {
             let d = mem
                 .take_keep::<DedicatedLoan>()
                 .expect("a dedicated loan keeps its regions");
-            let id = (mem.key & !DEDICATED) as u32;
-            let host = (
-                d.local.ptr() as u64,
-                d.local.lkey(),
-                d.remote.addr,
-                d.remote.rkey,
-            );
-            let device = match &d.device {
-                Some((local, remote, prefix)) => {
-                    let prefix = (*prefix).min(len);
-                    parts.push((host.0, host.1, host.2, host.3, 0, prefix));
-                    // A device region holds the message at its own offsets, as a slot does.
-                    let dev = (local.ptr() as u64, local.lkey(), remote.addr, remote.rkey);
-                    parts.push((dev.0, dev.1, dev.2, dev.3, prefix, len));
-                    Counters::bump(&self.counters.device_messages);
-                    true
-                }
-                None => {
-                    parts.push((host.0, host.1, host.2, host.3, 0, len));
-                    false
-                }
-            };
-            // The device region, registered, stays with the message in flight.
+            let host = Part::between(&d.local, d.remote.addr, d.remote.rkey);
+            let dev = d
+                .device
+                .as_ref()
+                .map(|(l, r, prefix)| (Part::between(l, r.addr, r.rkey), *prefix));
             let keep = d.device.map(|(local, _, _)| local);
-            (id, Buf::Dedicated(d.local, keep), device)
+            (
+                (mem.key & !DEDICATED) as u32,
+                host,
+                dev,
+                Buf::Dedicated(d.local, keep),
+            )
         } else {
             let i = (mem.key & !DEVICE) as usize;
-            let dst = self.pool.addr + (i * self.slot_size) as u64;
-            let src = mem.ptr() as u64;
-            match (mem.key & DEVICE != 0, &self.device) {
+            let host = Part {
+                src: mem.ptr() as u64,
+                lkey: self.local.lkey(),
+                dst: self.pool.addr + (i * self.slot_size) as u64,
+                rkey: self.pool.rkey,
+            };
+            let dev = match (mem.key & DEVICE != 0, &self.device) {
                 (true, Some(d)) => {
                     let prefix = mem
                         .take_keep::<DevicePart>()
                         .expect("a device loan keeps its prefix length")
-                        .prefix_len
-                        .min(len);
+                        .prefix_len;
                     let span = mem.device.expect("a device loan has a device span");
-                    let rdst = d.remote.addr + (i * d.slot_size) as u64;
-                    parts.push((src, self.local.lkey(), dst, self.pool.rkey, 0, prefix));
-                    parts.push((span.addr, d.local.lkey(), rdst, d.remote.rkey, prefix, len));
-                    Counters::bump(&self.counters.device_messages);
-                    (i as u32, Buf::Slot(i), true)
+                    let part = Part {
+                        src: span.addr,
+                        lkey: d.local.lkey(),
+                        dst: d.remote.addr + (i * d.slot_size) as u64,
+                        rkey: d.remote.rkey,
+                    };
+                    Some((part, prefix))
                 }
-                _ => {
-                    parts.push((src, self.local.lkey(), dst, self.pool.rkey, 0, len));
-                    (i as u32, Buf::Slot(i), false)
-                }
-            }
+                _ => None,
+            };
+            (i as u32, host, dev, Buf::Slot(i))
         };
+        // Byte ranges of the message: the host part's, then the device part's
+        // (each part holds the message at its own offsets).
+        let parts = match dev {
+            Some((d, prefix)) => {
+                Counters::bump(&self.counters.device_messages);
+                let prefix = prefix.min(len);
+                vec![(host, 0..prefix), (d, prefix..len)]
+            }
+            None => vec![(host, 0..len)],
+        };
+        let device = parts.len() == 2;
         let dedicated = matches!(buf, Buf::Dedicated(..));
         let k = self.qps.len();
         let token = self.next_token;
@@ -656,27 +697,25 @@ impl SendPort for RdmaSender {
         // Slices of each part, dealt round robin over the queue pairs (slice 0,
         // the preamble's, always on queue pair 0).
         let mut wrs: Vec<VecDeque<WriteWr>> = vec![VecDeque::new(); k];
-        let mut n_slice = 0usize;
-        for &(src, lkey, dst, rkey, start, end) in &parts {
-            let mut off = start;
-            while off < end || (off == 0 && end == 0) {
-                let n = self.slice.min(end - off);
-                wrs[n_slice % k].push_back(WriteWr {
-                    wr_id: token,
-                    local_addr: src + off as u64,
-                    len: n as u32,
-                    lkey,
-                    remote_addr: dst + off as u64,
-                    rkey,
-                    imm: None,
-                    signaled: false,
-                });
-                n_slice += 1;
-                off += n;
-                if n == 0 {
-                    break;
-                }
-            }
+        let slice = self.slice;
+        let slices = parts.iter().flat_map(|(p, range)| {
+            let end = range.end;
+            range
+                .clone()
+                .step_by(slice)
+                .map(move |off| (p, off, slice.min(end - off)))
+        });
+        for (n, (p, off, bytes)) in slices.enumerate() {
+            wrs[n % k].push_back(WriteWr {
+                wr_id: token,
+                local_addr: p.src + off as u64,
+                len: bytes as u32,
+                lkey: p.lkey,
+                remote_addr: p.dst + off as u64,
+                rkey: p.rkey,
+                imm: None,
+                signaled: false,
+            });
         }
         wrs.retain(|q| !q.is_empty());
         let shares = wrs.len();
@@ -732,7 +771,7 @@ impl SendPort for RdmaSender {
         if mem.key & DEDICATED != 0 {
             let id = (mem.key & !DEDICATED) as u32;
             if let Some(d) = mem.take_keep::<DedicatedLoan>() {
-                self.spare = Some(d.local);
+                self.keep_spare(d.local, d.device.map(|(local, _, _)| local));
             }
             let _ = self.io.send_frame(&Frame::RdmaRegionFreed { id }, &[]);
             self.regions_live = self.regions_live.saturating_sub(1);
