@@ -146,6 +146,18 @@ struct Dedicated {
     device: Option<Arc<dyn MemoryRegion>>,
 }
 
+impl Dedicated {
+    /// Whether it can hold a message of `len` bytes (with `device_prefix`:
+    /// that much host memory and `len` bytes of device memory).
+    fn fits(&self, len: u64, device_prefix: Option<u64>) -> bool {
+        match (device_prefix, &self.device) {
+            (None, None) => self.host.len() as u64 >= len,
+            (Some(p), Some(d)) => self.host.len() as u64 >= p && d.len() as u64 >= len,
+            _ => false,
+        }
+    }
+}
+
 /// What one receiving thread at a time touches.
 struct Rx {
     /// Shares landed per slot.
@@ -176,6 +188,9 @@ pub(crate) struct RdmaReceiver {
     ctl_fd: RawFd,
     /// Dedicated regions registered for the sender, by its name for them.
     regions: Mutex<HashMap<u32, Dedicated>>,
+    /// The last region given back, kept for the next large message:
+    /// registering memory is slow, and fresh memory faults on first touch.
+    spare: Mutex<Option<Dedicated>>,
     max_message: u64,
     counters: Counters,
 }
@@ -210,6 +225,7 @@ impl RdmaReceiver {
             ctl: Mutex::new(StreamIo { stream: conn }),
             ctl_fd,
             regions: Mutex::new(HashMap::new()),
+            spare: Mutex::new(None),
             max_message,
             counters: Counters::default(),
         }
@@ -347,7 +363,9 @@ impl RdmaReceiver {
                         drop(regions);
                         return Err(self.protocol(rx, "more dedicated regions than slots"));
                     }
+                    let spare = lock(&self.spare).take_if(|s| s.fits(len, device_prefix));
                     let d = match (device_prefix, &self.parts.device) {
+                        _ if spare.is_some() => spare.expect("checked"),
                         (None, _) => Dedicated {
                             host: self.parts.verbs.alloc(len as usize, true)?,
                             device: None,
@@ -382,7 +400,7 @@ impl RdmaReceiver {
                     ctl.send_frame(&grant, &[])?;
                 }
                 Frame::RdmaRegionFreed { id } => {
-                    lock(&self.regions).remove(&id);
+                    self.retire(id);
                     rx.region_seen.remove(&id);
                 }
                 other => {
@@ -483,6 +501,20 @@ impl RdmaReceiver {
         }))
     }
 
+    /// Region `id` is done with: kept for the next large message when it is
+    /// the larger of it and the spare, else deregistered (once a guard's
+    /// clone is gone too).
+    fn retire(&self, id: u32) {
+        let Some(d) = lock(&self.regions).remove(&id) else {
+            return;
+        };
+        let size = |r: &Dedicated| r.host.len() + r.device.as_ref().map_or(0, |m| m.len());
+        let mut spare = lock(&self.spare);
+        if spare.as_ref().is_none_or(|s| size(s) <= size(&d)) {
+            *spare = Some(d);
+        }
+    }
+
     /// The next message in send order, if all of it has landed.
     fn next_ready(rx: &mut Rx) -> Option<(bool, u32)> {
         let first = *rx.order.front()?;
@@ -571,8 +603,7 @@ impl RecvPort for RdmaReceiver {
         let frame = if held.key & DEDICATED != 0 {
             let id = (held.key & !DEDICATED) as u32;
             drop(held.keep);
-            // Deregistered once the guard's clone (dropped above) and ours are gone.
-            lock(&self.regions).remove(&id);
+            self.retire(id);
             Frame::RdmaRegionFreed { id }
         } else {
             Frame::RdmaCredit {
