@@ -8,18 +8,23 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::device::{Device, DeviceMem, DeviceSpan, Region};
+use crate::device::{DeviceMem, DeviceSpan};
 use crate::error::{Result, TransportError};
 use crate::frame::{Frame, FrameIo, StreamIo};
-use crate::options::{Options, RdmaOptions};
 use crate::port::{Counters, LoanMem, SendPort};
 use crate::tcp::Conn;
 
 use super::imm;
+
+mod dedicated;
+mod setup;
+
 use super::verbs::{
-    CompletionQueue, MemoryRegion, QpCaps, QueuePair, RdmaGrant, RdmaOffer, RemoteRegion, Verbs,
-    Wc, WcStatus, WriteWr,
+    CompletionQueue, MemoryRegion, QpCaps, QueuePair, RemoteRegion, Verbs, Wc, WcStatus, WriteWr,
 };
+use dedicated::DedicatedLoan;
+pub(crate) use setup::Building;
+use setup::SenderDevice;
 
 /// Key bit of a loan in a dedicated region.
 const DEDICATED: u64 = 1 << 63;
@@ -27,179 +32,6 @@ const DEDICATED: u64 = 1 << 63;
 const BATCH: usize = 32;
 /// Every this many writes one is signaled, so that send-queue room comes back.
 const SIGNAL_EVERY: u64 = 64;
-
-/// The sender's queue pairs before the receiver answered.
-pub(crate) struct Building {
-    verbs: Arc<dyn Verbs>,
-    cq: Arc<dyn CompletionQueue>,
-    rcq: Arc<dyn CompletionQueue>,
-    qps: Vec<Arc<dyn QueuePair>>,
-    caps: QpCaps,
-    /// The device whose memory this NIC can read (`Options::device`), or why
-    /// not; `None` without `Options::device`.
-    device: Option<Probed>,
-}
-
-impl Building {
-    /// Create the session's completion queue and queue pairs.
-    pub(crate) fn new(verbs: Arc<dyn Verbs>, options: &Options) -> Result<Building> {
-        let o = &options.rdma;
-        let device = options
-            .device
-            .as_ref()
-            .map(|d| probe_device(verbs.as_ref(), d.device));
-        let caps = QpCaps::default();
-        let cq = verbs.create_cq(o.queue_pairs * caps.max_send_wr + 16)?;
-        let rcq = verbs.create_cq(16)?;
-        let qps = (0..o.queue_pairs)
-            .map(|_| verbs.create_qp(&cq, &rcq, caps))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Building {
-            verbs,
-            cq,
-            rcq,
-            qps,
-            caps,
-            device,
-        })
-    }
-
-    /// Whether this end offers device memory: `None` without
-    /// `Options::device`, else `Ok` or why not.
-    pub(crate) fn device_offered(&self) -> Option<std::result::Result<(), &str>> {
-        self.device
-            .as_ref()
-            .map(|r| r.as_ref().map(|_| ()).map_err(String::as_str))
-    }
-
-    /// What the receiver needs to connect.
-    pub(crate) fn offer(&self) -> RdmaOffer {
-        RdmaOffer {
-            qps: self.qps.iter().map(|q| q.endpoint()).collect(),
-            device: self
-                .device
-                .as_ref()
-                .and_then(|r| r.as_ref().ok())
-                .map(|(_, m)| m.info()),
-        }
-    }
-
-    /// Connect to the receiver's queue pairs and register the local buffers.
-    pub(crate) fn finish(
-        self,
-        io: StreamIo<Conn>,
-        grant: RdmaGrant,
-        o: &RdmaOptions,
-    ) -> Result<RdmaSender> {
-        let bad = |why: String| TransportError::Protocol(format!("rdma grant: {why}"));
-        if grant.qps.len() != self.qps.len() {
-            return Err(bad(format!(
-                "{} queue pairs for our {}",
-                grant.qps.len(),
-                self.qps.len()
-            )));
-        }
-        let slots = grant.slots as usize;
-        let slot_size = usize::try_from(grant.slot_size).unwrap_or(usize::MAX);
-        let pool_len = slots.checked_mul(slot_size);
-        if !(1..=64).contains(&slots)
-            || slot_size < 4096
-            || pool_len.is_none_or(|n| n as u64 > grant.pool.len || n > 1 << 36)
-        {
-            return Err(bad(format!(
-                "{slots} slots of {slot_size} bytes in a pool of {} bytes",
-                grant.pool.len
-            )));
-        }
-        for (q, r) in self.qps.iter().zip(&grant.qps) {
-            q.connect(r)?;
-        }
-        let local = self.verbs.alloc(pool_len.expect("checked"), false)?;
-        let device = match (grant.device, self.device) {
-            (Some(g), Some(Ok((kind, mem)))) => {
-                let dslot = usize::try_from(g.slot_size).unwrap_or(usize::MAX);
-                let len = dslot.checked_mul(slots).filter(|&n| n as u64 <= g.pool.len);
-                let Some(len) = len else {
-                    return Err(bad(format!(
-                        "{slots} device slots of {dslot} bytes in a pool of {} bytes",
-                        g.pool.len
-                    )));
-                };
-                let region: Arc<dyn Region> = Arc::from(mem.alloc(len)?);
-                let mr = self.verbs.register_device(region, kind, false)?;
-                Some(SenderDevice {
-                    mem,
-                    local: mr,
-                    remote: g.pool,
-                    slot_size: dslot,
-                })
-            }
-            _ => None,
-        };
-        let qpn = self
-            .qps
-            .iter()
-            .enumerate()
-            .map(|(i, q)| (q.endpoint().qpn, i))
-            .collect();
-        let mut pool = grant.pool;
-        if o.wrong_rkey_for_tests {
-            pool.rkey ^= 0x5a5a_5a5a;
-        }
-        Ok(RdmaSender {
-            io,
-            verbs: self.verbs,
-            cq: self.cq,
-            _rcq: self.rcq,
-            track: vec![Track::default(); self.qps.len()],
-            qps: self.qps,
-            qpn,
-            caps: self.caps,
-            local,
-            pool,
-            slot_size,
-            slice: o.slice,
-            credit: vec![true; slots],
-            busy: vec![false; slots],
-            grants: HashMap::new(),
-            next_region: 0,
-            regions_live: 0,
-            spare: None,
-            spare_device: None,
-            inflight: HashMap::new(),
-            next_token: 1,
-            broken: None,
-            loan_timeout: o.loan_timeout,
-            wcs: Vec::new(),
-            counters: Counters::default(),
-            device,
-        })
-    }
-}
-
-/// A device whose memory this NIC can read, or why not.
-type Probed = std::result::Result<(Device, Arc<dyn DeviceMem>), String>;
-
-/// Allocate and register a little of `device`'s memory: whether this NIC
-/// can read it (GPUDirect RDMA), or why not.
-fn probe_device(verbs: &dyn Verbs, device: Device) -> Probed {
-    let probe = || -> Result<Arc<dyn DeviceMem>> {
-        let mem = crate::device::open(device)?;
-        let region: Arc<dyn Region> = Arc::from(mem.alloc(mem.granularity())?);
-        verbs.register_device(region, device, false)?;
-        Ok(mem)
-    };
-    probe().map(|m| (device, m)).map_err(|e| e.to_string())
-}
-
-/// The sender's device slots (its loans' sections) and the receiver's.
-struct SenderDevice {
-    mem: Arc<dyn DeviceMem>,
-    /// Local device slots, registered (one per receiver slot).
-    local: Arc<dyn MemoryRegion>,
-    remote: RemoteRegion,
-    slot_size: usize,
-}
 
 /// Where one part of a message goes: local memory (address and key) to
 /// remote memory (address and key), at the message's offsets.
@@ -249,15 +81,6 @@ enum Buf {
     /// A dedicated host region (kept for the next large message) and, for a
     /// device message, its device region.
     Dedicated(Arc<dyn MemoryRegion>, Option<Arc<dyn MemoryRegion>>),
-}
-
-/// A dedicated loan's memory.
-struct DedicatedLoan {
-    local: Arc<dyn MemoryRegion>,
-    remote: RemoteRegion,
-    /// A device message: its sections' local and remote regions, and the
-    /// length of its host part.
-    device: Option<(Arc<dyn MemoryRegion>, RemoteRegion, usize)>,
 }
 
 /// The sending half of an RDMA session.
@@ -428,128 +251,9 @@ impl RdmaSender {
         Ok(())
     }
 
-    /// Keep a finished dedicated message's regions for the next one (the
-    /// larger of each kind).
-    fn keep_spare(&mut self, host: Arc<dyn MemoryRegion>, device: Option<Arc<dyn MemoryRegion>>) {
-        let larger = |old: &Option<Arc<dyn MemoryRegion>>, new: &Arc<dyn MemoryRegion>| {
-            old.as_ref().is_none_or(|o| o.len() < new.len())
-        };
-        if larger(&self.spare, &host) {
-            self.spare = Some(host);
-        }
-        if let Some(d) = device
-            && larger(&self.spare_device, &d)
-        {
-            self.spare_device = Some(d);
-        }
-    }
-
     /// A free slot whose local buffer is also free.
     fn free_slot(&self) -> Option<usize> {
         (0..self.credit.len()).find(|&i| self.credit[i] && !self.busy[i])
-    }
-
-    /// A region registered for one message of `len` bytes; with
-    /// `device_prefix`, its sections in device memory and its first
-    /// `device_prefix` bytes in host memory.
-    fn dedicated(
-        &mut self,
-        len: usize,
-        wait: bool,
-        device_prefix: Option<usize>,
-    ) -> Result<Option<LoanMem>> {
-        let deadline = Instant::now() + self.loan_timeout;
-        while self.regions_live >= self.credit.len() {
-            self.reap()?;
-            self.read_control()?;
-            if self.regions_live < self.credit.len() {
-                break;
-            }
-            if !wait {
-                return Ok(None);
-            }
-            if Instant::now() >= deadline {
-                return Err(TransportError::Timeout(
-                    self.loan_timeout,
-                    "the receiver to free a dedicated region",
-                ));
-            }
-            self.wait(deadline)?;
-        }
-        let id = self.next_region;
-        self.next_region = (self.next_region + 1) & imm::MAX_ID;
-        self.io.send_frame(
-            &Frame::RdmaRegion {
-                id,
-                len: len as u64,
-                device_prefix: device_prefix.map(|p| p as u64),
-            },
-            &[],
-        )?;
-        self.regions_live += 1;
-        let host_len = device_prefix.unwrap_or(len);
-        let local = match self.spare.take() {
-            Some(s) if s.len() >= host_len => s,
-            _ => self.verbs.alloc(host_len, false)?,
-        };
-        let local_device = match (device_prefix, &self.device) {
-            (Some(_), Some(d)) => Some(match self.spare_device.take() {
-                Some(s) if s.len() >= len => s,
-                _ => {
-                    let region: Arc<dyn Region> = Arc::from(d.mem.alloc(len)?);
-                    self.verbs.register_device(region, d.mem.device(), false)?
-                }
-            }),
-            _ => None,
-        };
-        let (remote, remote_device) = loop {
-            self.reap()?;
-            self.read_control()?;
-            if let Some(r) = self.grants.remove(&id) {
-                break r;
-            }
-            if Instant::now() >= deadline {
-                return Err(TransportError::Timeout(
-                    self.loan_timeout,
-                    "the receiver to register a region for a large message",
-                ));
-            }
-            self.wait(deadline)?;
-        };
-        let device_len = remote_device.map_or(len as u64, |d| d.len);
-        if remote.len < host_len as u64 || device_len < len as u64 {
-            return Err(self.fail(TransportError::Protocol(format!(
-                "the receiver granted {} (+ {device_len} device) bytes for a {len}-byte message",
-                remote.len
-            ))));
-        }
-        let device = match (local_device, remote_device, device_prefix) {
-            (Some(l), Some(r), Some(p)) => Some((l, r, p)),
-            (None, None, None) => None,
-            _ => {
-                return Err(self.fail(TransportError::Protocol(
-                    "the receiver's grant does not match the region asked for (device part)".into(),
-                )));
-            }
-        };
-        let ptr = NonNull::new(local.ptr()).expect("a registered region is never at address 0");
-        let cap = local.len();
-        let span = device.as_ref().map(|(l, _, _)| DeviceSpan {
-            addr: l.ptr() as u64,
-            len: len as u64,
-        });
-        let mut mem = LoanMem::new(
-            ptr,
-            cap,
-            DEDICATED | u64::from(id),
-            Some(Box::new(DedicatedLoan {
-                local,
-                remote,
-                device,
-            })),
-        );
-        mem.device = span;
-        Ok(Some(mem))
     }
 
     /// Post `wrs[q]` on each queue pair, as room allows, until all are posted.
