@@ -9,134 +9,21 @@ use std::time::{Duration, Instant};
 
 use avp_wire::{PREAMBLE_LEN, Preamble};
 
-use crate::device::{DeviceMem, DeviceSpan, Region, round_up};
+use crate::device::{DeviceMem, DeviceSpan, Region};
 use crate::error::{Result, TransportError};
 use crate::frame::{Frame, FrameIo, StreamIo};
-use crate::options::{DeviceOptions, Options};
 use crate::port::{Armed, Counters, Delivery, Held, Idle, RecvPort};
 use crate::tcp::Conn;
 
 use super::imm;
-use super::verbs::{
-    CompletionQueue, DeviceGrant, MemoryRegion, QpCaps, QueuePair, RdmaGrant, RdmaOffer, Verbs, Wc,
-    WcStatus,
-};
+
+mod setup;
+
+use super::verbs::{MemoryRegion, Wc, WcStatus};
+pub(crate) use setup::Parts;
 
 /// Key bit of a delivery in a dedicated region.
 const DEDICATED: u64 = 1 << 63;
-
-/// What a receiver is built from in the handshake.
-pub(crate) struct Parts {
-    verbs: Arc<dyn Verbs>,
-    cq: Arc<dyn CompletionQueue>,
-    _scq: Arc<dyn CompletionQueue>,
-    qps: Vec<Arc<dyn QueuePair>>,
-    pool: Arc<dyn MemoryRegion>,
-    slots: usize,
-    slot_size: usize,
-    /// Device slots (GPUDirect RDMA), or why there are none ("" when
-    /// neither end asked for any).
-    device: std::result::Result<ReceiverDevice, String>,
-}
-
-/// The receiver's device slots, registered for the sender's writes.
-struct ReceiverDevice {
-    mem: Arc<dyn DeviceMem>,
-    mr: Arc<dyn MemoryRegion>,
-    slot_size: usize,
-}
-
-impl Parts {
-    /// What the session's explanation adds about device memory.
-    pub(crate) fn device_note(&self) -> String {
-        match &self.device {
-            Ok(d) => format!(
-                "; KV sections device to device (GPUDirect RDMA into {})",
-                d.mem.info().name
-            ),
-            Err(why) if why.is_empty() => String::new(),
-            Err(why) => format!("; device memory not used: {why}"),
-        }
-    }
-
-    /// Register the pool, create and connect the queue pairs for `offer`,
-    /// and post their receives.
-    pub(crate) fn build(
-        verbs: Arc<dyn Verbs>,
-        options: &Options,
-        offer: &RdmaOffer,
-    ) -> Result<(Parts, RdmaGrant)> {
-        let o = &options.rdma;
-        let k = offer.qps.len();
-        if !(1..=16).contains(&k) {
-            return Err(TransportError::Protocol(format!(
-                "the sender offers {k} queue pairs, expected 1–16"
-            )));
-        }
-        let slot_size = o.slot_size.next_multiple_of(4096);
-        // A receive per slot and per dedicated region (as many as slots), and spare.
-        let recvs = 2 * o.slots + 2;
-        let caps = QpCaps {
-            max_recv_wr: recvs,
-            ..QpCaps::default()
-        };
-        let cq = verbs.create_cq(k * recvs + 16)?;
-        let scq = verbs.create_cq(16)?;
-        let pool = verbs.alloc(o.slots * slot_size, true)?;
-        let mut qps = Vec::with_capacity(k);
-        for (i, remote) in offer.qps.iter().enumerate() {
-            let q = verbs.create_qp(&scq, &cq, caps)?;
-            q.post_recvs(&vec![i as u64; recvs])?;
-            q.connect(remote)?;
-            qps.push(q);
-        }
-        let device = match (&offer.device, &options.device) {
-            (None, None) => Err(String::new()),
-            (None, Some(_)) => Err("the sender offers none (no Options::device, or its NIC \
-                                    cannot read its device memory)"
-                .to_owned()),
-            (Some(_), None) => Err("this listener has no Options::device".to_owned()),
-            (Some(_), Some(d)) => {
-                device_pool(verbs.as_ref(), d, o.slots).map_err(|e| e.to_string())
-            }
-        };
-        let grant = RdmaGrant {
-            qps: qps.iter().map(|q| q.endpoint()).collect(),
-            pool: pool.remote(),
-            slots: o.slots as u32,
-            slot_size: slot_size as u64,
-            device: device.as_ref().ok().map(|d| DeviceGrant {
-                pool: d.mr.remote(),
-                slot_size: d.slot_size as u64,
-                info: d.mem.info(),
-            }),
-        };
-        let parts = Parts {
-            verbs,
-            cq,
-            _scq: scq,
-            qps,
-            pool,
-            slots: o.slots,
-            slot_size,
-            device,
-        };
-        Ok((parts, grant))
-    }
-}
-
-/// `slots` device slots of `d`, registered for the sender's writes.
-fn device_pool(verbs: &dyn Verbs, d: &DeviceOptions, slots: usize) -> Result<ReceiverDevice> {
-    let mem = crate::device::open(d.device)?;
-    let slot_size =
-        round_up(d.slot_size, mem.granularity()).ok_or_else(|| TransportError::InvalidOption {
-            option: "device slot_size",
-            reason: format!("{} bytes overflow when rounded", d.slot_size),
-        })?;
-    let region: Arc<dyn Region> = Arc::from(mem.alloc(slot_size * slots)?);
-    let mr = verbs.register_device(region, d.device, true)?;
-    Ok(ReceiverDevice { mem, mr, slot_size })
-}
 
 /// A region registered for one message: host memory, and for a device
 /// message (its preamble and header there) device memory for its sections.
