@@ -18,6 +18,7 @@
 //! hardware's retry timeout, without the wait), and a passive responder sees
 //! nothing, as with hardware.
 
+mod packet;
 mod qp;
 
 use std::collections::HashMap;
@@ -39,7 +40,8 @@ use super::verbs::{
     CompletionQueue, MemoryRegion, QpCaps, QpEndpoint, QueuePair, RdmaInfo, Verbs, Wc, own_cq,
 };
 
-use qp::{Packet, SoftQp};
+use packet::Packet;
+use qp::SoftQp;
 
 /// What keeps registered memory alive (a mapping, a device region).
 type Keep = Arc<dyn std::any::Any + Send + Sync>;
@@ -377,7 +379,7 @@ fn dial(remote: &QpEndpoint, local: u32) -> Result<UnixStream> {
         )
     })?;
     let hello = Packet {
-        kind: qp::Kind::Hello,
+        kind: packet::Kind::Hello,
         seq: u64::from(remote.qpn),
         rkey: local,
         ..Packet::default()
