@@ -23,7 +23,9 @@ use crate::port::{RecvPort, SendPort};
 use crate::scheme::{AcceptCtx, Acceptor, Scheme};
 use crate::session::{Session, TransportKind};
 
-pub(crate) use conn::{Conn, write_all_vectored};
+pub(crate) use conn::Conn;
+#[cfg(target_os = "linux")]
+pub(crate) use conn::write_all_vectored;
 use receiver::TcpReceiver;
 pub(crate) use sender::TcpSender;
 
