@@ -41,9 +41,10 @@ pub(crate) trait RdmaGrantor {
     fn info(&self) -> RdmaInfo;
     /// Whether this end can reach the peer's device: `Ok(why)` or `Err(why not)`.
     fn reach(&self, peer: &RdmaInfo) -> std::result::Result<String, String>;
-    /// Build the receiving side for the sender's queue pairs (`offer`),
-    /// messages up to `max_message`; what to tell the sender.
-    fn grant(&mut self, offer: &RdmaOffer, max_message: u64) -> Result<RdmaGrant>;
+    /// Build the receiving side for the sender's queue pairs (`offer`); what
+    /// to tell the sender. (The session's message limit is enforced when
+    /// regions are asked for, after the handshake.)
+    fn grant(&mut self, offer: &RdmaOffer) -> Result<RdmaGrant>;
 }
 
 /// What a listener offers a connecting peer besides the transport it came in on.
@@ -481,7 +482,7 @@ pub(crate) fn server(
                     format!("this listener cannot reach the sender's rdma device: {why}"),
                 ));
             }
-            match r.grant(offer, opts.max_message.min(theirs.max_message)) {
+            match r.grant(offer) {
                 Ok(g) => grant = Some(g),
                 Err(e) => {
                     return Err(refuse(

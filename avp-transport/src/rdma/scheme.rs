@@ -194,9 +194,8 @@ impl RdmaGrantor for AcceptSession {
         self.verbs.reach(peer)
     }
 
-    fn grant(&mut self, offer: &RdmaOffer, max_message: u64) -> Result<RdmaGrant> {
+    fn grant(&mut self, offer: &RdmaOffer) -> Result<RdmaGrant> {
         let (parts, grant) = Parts::build(Arc::clone(&self.verbs), &self.options, offer)?;
-        let _ = max_message;
         self.parts = Some(parts);
         Ok(grant)
     }
