@@ -27,7 +27,9 @@ impl Endpoint {
     /// already bound), `Io` when the socket cannot be bound.
     pub fn bind(addr: &str, identity: &ModelIdentity, options: Options) -> Result<Listener> {
         let address = Address::parse(addr)?;
-        let acceptors = address.transport().bind(address.target(), &options)?;
+        let acceptors = address
+            .transport()
+            .bind(address.target(), identity, &options)?;
         Ok(Listener {
             address,
             identity: identity.clone(),

@@ -99,6 +99,16 @@ pub enum TransportError {
         /// What it means here.
         reason: String,
     },
+    /// The peer refused a message and said why (an `http://` server's answer:
+    /// 409 wrong session, 413 too large, 503 its receiver is behind); nothing
+    /// was delivered, and the session goes on.
+    #[error("the peer refused the message (HTTP {status}): {reason}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The server's message.
+        reason: String,
+    },
 }
 
 impl TransportError {

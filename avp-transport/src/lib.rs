@@ -40,6 +40,7 @@ mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 mod handshake;
+mod http;
 mod options;
 mod port;
 mod rdma;
@@ -63,7 +64,7 @@ pub use error::{AuthFailure, Result, TransportError};
 pub use handshake::boot_id;
 #[cfg(feature = "tls")]
 pub use options::Tls;
-pub use options::{DeviceOptions, Options, RdmaOptions, ShmOptions, TcpOptions};
+pub use options::{DeviceOptions, HttpOptions, Options, RdmaOptions, ShmOptions, TcpOptions};
 pub use port::Stats;
 pub use rdma::RdmaDevice;
 pub use receiver::{Receiver, RecvGuard};

@@ -58,6 +58,8 @@ pub struct Options {
     pub device: Option<DeviceOptions>,
     /// RDMA knobs (`rdma://` sessions).
     pub rdma: RdmaOptions,
+    /// HTTP knobs (`http://` sessions).
+    pub http: HttpOptions,
 }
 
 impl Default for Options {
@@ -75,6 +77,7 @@ impl Default for Options {
             tcp: TcpOptions::default(),
             device: None,
             rdma: RdmaOptions::default(),
+            http: HttpOptions::default(),
         }
     }
 }
@@ -138,6 +141,54 @@ impl Options {
     /// The device of `cuda://` sessions.
     pub fn device(mut self, device: DeviceOptions) -> Self {
         self.device = Some(device);
+        self
+    }
+    /// HTTP knobs.
+    pub fn http(mut self, http: HttpOptions) -> Self {
+        self.http = http;
+        self
+    }
+}
+
+/// The `http://` transport's knobs (the Python reference's HTTP binding).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct HttpOptions {
+    /// Listener: messages of one session received but not yet taken by its
+    /// receiver; a sender's request waits while the queue is full (backpressure).
+    pub queue: usize,
+    /// Listener: how long a request waits for room in a full queue before it is
+    /// answered 503 (nothing delivered). Sender: how long it waits for an answer.
+    pub delivery_timeout: Duration,
+    /// Listener: how long the rest of a request body may take once its headers
+    /// arrived; a stalled body is answered 408 and nothing is delivered.
+    pub body_timeout: Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            queue: 4,
+            delivery_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl HttpOptions {
+    /// Messages a session may have waiting for its receiver (at least 1).
+    pub fn queue(mut self, n: usize) -> Self {
+        self.queue = n;
+        self
+    }
+    /// How long a request waits for room, or a sender for an answer.
+    pub fn delivery_timeout(mut self, t: Duration) -> Self {
+        self.delivery_timeout = t;
+        self
+    }
+    /// How long a request body may take.
+    pub fn body_timeout(mut self, t: Duration) -> Self {
+        self.body_timeout = t;
         self
     }
 }

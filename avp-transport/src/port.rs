@@ -263,6 +263,7 @@ pub(crate) struct Counters {
     pub(crate) host_to_device_bytes: AtomicU64,
     pub(crate) device_to_host_bytes: AtomicU64,
     pub(crate) device_to_device_bytes: AtomicU64,
+    pub(crate) format_conversions: AtomicU64,
 }
 
 impl Counters {
@@ -300,6 +301,7 @@ impl Counters {
             host_to_device_bytes: r(&self.host_to_device_bytes),
             device_to_host_bytes: r(&self.device_to_host_bytes),
             device_to_device_bytes: r(&self.device_to_device_bytes),
+            format_conversions: r(&self.format_conversions),
         }
     }
 }
@@ -342,4 +344,7 @@ pub struct Stats {
     pub device_to_host_bytes: u64,
     /// Bytes this end copied between device buffers (into and out of device slots).
     pub device_to_device_bytes: u64,
+    /// Sender: messages converted to another wire format because the peer
+    /// does not read v2 (an `http://` server of the Python reference reads v1).
+    pub format_conversions: u64,
 }

@@ -24,7 +24,12 @@ pub(crate) trait Scheme: Sync {
     /// Check the part after `NAME://`; the error says why it is refused.
     fn check(&self, target: &str) -> std::result::Result<(), String>;
     /// Listen at `target`.
-    fn bind(&self, target: &str, options: &Options) -> Result<Vec<Box<dyn Acceptor>>>;
+    fn bind(
+        &self,
+        target: &str,
+        identity: &ModelIdentity,
+        options: &Options,
+    ) -> Result<Vec<Box<dyn Acceptor>>>;
     /// Connect to a listener at `target` and handshake.
     fn connect(
         &self,
@@ -93,6 +98,7 @@ pub(crate) static SCHEMES: &[&dyn Scheme] = &[
         name: "rdma",
         why: "the rdma transport needs Linux; use tcp:// on this platform",
     },
+    &crate::http::HttpScheme,
 ];
 
 /// The scheme named `name`.
@@ -118,7 +124,7 @@ impl Scheme for Unsupported {
     fn check(&self, _: &str) -> std::result::Result<(), String> {
         Err(self.why.into())
     }
-    fn bind(&self, _: &str, _: &Options) -> Result<Vec<Box<dyn Acceptor>>> {
+    fn bind(&self, _: &str, _: &ModelIdentity, _: &Options) -> Result<Vec<Box<dyn Acceptor>>> {
         unreachable!("check refuses every address")
     }
     fn connect(

@@ -21,6 +21,9 @@ pub enum TransportKind {
     /// RDMA writes into the receiver's registered memory, with a TCP control
     /// connection (a real device, or the emulator: `Session::explain` says which).
     Rdma,
+    /// HTTP: the Python reference's binding (`POST /avp/v2/transmit`), spoken
+    /// with the reference's agents and between avp agents.
+    Http,
 }
 
 impl TransportKind {
@@ -31,6 +34,7 @@ impl TransportKind {
             TransportKind::Tcp => "tcp",
             TransportKind::Cuda => "cuda",
             TransportKind::Rdma => "rdma",
+            TransportKind::Http => "http",
         }
     }
 }

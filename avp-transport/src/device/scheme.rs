@@ -50,7 +50,12 @@ impl Scheme for CudaScheme {
         ShmScheme.check(name)
     }
 
-    fn bind(&self, name: &str, options: &Options) -> Result<Vec<Box<dyn Acceptor>>> {
+    fn bind(
+        &self,
+        name: &str,
+        _identity: &ModelIdentity,
+        options: &Options,
+    ) -> Result<Vec<Box<dyn Acceptor>>> {
         let device = device_of(options, "binding")?;
         shm::bind_named("cuda", name, Some(device))
     }

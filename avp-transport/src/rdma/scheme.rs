@@ -47,7 +47,12 @@ impl Scheme for RdmaScheme {
             .map_err(|_| "expected rdma://HOST:PORT".into())
     }
 
-    fn bind(&self, host_port: &str, options: &Options) -> Result<Vec<Box<dyn Acceptor>>> {
+    fn bind(
+        &self,
+        host_port: &str,
+        _identity: &ModelIdentity,
+        options: &Options,
+    ) -> Result<Vec<Box<dyn Acceptor>>> {
         options.rdma.check()?;
         let rdma = match super::open(options)? {
             Ok(verbs) => Some(Accepting { verbs }),

@@ -68,7 +68,12 @@ impl Scheme for ShmScheme {
         })
     }
 
-    fn bind(&self, name: &str, _options: &Options) -> Result<Vec<Box<dyn Acceptor>>> {
+    fn bind(
+        &self,
+        name: &str,
+        _identity: &ModelIdentity,
+        _options: &Options,
+    ) -> Result<Vec<Box<dyn Acceptor>>> {
         bind_named("shm", name, None)
     }
 

@@ -4,7 +4,7 @@
 //! TLS with the `tls` feature. A listener on a host with shared memory also
 //! offers it, and a peer on the same host switches (`TcpOptions::shm_upgrade`).
 
-mod buf;
+pub(crate) mod buf;
 mod conn;
 mod receiver;
 mod sender;
@@ -48,7 +48,12 @@ impl Scheme for TcpScheme {
         }
     }
 
-    fn bind(&self, host_port: &str, options: &Options) -> Result<Vec<Box<dyn Acceptor>>> {
+    fn bind(
+        &self,
+        host_port: &str,
+        _identity: &ModelIdentity,
+        options: &Options,
+    ) -> Result<Vec<Box<dyn Acceptor>>> {
         let l = TcpListener::bind(host_port).map_err(TransportError::io("bind tcp"))?;
         let mut acceptors: Vec<Box<dyn Acceptor>> = Vec::new();
         #[cfg(target_os = "linux")]
