@@ -97,6 +97,12 @@ typedef enum avp_status {
    * host bytes, or a device address asked of a host message.
    */
   AVP_ERR_PLACEMENT = 16,
+  /**
+   * The peer refused the message and said why (an `http://` server: the
+   * session id, the size, or a receiver that is behind); nothing was
+   * delivered and the session goes on.
+   */
+  AVP_ERR_REFUSED = 17,
 } avp_status;
 
 /**
@@ -137,6 +143,10 @@ typedef enum avp_transport_kind {
    * RDMA writes into the receiver's registered memory (`rdma://`).
    */
   AVP_TRANSPORT_RDMA = 3,
+  /**
+   * HTTP, the Python reference's binding (`http://`).
+   */
+  AVP_TRANSPORT_HTTP = 4,
 } avp_transport_kind;
 
 /**

@@ -4,25 +4,15 @@
 //! `.ci/run`) creates at `.venv`; set `AVP_PYTHON` to use another interpreter.
 //! Python encodes, Rust decodes; Rust encodes, Python decodes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
+
+mod support;
+use support::python;
 
 use avp_wire::v1::{self, Compression, KvHeader, Metadata};
 use avp_wire::{DType, Envelope, HiddenStateDesc, KvCacheDesc, KvLayout, Message, Payload};
 use serde_json::Value;
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("AVP_PYTHON") {
-        return p.into();
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "the Python reference is not installed: run `scripts/test` (it creates .venv with avp==0.6.2) \
-         or set AVP_PYTHON to a python that has avp==0.6.2"
-    );
-    venv
-}
 
 fn avp_ref(args: &[&str]) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/avp_ref.py");

@@ -92,6 +92,7 @@ fn session_info(s: &Session) -> avp_session_info {
             TransportKind::Tcp => avp_transport_kind::AVP_TRANSPORT_TCP,
             TransportKind::Cuda => avp_transport_kind::AVP_TRANSPORT_CUDA,
             TransportKind::Rdma => avp_transport_kind::AVP_TRANSPORT_RDMA,
+            TransportKind::Http => avp_transport_kind::AVP_TRANSPORT_HTTP,
         },
         max_message: s.max_message,
         map_id: [0; 64],

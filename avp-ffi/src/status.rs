@@ -47,6 +47,10 @@ pub enum avp_status {
     /// The data is elsewhere than the call needs: device sections read as
     /// host bytes, or a device address asked of a host message.
     AVP_ERR_PLACEMENT = 16,
+    /// The peer refused the message and said why (an `http://` server: the
+    /// session id, the size, or a receiver that is behind); nothing was
+    /// delivered and the session goes on.
+    AVP_ERR_REFUSED = 17,
 }
 
 /// An error on its way to C.
@@ -88,6 +92,7 @@ impl From<TransportError> for Error {
             TransportError::InvalidOption { .. } => AVP_ERR_INVALID_ARGUMENT,
             TransportError::Device { .. } => AVP_ERR_DEVICE,
             TransportError::Placement(_) => AVP_ERR_PLACEMENT,
+            TransportError::Refused { .. } => AVP_ERR_REFUSED,
             _ => AVP_ERR_IO,
         };
         Error::new(status, e.to_string())
@@ -170,6 +175,7 @@ pub extern "C" fn avp_status_name(status: i32) -> *const c_char {
         AVP_ERR_PANIC,
         AVP_ERR_DEVICE,
         AVP_ERR_PLACEMENT,
+        AVP_ERR_REFUSED,
     ];
     let Some(&status) = ALL.iter().find(|s| **s as i32 == status) else {
         return c"AVP_STATUS_UNKNOWN".as_ptr();
@@ -192,6 +198,7 @@ pub extern "C" fn avp_status_name(status: i32) -> *const c_char {
         AVP_ERR_PANIC => c"AVP_ERR_PANIC",
         AVP_ERR_DEVICE => c"AVP_ERR_DEVICE",
         AVP_ERR_PLACEMENT => c"AVP_ERR_PLACEMENT",
+        AVP_ERR_REFUSED => c"AVP_ERR_REFUSED",
     };
     s.as_ptr()
 }

@@ -95,6 +95,8 @@ pub enum avp_transport_kind {
     AVP_TRANSPORT_CUDA = 2,
     /// RDMA writes into the receiver's registered memory (`rdma://`).
     AVP_TRANSPORT_RDMA = 3,
+    /// HTTP, the Python reference's binding (`http://`).
+    AVP_TRANSPORT_HTTP = 4,
 }
 
 /// Envelope string fields of a message.

@@ -120,11 +120,13 @@ impl Inbox {
     }
 
     /// A connection that carried this session's requests closed; returns
-    /// whether that ended the session (it was the last one).
-    pub(super) fn connection_closed(&self) -> bool {
+    /// whether that ended the session (it was the last one, and the peer
+    /// closed it: one the server closed after refusing a body it did not read
+    /// says nothing of the peer leaving).
+    pub(super) fn connection_closed(&self, by_peer: bool) -> bool {
         let mut s = self.lock();
         s.connections = s.connections.saturating_sub(1);
-        if s.connections > 0 || s.ended.is_some() {
+        if s.connections > 0 || s.ended.is_some() || !by_peer {
             return false;
         }
         s.ended = Some(format!(

@@ -11,6 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -194,6 +195,9 @@ struct Connection {
     peer: SocketAddr,
     shared: Arc<Shared>,
     sessions: Mutex<Vec<Arc<Inbox>>>,
+    /// The server refused a body without reading it, so the connection closes
+    /// on the server's initiative.
+    unread_body: AtomicBool,
 }
 
 impl Connection {
@@ -208,8 +212,9 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        let by_peer = !self.unread_body.load(Ordering::Relaxed);
         for inbox in lock(&self.sessions).drain(..) {
-            if inbox.connection_closed() {
+            if inbox.connection_closed(by_peer) {
                 let mut open = lock(&self.shared.sessions);
                 if open
                     .get(&inbox.session.peer_agent)
@@ -227,6 +232,7 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc
         peer,
         shared,
         sessions: Mutex::default(),
+        unread_body: AtomicBool::new(false),
     });
     let service = {
         let conn = conn.clone();
@@ -286,6 +292,9 @@ async fn handle(req: Request<Incoming>, conn: &Connection) -> Response<Full<Byte
         Ok(v) => (StatusCode::OK, json::ok(v)),
         Err(Refusal(status, message)) => {
             tracing::debug!("http {path} from {}: {status}: {message}", conn.peer);
+            if [StatusCode::PAYLOAD_TOO_LARGE, StatusCode::REQUEST_TIMEOUT].contains(&status) {
+                conn.unread_body.store(true, Ordering::Relaxed);
+            }
             (status, json::error(message))
         }
     };
