@@ -105,7 +105,9 @@ fn transfer(addr: &str, extra: &[&str], sizes: &[usize]) {
         assert!(got == want, "{}: received bytes differ", f.display());
     }
     let explain = String::from_utf8_lossy(&send.stderr);
-    let kind = if addr.starts_with("shm") || !extra.contains(&"--no-shm-upgrade") {
+    let kind = if addr.starts_with("http") {
+        "transport http"
+    } else if addr.starts_with("shm") || !extra.contains(&"--no-shm-upgrade") {
         "transport shm"
     } else {
         "transport tcp"
@@ -124,6 +126,11 @@ fn kv_messages_1kib_to_256mib_over_shm() {
 #[test]
 fn kv_messages_1kib_to_256mib_over_tcp() {
     transfer("tcp://127.0.0.1:0", &["--no-shm-upgrade"], &SIZES);
+}
+
+#[test]
+fn kv_messages_1kib_to_256mib_over_http() {
+    transfer("http://127.0.0.1:0", &[], &SIZES);
 }
 
 #[test]

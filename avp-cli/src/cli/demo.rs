@@ -22,7 +22,8 @@ const DEFAULT_TASK: &str = "Natalia sold clips to 48 of her friends in April, an
 pub struct Args {
     /// How the agents reach each other (shm: shared memory; tcp: loopback TCP;
     /// cuda: shared memory with the KV cache in GPU memory, device to device;
-    /// rdma: RDMA writes over loopback, with `--rdma-device`).
+    /// rdma: RDMA writes over loopback, with `--rdma-device`; http: the Python
+    /// reference's HTTP binding over loopback).
     /// Default: cuda for a model on a GPU (`--device cuda`), else shm.
     #[arg(long, value_enum)]
     transport: Option<Transport>,
@@ -70,6 +71,7 @@ enum Transport {
     Tcp,
     Cuda,
     Rdma,
+    Http,
 }
 
 impl Args {
@@ -136,6 +138,7 @@ fn pipeline(a: &Args, mode: Mode) -> anyhow::Result<Value> {
         Transport::Tcp => "tcp://127.0.0.1:0".into(),
         Transport::Cuda => format!("cuda://{name}"),
         Transport::Rdma => "rdma://127.0.0.1:0".into(),
+        Transport::Http => "http://127.0.0.1:0".into(),
     };
     let mut common = vec![
         "--mode".into(),

@@ -54,7 +54,8 @@ impl Common {
 /// Arguments of `avp recv`.
 #[derive(clap::Args, Debug)]
 pub struct RecvArgs {
-    /// Address to listen at: shm://NAME or tcp://HOST:PORT.
+    /// Address to listen at: shm://NAME, tcp://HOST:PORT, or http://HOST:PORT
+    /// (the Python reference's HTTP binding: its clients can send here).
     addr: String,
     /// Directory to write each message to (msg-000001.avp, ...).
     #[arg(long)]
@@ -73,7 +74,8 @@ pub struct RecvArgs {
 /// Arguments of `avp send`.
 #[derive(clap::Args, Debug)]
 pub struct SendArgs {
-    /// Address of the listener: shm://NAME or tcp://HOST:PORT.
+    /// Address of the listener: shm://NAME, tcp://HOST:PORT, or http://HOST:PORT
+    /// (an avp listener, or a server of the Python reference's binding).
     addr: String,
     /// Message files to send, in order: v2, or v1 files of the Python
     /// reference (converted to v2 first, which is reported).
