@@ -46,7 +46,7 @@ pub struct TransportArgs {
     /// Message sizes.
     #[arg(long, value_delimiter = ',', default_value = "4KiB,1MiB,64MiB,256MiB")]
     sizes: Vec<String>,
-    /// Transports to measure: memcpy, raw_tcp, raw_shm, shm, tcp, cuda, rdma.
+    /// Transports to measure: memcpy, raw_tcp, raw_shm, shm, tcp, http, cuda, rdma.
     #[arg(
         long,
         alias = "transport",
@@ -87,6 +87,7 @@ enum Via {
     Shm,
     Tcp,
     Rdma(Option<RdmaDevice>),
+    Http,
 }
 
 impl Via {
@@ -95,6 +96,7 @@ impl Via {
             Via::Shm => "shm",
             Via::Tcp => "tcp",
             Via::Rdma(_) => "rdma",
+            Via::Http => "http",
         }
     }
 }
@@ -326,6 +328,7 @@ pub fn run(a: TransportArgs) -> anyhow::Result<()> {
                     "raw_shm" => raw_shm(size, per_round, cpus, gap)?,
                     "shm" => avp_transport(size, per_round, &Via::Shm, a.spin, cpus, gap)?,
                     "tcp" => avp_transport(size, per_round, &Via::Tcp, a.spin, cpus, gap)?,
+                    "http" => avp_transport(size, per_round, &Via::Http, a.spin, cpus, gap)?,
                     "rdma" => {
                         let via = Via::Rdma(a.rdma_device.clone());
                         avp_transport(size, per_round, &via, a.spin, cpus, gap)?
@@ -341,7 +344,7 @@ pub fn run(a: TransportArgs) -> anyhow::Result<()> {
                     }
                     other => {
                         anyhow::bail!(
-                            "unknown transport {other:?} (memcpy, raw_tcp, raw_shm, shm, tcp, cuda, rdma)"
+                            "unknown transport {other:?} (memcpy, raw_tcp, raw_shm, shm, tcp, http, cuda, rdma)"
                         )
                     }
                 };
@@ -424,6 +427,7 @@ fn avp_transport(
     let (opts, addr) = match via {
         Via::Shm => (opts, format!("shm://bench-{}", std::process::id())),
         Via::Tcp => (opts, "tcp://127.0.0.1:0".to_string()),
+        Via::Http => (opts, "http://127.0.0.1:0".to_string()),
         Via::Rdma(device) => {
             let mut r = RdmaOptions::default()
                 .slots(2)

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Result, TransportError};
 use crate::port::{Armed, Counters, Delivery, Held, Idle, RecvPort};
 use crate::session::Session;
+use crate::tcp::buf::{BufPool, PageBuf};
 
 /// A descriptor that is readable once rung, until drained (for event loops).
 pub(super) struct Doorbell {
@@ -44,17 +45,47 @@ impl Doorbell {
     }
 }
 
+/// A message's bytes: a pooled, pre-faulted buffer a body was read into (back
+/// to the pool when the receiver releases it), or a converted message.
+pub(super) enum Body {
+    Pooled {
+        buf: Option<PageBuf>,
+        len: usize,
+        pool: Arc<Mutex<BufPool>>,
+    },
+    Owned(Vec<u8>),
+}
+
+impl Body {
+    pub(super) fn bytes(&self) -> &[u8] {
+        match self {
+            Body::Pooled { buf, len, .. } => buf.as_ref().map_or(&[], |b| b.slice(*len)),
+            Body::Owned(v) => v,
+        }
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        if let Body::Pooled { buf, pool, .. } = self
+            && let Some(b) = buf.take()
+        {
+            pool.lock().unwrap_or_else(|e| e.into_inner()).give(b);
+        }
+    }
+}
+
 /// Why a message could not be queued.
 pub(super) enum Refused {
     /// The queue is full: wait for room.
-    Full(Vec<u8>),
+    Full(Body),
     /// The session ended or its receiver is gone.
-    Closed(Vec<u8>),
+    Closed(Body),
 }
 
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Vec<u8>>,
+    queue: VecDeque<Body>,
     /// Why the session ended (its peer left), once it has.
     ended: Option<String>,
     /// The receiver was dropped: nothing more is queued.
@@ -99,7 +130,7 @@ impl Inbox {
     }
 
     /// Queue a message for the receiver.
-    pub(super) fn push(&self, message: Vec<u8>) -> std::result::Result<(), Refused> {
+    pub(super) fn push(&self, message: Body) -> std::result::Result<(), Refused> {
         let mut s = self.lock();
         if s.ended.is_some() || s.receiver_gone {
             return Err(Refused::Closed(message));
@@ -167,7 +198,7 @@ impl Inbox {
         if let Some(m) = s.queue.pop_front() {
             self.room.notify_waiters();
             Counters::bump(&self.counters.messages);
-            let (ptr, len) = (m.as_ptr(), m.len());
+            let (ptr, len) = (m.bytes().as_ptr(), m.bytes().len());
             return Ok(Some(Delivery {
                 held: Held {
                     key: 0,

@@ -25,7 +25,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 
-use super::inbox::{Doorbell, Inbox, Receiving, Refused};
+use super::inbox::{Body, Doorbell, Inbox, Receiving, Refused};
 use super::json::{self, Hello, JsonMessage};
 use super::{HANDSHAKE, HEALTH, IMPLEMENTATION, TEXT, TRANSMIT};
 use crate::error::{Result, TransportError};
@@ -33,13 +33,14 @@ use crate::options::Options;
 use crate::port::RecvPort;
 use crate::scheme::{AcceptCtx, Acceptor};
 use crate::session::{Session, TransportKind};
+use crate::tcp::buf::BufPool;
 
 /// Sessions opened but not yet accepted; more are refused (503).
 const MAX_PENDING: usize = 64;
 /// Largest handshake or JSON message body.
 const MAX_JSON: u64 = 16 << 20;
-/// The first buffer for a message body; it grows as bytes arrive, so a
-/// declared length costs nothing until its bytes are there.
+/// The largest buffer taken for a body before its bytes arrive; it grows as
+/// they do, so a declared length costs little until its bytes are there.
 const FIRST_BUFFER: u64 = 64 << 20;
 /// HTTP/2 flow-control windows: large enough that a KV cache is not paced by
 /// window updates.
@@ -56,6 +57,8 @@ struct Shared {
     pending: Mutex<VecDeque<Arc<Inbox>>>,
     /// Readable while `pending` is not empty.
     bell: Doorbell,
+    /// Buffers bodies are read into, back when their messages are released.
+    pool: Arc<Mutex<BufPool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,6 +110,7 @@ pub(super) fn bind(
         sessions: Mutex::default(),
         pending: Mutex::default(),
         bell: Doorbell::new()?,
+        pool: Arc::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -345,14 +349,15 @@ fn agent_of(req: &Request<Incoming>, fallback: &str) -> String {
         .to_owned()
 }
 
-/// Read a body of at most `limit` bytes: a declared length over it is refused
-/// before anything is read (413), a body that stalls past the body timeout is
-/// refused (408).
+/// Read a body of at most `limit` bytes into a pooled buffer: a declared
+/// length over it is refused before anything is read (413), a body that
+/// stalls past the body timeout is refused (408).
 async fn read_body(
     req: Request<Incoming>,
     limit: u64,
     timeout: Duration,
-) -> std::result::Result<Vec<u8>, Refusal> {
+    pool: &Arc<Mutex<BufPool>>,
+) -> std::result::Result<Body, Refusal> {
     let too_large = |n: u64| {
         Refusal(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -367,42 +372,48 @@ async fn read_body(
         return Err(too_large(n));
     }
     let mut body = req.into_body();
-    let mut buf = Vec::new();
-    let first = declared.unwrap_or(0).min(FIRST_BUFFER) as usize;
-    let no_memory = |n: usize| {
-        Refusal(
-            StatusCode::INSUFFICIENT_STORAGE,
-            format!("no memory for a body of {n} bytes"),
-        )
-    };
-    buf.try_reserve_exact(first).map_err(|_| no_memory(first))?;
+    // The declared length is trusted only up to FIRST_BUFFER before its bytes come.
+    let want = declared.unwrap_or(0) as usize;
+    let mut buf = lock(pool).take_to_fill(want, FIRST_BUFFER as usize);
+    let mut len = 0usize;
     let read = async {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| Refusal::bad(format!("reading the body: {e}")))?;
             if let Ok(data) = frame.into_data() {
-                let n = buf.len() + data.len();
+                let n = len + data.len();
                 if n as u64 > limit {
                     return Err(too_large(n as u64));
                 }
-                buf.try_reserve(data.len()).map_err(|_| no_memory(n))?;
-                buf.extend_from_slice(&data);
+                if n > buf.capacity() {
+                    let cap = if n <= want {
+                        want
+                    } else {
+                        n.max(2 * buf.capacity())
+                    };
+                    buf = buf.grown(cap.min(limit as usize), len);
+                }
+                buf.slice_mut(n)[len..].copy_from_slice(&data);
+                len = n;
             }
         }
         Ok(())
     };
-    match tokio::time::timeout(timeout, read).await {
-        Ok(r) => r?,
-        Err(_) => {
-            return Err(Refusal(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "the body stalled: {} bytes in {timeout:?}; nothing was delivered",
-                    buf.len()
-                ),
-            ));
-        }
+    let read = tokio::time::timeout(timeout, read).await;
+    let body = Body::Pooled {
+        buf: Some(buf),
+        len,
+        pool: pool.clone(),
+    };
+    match read {
+        Ok(r) => r.map(|()| body),
+        Err(_) => Err(Refusal(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body stalled: {} bytes in {timeout:?}; nothing was delivered",
+                body.bytes().len()
+            ),
+        )),
     }
-    Ok(buf)
 }
 
 /// How a session was opened, for `Session::explain`.
@@ -498,8 +509,14 @@ async fn handshake(req: Request<Incoming>, conn: &Connection) -> Answer {
     authorize(&req, shared)?;
     let version = req.version();
     let header_agent = agent_of(&req, "");
-    let body = read_body(req, MAX_JSON, shared.options.http.body_timeout).await?;
-    let hello: Hello = serde_json::from_slice(&body)
+    let body = read_body(
+        req,
+        MAX_JSON,
+        shared.options.http.body_timeout,
+        &shared.pool,
+    )
+    .await?;
+    let hello: Hello = serde_json::from_slice(body.bytes())
         .map_err(|e| Refusal::bad(format!("Invalid handshake: {e}")))?;
     let agent = if header_agent.is_empty() {
         hello.agent_id.clone()
@@ -553,14 +570,14 @@ fn identity_of(m: &Message<'_>) -> ModelIdentity {
 /// Deliver a v2 message to its agent's session (opened by this message when
 /// there is none), waiting for room up to the delivery timeout.
 async fn deliver(
-    message: Vec<u8>,
+    message: Body,
     header_agent: String,
     conn: &Connection,
     version: Version,
 ) -> Answer {
     let shared = &*conn.shared;
     let (agent, session_id, peer, kind) = {
-        let m = Message::parse(&message).map_err(|e| Refusal::bad(e.to_string()))?;
+        let m = Message::parse(message.bytes()).map_err(|e| Refusal::bad(e.to_string()))?;
         let env = m.envelope();
         let agent = if header_agent.is_empty() {
             env.source_agent_id().to_owned()
@@ -574,7 +591,7 @@ async fn deliver(
             m.payload().kind_name(),
         )
     };
-    let bytes = message.len();
+    let bytes = message.bytes().len();
     let deadline = tokio::time::Instant::now() + shared.options.http.delivery_timeout;
     let mut message = message;
     // Twice at most: a receiver dropped between lookup and delivery gets the
@@ -646,12 +663,12 @@ async fn transmit(req: Request<Incoming>, conn: &Connection) -> Answer {
     let version = req.version();
     let agent = agent_of(&req, "");
     let limit = shared.options.max_message;
-    let body = read_body(req, limit, shared.options.http.body_timeout).await?;
-    let message = match avp_wire::sniff_version(&body) {
+    let body = read_body(req, limit, shared.options.http.body_timeout, &shared.pool).await?;
+    let message = match avp_wire::sniff_version(body.bytes()) {
         Ok(avp_wire::VERSION_V2) => body,
         Ok(v1::VERSION_V1) => {
             let d = v1::decode_with_limits(
-                &body,
+                body.bytes(),
                 &Limits {
                     max_decompressed: limit,
                 },
@@ -667,7 +684,7 @@ async fn transmit(req: Request<Incoming>, conn: &Connection) -> Answer {
                     ),
                 ));
             }
-            m
+            Body::Owned(m)
         }
         Ok(v) => {
             return Err(Refusal::bad(format!(
@@ -688,10 +705,11 @@ async fn text(req: Request<Incoming>, conn: &Connection) -> Answer {
         req,
         MAX_JSON.min(shared.options.max_message),
         shared.options.http.body_timeout,
+        &shared.pool,
     )
     .await?;
-    let m: JsonMessage =
-        serde_json::from_slice(&body).map_err(|e| Refusal::bad(format!("Invalid message: {e}")))?;
+    let m: JsonMessage = serde_json::from_slice(body.bytes())
+        .map_err(|e| Refusal::bad(format!("Invalid message: {e}")))?;
     let doc = serde_json::to_vec(&m).expect("a JSON message serializes");
     let envelope = Envelope {
         session_id: m.session_id.clone(),
@@ -703,8 +721,10 @@ async fn text(req: Request<Incoming>, conn: &Connection) -> Answer {
         format: TextFormat::Json,
         len: doc.len() as u64,
     });
-    let message = avp_wire::encode_to_vec(&envelope, &payload, &[&doc])
-        .map_err(|e| Refusal::bad(e.to_string()))?;
+    let message = Body::Owned(
+        avp_wire::encode_to_vec(&envelope, &payload, &[&doc])
+            .map_err(|e| Refusal::bad(e.to_string()))?,
+    );
     let agent = if agent.is_empty() {
         m.source_agent_id
     } else {
