@@ -10,9 +10,14 @@
       The reference's create_app, served by uvicorn on 127.0.0.1 (port chosen by the
       system, written to OUTDIR/port). Each message its handlers receive is written
       to OUTDIR (n.json with the decoded metadata, n.payload with the payload bytes).
-  http_ref.py transmit-file URL FILE COUNT [--http2]
-      Time COUNT transmits of FILE's bytes with the reference's AVPClient; prints
-      one JSON line with the seconds of each (for `avp bench http`).
+  http_ref.py server OUTDIR --discard
+      The same server with handlers that keep nothing (for benchmarks).
+  http_ref.py make-kv FILE MIB
+      Write a v1 KV-cache message of about MIB MiB (f16, the reference's encoder).
+  http_ref.py transmit-file URL FILE COUNT
+      Time COUNT transmits of FILE's message with the reference's AVPClient (each
+      encodes and POSTs, as a user's call does); prints one JSON line with the
+      seconds of each (for scripts/bench-http).
 """
 import argparse
 import asyncio
@@ -125,6 +130,8 @@ def server(a) -> None:
         return {"received": n}
 
     async def on_message(msg) -> dict:
+        if a.discard:
+            return {"bytes": len(msg.payload)}
         return record({"kind": "message", "metadata": meta_json(msg.metadata),
                        "flags": int(msg.header.flags)}, msg.payload)
 
@@ -141,16 +148,34 @@ def server(a) -> None:
     asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
 
 
+def make_kv(a) -> None:
+    # SmolLM2-135M's shape: 30 layers x 3 KV heads x 64; positions to fill MIB.
+    layers, heads, head_dim = 30, 3, 64
+    seq = a.mib * 2**20 // (2 * layers * heads * head_dim * 2)
+    hdr = KVCacheHeader(num_layers=layers, num_kv_heads=heads, head_dim=head_dim, seq_len=seq,
+                        dtype="float16")
+    rng = np.random.default_rng(1)
+    block = rng.standard_normal(heads * seq * head_dim).astype("<f2").tobytes()
+    payload = hdr.to_bytes() + block * (2 * layers)
+    meta = AVPMetadata(model_id="HuggingFaceTB/SmolLM2-135M-Instruct", hidden_dim=576,
+                       num_layers=layers, dtype=DataType.FLOAT16, mode=CommunicationMode.LATENT)
+    Path(a.file).write_bytes(codec.encode_kv_cache(payload, meta))
+
+
 def transmit_file(a) -> None:
     data = Path(a.file).read_bytes()
     msg = codec.decode(data)
-    times = []
+    times, encode = [], []
     with AVPClient(a.url, agent_id="bench") as c:
         for _ in range(a.count):
             t = time.perf_counter()
             c.transmit(msg.payload, msg.metadata)
             times.append(time.perf_counter() - t)
-    say(bytes=len(data), seconds=times)
+            # The client's own share of a transmit: encoding the message.
+            t = time.perf_counter()
+            codec.encode(msg.payload, msg.metadata)
+            encode.append(time.perf_counter() - t)
+    say(bytes=len(data), seconds=times, encode_seconds=encode)
 
 
 def main() -> None:
@@ -167,12 +192,16 @@ def main() -> None:
     c.add_argument("--handshake-only", action="store_true")
     s = sub.add_parser("server")
     s.add_argument("outdir")
+    s.add_argument("--discard", action="store_true")
+    k = sub.add_parser("make-kv")
+    k.add_argument("file")
+    k.add_argument("mib", type=int)
     t = sub.add_parser("transmit-file")
     t.add_argument("url")
     t.add_argument("file")
     t.add_argument("count", type=int)
     a = p.parse_args()
-    {"client": client, "server": server, "transmit-file": transmit_file}[a.cmd](a)
+    {"client": client, "server": server, "transmit-file": transmit_file, "make-kv": make_kv}[a.cmd](a)
 
 
 if __name__ == "__main__":
