@@ -337,7 +337,7 @@ fn an_avp_sender_delivers_to_the_reference_server_in_v1() {
         .map(|t| (0..160).map(|i| (t * 40 + i) as u8).collect())
         .collect();
     let refs: Vec<&[u8]> = tensors.iter().map(|t| &t[..]).collect();
-    send(&mut tx, &envelope, &Payload::KvCache(desc.clone()), &refs);
+    send(&mut tx, &envelope, &Payload::KvCache(desc), &refs);
     let hidden: Vec<u8> = (0..2 * 576 * 4).map(|i| (i % 251) as u8).collect();
     let hdesc = HiddenStateDesc {
         rows: 2,

@@ -157,7 +157,7 @@ pub extern "C" fn avp_last_error_message() -> *const c_char {
 #[unsafe(no_mangle)]
 pub extern "C" fn avp_status_name(status: i32) -> *const c_char {
     use avp_status::*;
-    const ALL: [avp_status; 17] = [
+    const ALL: [avp_status; 18] = [
         AVP_OK,
         AVP_ERR_NULL,
         AVP_ERR_INVALID_ARGUMENT,

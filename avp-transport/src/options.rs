@@ -31,7 +31,8 @@ pub struct Options {
     pub max_message: u64,
     /// Pre-shared token. When the listener has one, connecting peers must prove
     /// they know it (HMAC-SHA256 over the handshake's transcript) before
-    /// anything else happens.
+    /// anything else happens. Over `http://` it is the binding's bearer token
+    /// (`Authorization: Bearer`), sent as it is.
     pub token: Option<String>,
     /// Connect and handshake timeout (and the longest wait for one control frame).
     pub connect_timeout: Duration,
