@@ -138,6 +138,8 @@ fn c_program_exchanges_kv_over_shm_and_tcp() {
     exchange(&exe, "tcp://127.0.0.1:0", true, false);
     // rdma:// on the software RDMA device (options.rdma_device = "emulated").
     exchange_in(&exe, "rdma://127.0.0.1:0", &["rdma"], false);
+    // http://, the Python reference's binding.
+    exchange_in(&exe, "http://127.0.0.1:0", &["http"], false);
 }
 
 #[test]

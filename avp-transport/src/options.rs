@@ -161,8 +161,9 @@ pub struct HttpOptions {
     /// Listener: how long a request waits for room in a full queue before it is
     /// answered 503 (nothing delivered). Sender: how long it waits for an answer.
     pub delivery_timeout: Duration,
-    /// Listener: how long the rest of a request body may take once its headers
-    /// arrived; a stalled body is answered 408 and nothing is delivered.
+    /// Listener: how long a request's headers may take to arrive, and then the
+    /// rest of its body; a stalled body is answered 408 and nothing is
+    /// delivered, stalled headers close the connection.
     pub body_timeout: Duration,
 }
 

@@ -84,3 +84,11 @@ async fn async_rdma_on_the_emulated_device() {
     let kind = exchange("rdma://127.0.0.1:0".into(), opts, 20).await;
     assert_eq!(kind, TransportKind::Rdma);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_http() {
+    // The sender's own runtime is dropped inside this one's task: it must not
+    // wait there (that would panic).
+    let kind = exchange("http://127.0.0.1:0".into(), Options::default(), 20).await;
+    assert_eq!(kind, TransportKind::Http);
+}

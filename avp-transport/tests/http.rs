@@ -378,3 +378,32 @@ fn http2_with_prior_knowledge_is_served_on_the_same_port() {
 fn l_section(l: &MessageLayout, i: usize) -> usize {
     l.section(i).len as usize
 }
+
+#[test]
+fn stalled_headers_and_bodies_are_cut_off() {
+    let opts =
+        Options::default().http(HttpOptions::default().body_timeout(Duration::from_millis(300)));
+    let listener = Endpoint::bind("http://127.0.0.1:0", &identity(), opts).unwrap();
+    let hp = listener
+        .local_addr()
+        .trim_start_matches("http://")
+        .to_owned();
+    // Headers that never end: the connection is closed.
+    let mut s = TcpStream::connect(&hp).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let t = std::time::Instant::now();
+    s.write_all(b"POST /avp/v2/transmit HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // A body that stops: 408, nothing delivered.
+    let head = "POST /avp/v2/transmit HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n";
+    let (status, body) = raw(&listener.local_addr(), head, &[0u8; 10]);
+    assert_eq!(status, 408, "{body}");
+    assert!(body.contains("stalled"), "{body}");
+    assert!(matches!(
+        listener.accept(Duration::from_millis(200)),
+        Err(TransportError::Timeout(..))
+    ));
+}

@@ -1,13 +1,15 @@
 /*
  * Two processes exchange a multi-layer KV cache through the C ABI only.
  *
- *   kv_exchange recv ADDR [tcp]   listen, receive COUNT KV messages plus a hidden-state
+ *   kv_exchange recv ADDR [MODE]  listen, receive COUNT KV messages plus a hidden-state
  *                                 and a text message, verify every byte; print "OK"
- *   kv_exchange send ADDR [tcp]   connect and send them
+ *   kv_exchange send ADDR [MODE]  connect and send them
  *   kv_exchange badargs           every function with bad arguments
  *
- * With "tcp" the session stays on TCP; otherwise shared memory is used and every
- * received section pointer must lie inside the shared pool (zero copy).
+ * MODE "tcp": the session stays on TCP; "http": http:// (the Python reference's
+ * binding); "rdma": rdma:// on the emulated device. Otherwise shared memory is
+ * used and every received section pointer must lie inside the shared pool
+ * (zero copy).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
@@ -58,6 +60,8 @@ static const char TEXT[] = "{\"role\":\"researcher\",\"content\":\"x = 6 * 7\"}"
 
 /* "emulated" when the programs run over rdma:// (the software RDMA device). */
 static const char *RDMA_DEVICE = NULL;
+/* Set when the programs run over http:// (the Python reference's binding). */
+static int HTTP = 0;
 
 static int do_recv(const char *addr, int tcp) {
   struct avp_identity id = identity();
@@ -78,7 +82,10 @@ static int do_recv(const char *addr, int tcp) {
   CHECK(avp_listener_accept(l, 30000, &r));
   struct avp_session_info si;
   CHECK(avp_receiver_session(r, &si));
-  int want = tcp ? AVP_TRANSPORT_TCP : RDMA_DEVICE ? AVP_TRANSPORT_RDMA : AVP_TRANSPORT_SHM;
+  int want = HTTP ? AVP_TRANSPORT_HTTP
+             : tcp  ? AVP_TRANSPORT_TCP
+             : RDMA_DEVICE ? AVP_TRANSPORT_RDMA
+                           : AVP_TRANSPORT_SHM;
   printf("SESSION %s mode=%d transport=%d (%s)\n", si.session_id, (int)si.mode,
          (int)si.transport, si.transport_reason);
   if ((int)si.transport != want) {
@@ -399,10 +406,12 @@ static int do_badargs(void) {
 int main(int argc, char **argv) {
   if (argc >= 2 && strcmp(argv[1], "badargs") == 0) return do_badargs();
   if (argc < 3) {
-    fprintf(stderr, "usage: %s recv|send ADDR [tcp|rdma] | badargs\n", argv[0]);
+    fprintf(stderr, "usage: %s recv|send ADDR [tcp|rdma|http] | badargs\n", argv[0]);
     return 64;
   }
-  int tcp = argc >= 4 && strcmp(argv[3], "tcp") == 0;
+  HTTP = argc >= 4 && strcmp(argv[3], "http") == 0;
+  /* Over http:// as over TCP: messages arrive in the receiver's own buffers. */
+  int tcp = argc >= 4 && (strcmp(argv[3], "tcp") == 0 || HTTP);
   if (argc >= 4 && strcmp(argv[3], "rdma") == 0) RDMA_DEVICE = "emulated";
   if (strcmp(argv[1], "recv") == 0) return do_recv(argv[2], tcp);
   if (strcmp(argv[1], "send") == 0) return do_send(argv[2], tcp);

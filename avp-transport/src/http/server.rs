@@ -22,7 +22,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::{Value, json};
 
 use super::inbox::{Body, Doorbell, Inbox, Receiving, Refused};
@@ -246,6 +246,11 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc
         })
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A peer that opens a connection and dribbles its headers is cut off.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(conn.shared.options.http.body_timeout);
     builder
         .http2()
         .initial_stream_window_size(H2_STREAM_WINDOW)
