@@ -109,7 +109,12 @@ fn the_reference_client_hands_an_avp_listener_a_kv_cache_a_hidden_state_and_text
         assert_eq!(steps[s]["answer"]["session_id"], rx.session().id.as_str());
     }
 
-    // The KV cache: what the reference encoded, field by field and byte by byte.
+    // The KV cache: what the reference encoded, field by field and byte by byte
+    // (with AVPContext.to_bytes() where the Python has torch).
+    eprintln!(
+        "the KV cache was built with {}",
+        steps["kv"]["answer"]["built_with"]
+    );
     let sent = std::fs::read(dir.path().join("kv.avp")).unwrap();
     let d = v1::decode(&sent).unwrap();
     let theirs = d.kv().unwrap();

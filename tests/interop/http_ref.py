@@ -2,8 +2,8 @@
 """Drive the Python reference `avp` (0.6.2) over its HTTP binding, for the Rust tests.
 
   http_ref.py client URL OUTDIR [--token T] [--agent A] [--identity JSON] [--kv-seq N]
-      AVPClient: handshake, then transmit a KV cache (the bytes AVPContext.to_bytes()
-      writes: codec.encode_kv_cache of the reference's KV payload), a hidden state
+      AVPClient: handshake, then transmit a KV cache (AVPContext.to_bytes() where
+      torch is installed, else the functions it calls; see kv_cache), a hidden state
       and a JSON text message. The bytes sent go to OUTDIR; one JSON line per step
       (handshake result, each answer, or the error and its status) goes to stdout.
   http_ref.py server OUTDIR
@@ -70,6 +70,41 @@ def step(name, fn):
         return False
 
 
+def kv_cache(rng, session, agent, layers, heads, head_dim, seq):
+    """A KV cache message: AVPContext.to_bytes() of a torch cache where torch is
+    installed; else the same bytes from the functions to_bytes calls
+    (codec.encode_kv_cache of the KVCacheHeader + K/V per layer), since its
+    serialize_kv_cache needs torch."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    model_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if torch is not None:
+        from avp.context import AVPContext
+        g = torch.Generator().manual_seed(7)
+        pkv = tuple(
+            (torch.randn(1, heads, seq, head_dim, generator=g).to(torch.float16),
+             torch.randn(1, heads, seq, head_dim, generator=g).to(torch.float16))
+            for _ in range(layers))
+        ctx = AVPContext(past_key_values=pkv, model_hash="ab" * 32, num_steps=4, seq_len=seq,
+                         model_family="llama", hidden_dim=576, num_layers=layers)
+        data = ctx.to_bytes(session_id=session, source_agent_id=agent, target_agent_id="avp-rs",
+                            model_id=model_id)
+        return data, "AVPContext.to_bytes"
+    hdr = KVCacheHeader(num_layers=layers, num_kv_heads=heads, head_dim=head_dim,
+                        seq_len=seq, dtype="float16")
+    parts = [hdr.to_bytes()]
+    for _ in range(2 * layers):
+        parts.append(rng.standard_normal(heads * seq * head_dim).astype("<f2").tobytes())
+    meta = AVPMetadata(
+        session_id=session, source_agent_id=agent, target_agent_id="avp-rs",
+        model_id=model_id, hidden_dim=576, num_layers=layers,
+        dtype=DataType.FLOAT16, mode=CommunicationMode.LATENT,
+        extra={"model_hash": "ab" * 32, "model_family": "llama", "num_steps": "4"})
+    return codec.encode_kv_cache(b"".join(parts), meta), "codec.encode_kv_cache"
+
+
 def client(a) -> None:
     out = Path(a.outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,22 +122,11 @@ def client(a) -> None:
 
         if not step("handshake", handshake) and not a.keep_going or a.handshake_only:
             return
-        # A KV cache as AVPContext.to_bytes() writes it (its serialize_kv_cache
-        # needs torch; the payload layout is the same 17-byte header + K/V per layer).
         layers, heads, head_dim, seq = 3, 2, 8, a.kv_seq
-        hdr = KVCacheHeader(num_layers=layers, num_kv_heads=heads, head_dim=head_dim,
-                            seq_len=seq, dtype="float16")
-        parts = [hdr.to_bytes()]
-        for _ in range(2 * layers):
-            parts.append(rng.standard_normal(heads * seq * head_dim).astype("<f2").tobytes())
-        kv_payload = b"".join(parts)
-        kv_meta = AVPMetadata(
-            session_id=session, source_agent_id=a.agent, target_agent_id="avp-rs",
-            model_id="HuggingFaceTB/SmolLM2-135M-Instruct", hidden_dim=576, num_layers=layers,
-            dtype=DataType.FLOAT16, mode=CommunicationMode.LATENT,
-            extra={"model_hash": "ab" * 32, "model_family": "llama", "num_steps": "4"})
-        (out / "kv.avp").write_bytes(codec.encode_kv_cache(kv_payload, kv_meta))
-        step("kv", lambda: c.transmit(kv_payload, kv_meta))
+        kv_bytes, built = kv_cache(rng, session, a.agent, layers, heads, head_dim, seq)
+        (out / "kv.avp").write_bytes(kv_bytes)
+        sent = codec.decode(kv_bytes)
+        step("kv", lambda: {**c.transmit(sent.payload, sent.metadata).json(), "built_with": built})
         hidden = rng.standard_normal(2 * 576).astype("<f4").tobytes()
         h_meta = AVPMetadata(
             session_id=session, source_agent_id=a.agent, model_id="m", hidden_dim=576,
