@@ -1,5 +1,6 @@
 //! Moving avp messages between agents: zero-copy shared memory on one host, TCP
-//! across hosts, one API.
+//! across hosts, one API. Also `cuda://` (sections in GPU memory), `rdma://`,
+//! and `http://`, the Python reference's HTTP binding, spoken with its agents.
 //!
 //! ```no_run
 //! use std::time::Duration;
