@@ -13,6 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PySequence};
 
 use crate::errors;
+use crate::loan::{Loan, SenderObj, lock};
 use crate::message::Message;
 
 /// How long a wait runs with the GIL released before it checks for signals.
@@ -147,7 +148,12 @@ pub(crate) fn connect(
     Ok(Sender {
         agent_id: agent_id.to_owned(),
         identity: id,
-        tx: Mutex::new(tx),
+        obj: Arc::new(Mutex::new(SenderObj {
+            loan: None,
+            layout: None,
+            tx: Box::new(tx),
+            generation: 0,
+        })),
     })
 }
 
@@ -219,7 +225,42 @@ impl Receiver {
 pub(crate) struct Sender {
     agent_id: String,
     identity: ModelIdentity,
-    tx: Mutex<avp_transport::Sender>,
+    obj: Arc<Mutex<SenderObj>>,
+}
+
+impl Sender {
+    /// An envelope from this sender for `target`, with `extra`.
+    fn envelope(&self, target: &str, extra: Option<Bound<'_, PyDict>>) -> PyResult<Envelope> {
+        let mut e = Envelope {
+            model_id: self.identity.model_id.clone(),
+            model_hash: self.identity.model_hash.clone(),
+            model_family: self.identity.model_family.clone(),
+            tokenizer_hash: self.identity.tokenizer_hash.clone(),
+            source_agent_id: self.agent_id.clone(),
+            target_agent_id: target.to_owned(),
+            ..Default::default()
+        };
+        if let Some(extra) = extra {
+            for (k, v) in extra.iter() {
+                e.extra.insert(k.extract()?, v.extract()?);
+            }
+        }
+        e.session_id = lock(&self.obj).tx.session().id.clone();
+        Ok(e)
+    }
+}
+
+fn dtype_of(name: &str) -> PyResult<DType> {
+    Ok(match name {
+        "float32" | "f32" => DType::F32,
+        "float16" | "f16" => DType::F16,
+        "bfloat16" | "bf16" => DType::Bf16,
+        other => {
+            return Err(PyTypeError::new_err(format!(
+                "dtype {other} is not sent (float32, float16, bfloat16)"
+            )));
+        }
+    })
 }
 
 /// A C-contiguous array's bytes, its shape and its avp dtype.
@@ -233,16 +274,7 @@ fn tensor(py: Python<'_>, x: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor> 
     let np = py.import("numpy")?;
     let arr = np.call_method1("ascontiguousarray", (x,))?;
     let name: String = arr.getattr("dtype")?.getattr("name")?.extract()?;
-    let dtype = match name.as_str() {
-        "float32" => DType::F32,
-        "float16" => DType::F16,
-        "bfloat16" => DType::Bf16,
-        other => {
-            return Err(PyTypeError::new_err(format!(
-                "{what}: dtype {other} is not sent (float32, float16, bfloat16)"
-            )));
-        }
-    };
+    let dtype = dtype_of(&name).map_err(|e| PyTypeError::new_err(format!("{what}: {e}")))?;
     let shape: Vec<usize> = arr.getattr("shape")?.extract()?;
     let flat = arr.call_method1("reshape", (-1,))?.call_method1("view", ("uint8",))?;
     let buf = PyBuffer::<u8>::get(&flat)?;
@@ -314,25 +346,13 @@ impl Sender {
             first.dtype,
             KvLayout::Hnd,
         );
-        let mut envelope = Envelope {
-            model_id: self.identity.model_id.clone(),
-            model_hash: self.identity.model_hash.clone(),
-            model_family: self.identity.model_family.clone(),
-            tokenizer_hash: self.identity.tokenizer_hash.clone(),
-            source_agent_id: self.agent_id.clone(),
-            target_agent_id: target_agent_id.to_owned(),
-            ..Default::default()
-        };
-        if let Some(extra) = extra {
-            for (k, v) in extra.iter() {
-                envelope.extra.insert(k.extract()?, v.extract()?);
-            }
-        }
-        let tx = &self.tx;
+        let envelope = self.envelope(target_agent_id, extra)?;
+        let obj = &self.obj;
         py.detach(|| {
-            let mut tx = tx.lock().unwrap_or_else(|e| e.into_inner());
-            envelope.session_id = tx.session().id.clone();
-            let layout = MessageLayout::new(&envelope, &Payload::KvCache(desc))?;
+            let mut obj = lock(obj);
+            obj.idle()?;
+            let layout = MessageLayout::new(&envelope, &Payload::KvCache(desc))
+                .map_err(errors::wire)?;
             let parts: Vec<&[u8]> = tensors
                 .iter()
                 // SAFETY: each buffer is a C-contiguous byte view that the
@@ -341,35 +361,65 @@ impl Sender {
                     std::slice::from_raw_parts(t.buf.buf_ptr() as *const u8, t.buf.len_bytes())
                 })
                 .collect();
-            tx.send_sections(&layout, &parts)
+            obj.tx
+                .send_sections(&layout, &parts)
+                .map_err(errors::transport)
         })
-        .map_err(errors::transport)
+    }
+
+    /// Loan memory for a KV cache of `num_layers` layers of
+    /// `[num_kv_heads, seq_len, head_dim]` and fill it in place
+    /// (`loan.k(layer).numpy()[...] = …`), then `loan.send()`: no copy at all.
+    #[pyo3(signature = (num_layers, num_kv_heads, head_dim, seq_len, dtype="float16", *, target_agent_id="", extra=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn loan_kv(
+        &self,
+        py: Python<'_>,
+        num_layers: u32,
+        num_kv_heads: u32,
+        head_dim: u32,
+        seq_len: u64,
+        dtype: &str,
+        target_agent_id: &str,
+        extra: Option<Bound<'_, PyDict>>,
+    ) -> PyResult<Loan> {
+        let desc = KvCacheDesc::new(
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            seq_len,
+            dtype_of(dtype)?,
+            KvLayout::Hnd,
+        );
+        let envelope = self.envelope(target_agent_id, extra)?;
+        let layout = MessageLayout::new(&envelope, &Payload::KvCache(desc)).map_err(errors::wire)?;
+        let obj = &self.obj;
+        let generation = py.detach(|| {
+            let mut o = lock(obj);
+            o.idle()?;
+            o.start(layout).map_err(errors::transport)
+        })?;
+        Loan::new(self.obj.clone(), generation, desc)
     }
 
     /// Send an encoded v2 message as it is.
     fn send_bytes(&self, py: Python<'_>, message: &[u8]) -> PyResult<()> {
-        let tx = &self.tx;
+        let obj = &self.obj;
         py.detach(|| {
-            tx.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send_bytes(message)
+            let mut obj = lock(obj);
+            obj.idle()?;
+            obj.tx.send_bytes(message).map_err(errors::transport)
         })
-        .map_err(errors::transport)
     }
 
     /// The session: id, mode, transport and why.
     #[getter]
     fn session<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        session_dict(py, tx.session())
+        session_dict(py, lock(&self.obj).tx.session())
     }
 
     /// One line saying what was negotiated and why.
     fn explain(&self) -> String {
-        self.tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .session()
-            .explain()
+        lock(&self.obj).tx.session().explain()
     }
 }

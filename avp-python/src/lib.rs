@@ -5,6 +5,7 @@
 mod dlpack;
 mod endpoint;
 mod errors;
+mod loan;
 mod message;
 
 use pyo3::prelude::*;
@@ -19,6 +20,8 @@ fn _avp_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<message::Message>()?;
     m.add_class::<message::KvView>()?;
     m.add_class::<message::Section>()?;
+    m.add_class::<loan::Loan>()?;
+    m.add_class::<loan::LoanSection>()?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

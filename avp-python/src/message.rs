@@ -32,7 +32,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn released() -> PyErr {
+pub(crate) fn released() -> PyErr {
     MessageReleased::new_err(
         "the message was released: its sections cannot be read any more (copy what you keep before release)",
     )
@@ -74,7 +74,7 @@ impl Inner {
 }
 
 /// NumPy's name of a dtype, and its buffer-protocol format and DLPack type.
-fn dtype_info(d: DType) -> (&'static str, &'static CStr, dlpack::DLDataType) {
+pub(crate) fn dtype_info(d: DType) -> (&'static str, &'static CStr, dlpack::DLDataType) {
     let t = |code, bits| dlpack::DLDataType {
         code,
         bits,
@@ -368,11 +368,7 @@ pub(crate) struct Section {
 
 impl Section {
     fn strides(&self) -> Vec<usize> {
-        let mut s = vec![1usize; self.shape.len()];
-        for i in (0..self.shape.len().saturating_sub(1)).rev() {
-            s[i] = s[i + 1] * self.shape[i + 1];
-        }
-        s
+        c_strides(&self.shape)
     }
 }
 
@@ -402,7 +398,8 @@ impl Section {
         let (_, format, _) = dtype_info(self.dtype);
         let item = self.dtype.size();
         let exporter = Exporter {
-            _hold: export,
+            _hold: Box::new(export),
+            writable: false,
             ptr,
             len,
             itemsize: item as isize,
@@ -410,12 +407,7 @@ impl Section {
             shape: self.shape.iter().map(|&n| n as isize).collect(),
             strides: self.strides().iter().map(|&s| (s * item) as isize).collect(),
         };
-        let np = py.import("numpy")?;
-        let arr = np.call_method1("asarray", (Bound::new(py, exporter)?,))?;
-        match (self.dtype, bfloat16(py)) {
-            (DType::Bf16, Some(bf)) => arr.call_method1("view", (bf,)),
-            _ => Ok(arr),
-        }
+        exporter.into_array(py, self.dtype)
     }
 
     #[pyo3(signature = (dtype=None, copy=None))]
@@ -495,23 +487,48 @@ impl Section {
     }
 }
 
-/// The buffer behind one NumPy array (private): alive as long as the array.
+/// The buffer behind one NumPy array (private): alive as long as the array,
+/// and counted as an export of what it views while it lives.
 #[pyclass(frozen, module = "avp_rs")]
-struct Exporter {
-    _hold: Export,
-    ptr: *const u8,
-    len: usize,
-    itemsize: isize,
-    format: &'static CStr,
-    shape: Vec<isize>,
-    strides: Vec<isize>,
+pub(crate) struct Exporter {
+    pub(crate) _hold: Box<dyn Send + Sync>,
+    pub(crate) writable: bool,
+    pub(crate) ptr: *const u8,
+    pub(crate) len: usize,
+    pub(crate) itemsize: isize,
+    pub(crate) format: &'static CStr,
+    pub(crate) shape: Vec<isize>,
+    pub(crate) strides: Vec<isize>,
 }
 
-// SAFETY: the pointer is into memory the export keeps alive and nobody writes
-// through it here (the buffer is exported read-only); any thread may read it.
+// SAFETY: the pointer is into memory the export keeps alive (a received
+// message, or a loan that cannot be sent while exports live); Rust never
+// touches it here, Python reads (or, for a loan, writes) it through NumPy.
 unsafe impl Send for Exporter {}
 // SAFETY: as above; the fields are never changed after construction.
 unsafe impl Sync for Exporter {}
+
+impl Exporter {
+    /// `np.asarray` over this exporter, as `dtype` (bf16 as
+    /// `ml_dtypes.bfloat16` when installed).
+    pub(crate) fn into_array(self, py: Python<'_>, dtype: DType) -> PyResult<Bound<'_, PyAny>> {
+        let np = py.import("numpy")?;
+        let arr = np.call_method1("asarray", (Bound::new(py, self)?,))?;
+        match (dtype, bfloat16(py)) {
+            (DType::Bf16, Some(bf)) => arr.call_method1("view", (bf,)),
+            _ => Ok(arr),
+        }
+    }
+}
+
+/// C-order strides (in elements) of `shape`.
+pub(crate) fn c_strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1usize; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
 
 #[pymethods]
 impl Exporter {
@@ -522,19 +539,19 @@ impl Exporter {
         view: *mut ffi::Py_buffer,
         flags: c_int,
     ) -> PyResult<()> {
-        if flags & ffi::PyBUF_WRITABLE != 0 {
+        let me = slf.get();
+        if flags & ffi::PyBUF_WRITABLE != 0 && !me.writable {
             return Err(PyBufferError::new_err(
                 "received sections are read-only (copy to write)",
             ));
         }
-        let me = slf.get();
         // SAFETY: `view` is a valid Py_buffer to fill; every pointer stored in
         // it points into `me`, which `view.obj` keeps alive, or into the
         // message memory its export keeps alive.
         unsafe {
             (*view).buf = me.ptr as *mut c_void;
             (*view).len = me.len as isize;
-            (*view).readonly = 1;
+            (*view).readonly = c_int::from(!me.writable);
             (*view).itemsize = me.itemsize;
             (*view).format = if flags & ffi::PyBUF_FORMAT != 0 {
                 me.format.as_ptr() as *mut _

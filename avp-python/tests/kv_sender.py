@@ -2,6 +2,7 @@
 
 Connects to ADDR and sends COUNT KV caches built by `cache(dtype, n)`.
 """
+import os
 import sys
 
 import numpy as np
@@ -35,8 +36,19 @@ def main() -> None:
     seq = int(sys.argv[5]) if len(sys.argv) > 5 else 37
     tx = avp_rs.connect(addr, agent_id="researcher", token="t0k")
     print(tx.explain(), flush=True)
+    loan = os.environ.get("AVP_TEST_LOAN") == "1"
     for n in range(count):
-        tx.send_kv(cache(dtype, n, layers, seq), target_agent_id="solver", extra={"n": str(n)})
+        kv = cache(dtype, n, layers, seq)
+        if not loan:
+            tx.send_kv(kv, target_agent_id="solver", extra={"n": str(n)})
+            continue
+        # Filled in place: the arrays are the loaned memory itself.
+        ln = tx.loan_kv(layers, HEADS, HEAD_DIM, seq, dtype, target_agent_id="solver",
+                        extra={"n": str(n)})
+        for layer, (k, v) in enumerate(kv):
+            ln.k(layer).numpy()[...] = k[0]
+            ln.v(layer).numpy()[...] = v[0]
+        ln.send()
 
 
 if __name__ == "__main__":

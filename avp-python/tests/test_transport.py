@@ -25,9 +25,10 @@ def address(kind: str) -> str:
     return f"{kind}://127.0.0.1:0"
 
 
-def start_sender(addr: str, dtype: str, count: int, *extra: str) -> subprocess.Popen:
+def start_sender(addr: str, dtype: str, count: int, *extra: str, loan=False) -> subprocess.Popen:
+    env = dict(os.environ, AVP_TEST_LOAN="1" if loan else "0")
     return subprocess.Popen([sys.executable, SENDER, addr, dtype, str(count), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def finish(p: subprocess.Popen) -> str:
@@ -36,12 +37,13 @@ def finish(p: subprocess.Popen) -> str:
     return out
 
 
+@pytest.mark.parametrize("loan", [False, True], ids=["send_kv", "loan"])
 @pytest.mark.parametrize("kind", ["shm", "tcp", "http"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_kv_caches_cross_processes_byte_for_byte(kind, dtype):
+def test_kv_caches_cross_processes_byte_for_byte(kind, dtype, loan):
     listener = avp_rs.listen(address(kind), token="t0k", agent_id="solver",
                              shm_upgrade=False)
-    p = start_sender(listener.address, dtype, 3)
+    p = start_sender(listener.address, dtype, 3, loan=loan)
     rx = listener.accept(timeout=30)
     assert rx.session["transport"] == kind
     assert rx.session["peer_agent"] == "researcher"
@@ -193,3 +195,49 @@ def test_bad_arguments_raise_python_exceptions():
         with pytest.raises(ValueError, match="layer 3 is not in this message"):
             m.kv.k(3)
     assert issubclass(avp_rs.Timeout, avp_rs.AvpError)
+
+
+def test_loan_rules():
+    listener = avp_rs.listen(address("shm"))
+    connected = []
+    t = threading.Thread(target=lambda: connected.append(avp_rs.connect(listener.address)))
+    t.start()
+    rx = listener.accept(timeout=10)
+    t.join()
+    tx = connected[0]
+    loan = tx.loan_kv(2, 1, 4, 3, "float32")
+    k = loan.k(0).numpy()
+    assert k.shape == (1, 3, 4) and k.flags.writeable
+    with pytest.raises(avp_rs.AvpError, match="loan is outstanding"):
+        tx.send_kv([(k, k)])
+    for layer in range(2):
+        loan.k(layer).numpy()[...] = layer + 1
+        loan.v(layer).numpy()[...] = -(layer + 1)
+    with pytest.raises(avp_rs.ViewsAlive, match="1 arrays"):
+        loan.send()
+    stale = loan.k(1)
+    del k
+    gc.collect()
+    loan.send()
+    with pytest.raises(avp_rs.MessageReleased):
+        stale.numpy()
+    with rx.recv(timeout=10) as m:
+        assert m.kv.k(1).numpy().tolist() == [[[2.0] * 4] * 3]
+        assert m.kv.v(0).numpy().tolist() == [[[-1.0] * 4] * 3]
+    # Abandoned: nothing is sent, and the sender is free again.
+    with tx.loan_kv(1, 1, 4, 3, "float16") as other:
+        other.k(0).numpy()[...] = 7
+    assert rx.try_recv() is None
+    with pytest.raises(avp_rs.MessageReleased):
+        other.k(0).numpy()
+    # A writable DLPack export of a loan section.
+    ln = tx.loan_kv(1, 1, 4, 3, "float32")
+    arr = np.from_dlpack(ln.k(0))
+    assert arr.flags.writeable
+    arr[...] = 5
+    ln.v(0).numpy()[...] = 6
+    del arr
+    gc.collect()
+    ln.send()
+    with rx.recv(timeout=10) as m:
+        assert float(m.kv.k(0).numpy()[0, 0, 0]) == 5.0
