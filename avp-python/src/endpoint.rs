@@ -119,8 +119,12 @@ pub(crate) fn listen(
     shm_upgrade: bool,
 ) -> PyResult<Listener> {
     let id = self::identity(identity.as_ref())?;
-    let l = Endpoint::bind(address, &id, options(agent_id, token, max_message, shm_upgrade))
-        .map_err(errors::transport)?;
+    let l = Endpoint::bind(
+        address,
+        &id,
+        options(agent_id, token, max_message, shm_upgrade),
+    )
+    .map_err(errors::transport)?;
     Ok(Listener(l))
 }
 
@@ -139,9 +143,8 @@ pub(crate) fn connect(
     shm_upgrade: bool,
 ) -> PyResult<Sender> {
     let id = self::identity(identity.as_ref())?;
-    let opts = options(agent_id, token, max_message, shm_upgrade).connect_timeout(Duration::from_secs_f64(
-        timeout.max(0.0),
-    ));
+    let opts = options(agent_id, token, max_message, shm_upgrade)
+        .connect_timeout(Duration::from_secs_f64(timeout.max(0.0)));
     let tx = py
         .detach(|| Endpoint::connect(address, &id, opts))
         .map_err(errors::transport)?;
@@ -250,7 +253,7 @@ impl Sender {
     }
 }
 
-fn dtype_of(name: &str) -> PyResult<DType> {
+pub(crate) fn dtype_of(name: &str) -> PyResult<DType> {
     Ok(match name {
         "float32" | "f32" => DType::F32,
         "float16" | "f16" => DType::F16,
@@ -264,7 +267,7 @@ fn dtype_of(name: &str) -> PyResult<DType> {
 }
 
 /// A C-contiguous array's bytes, its shape and its avp dtype.
-struct Tensor {
+pub(crate) struct Tensor {
     buf: PyBuffer<u8>,
     shape: Vec<usize>,
     dtype: DType,
@@ -276,9 +279,87 @@ fn tensor(py: Python<'_>, x: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor> 
     let name: String = arr.getattr("dtype")?.getattr("name")?.extract()?;
     let dtype = dtype_of(&name).map_err(|e| PyTypeError::new_err(format!("{what}: {e}")))?;
     let shape: Vec<usize> = arr.getattr("shape")?.extract()?;
-    let flat = arr.call_method1("reshape", (-1,))?.call_method1("view", ("uint8",))?;
+    let flat = arr
+        .call_method1("reshape", (-1,))?
+        .call_method1("view", ("uint8",))?;
     let buf = PyBuffer::<u8>::get(&flat)?;
     Ok(Tensor { buf, shape, dtype })
+}
+
+/// A Hugging Face style cache (a sequence of `(K, V)` per layer, each
+/// `[1, heads, seq, head_dim]` or `[heads, seq, head_dim]`): its description
+/// and each tensor's bytes (K, V per layer).
+pub(crate) fn kv_cache(
+    py: Python<'_>,
+    past_key_values: &Bound<'_, PyAny>,
+) -> PyResult<(KvCacheDesc, Vec<Tensor>)> {
+    let layers = past_key_values
+        .cast::<PySequence>()
+        .map_err(|_| PyTypeError::new_err("past_key_values must be a sequence of (K, V)"))?;
+    let n = layers.len()?;
+    if n == 0 {
+        return Err(PyValueError::new_err("past_key_values is empty"));
+    }
+    let mut tensors = Vec::with_capacity(2 * n);
+    for l in 0..n {
+        let kv = layers.get_item(l)?;
+        let (k, v): (Bound<'_, PyAny>, Bound<'_, PyAny>) = kv
+            .extract()
+            .map_err(|_| PyTypeError::new_err(format!("layer {l}: expected a (K, V) pair")))?;
+        tensors.push(tensor(py, &k, &format!("layer {l} K"))?);
+        tensors.push(tensor(py, &v, &format!("layer {l} V"))?);
+    }
+    let first = &tensors[0];
+    let shape = match first.shape.as_slice() {
+        [1, h, s, d] | [h, s, d] => [*h, *s, *d],
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "K and V must be [1, heads, seq, head_dim] or [heads, seq, head_dim], not {other:?}"
+            )));
+        }
+    };
+    for (i, t) in tensors.iter().enumerate() {
+        let same = match t.shape.as_slice() {
+            [1, h, s, d] | [h, s, d] => [*h, *s, *d] == shape,
+            _ => false,
+        };
+        if !same || t.dtype != first.dtype {
+            return Err(PyValueError::new_err(format!(
+                "layer {} {}: shape {:?} {:?} differs from layer 0 K's {:?} {:?}",
+                i / 2,
+                if i % 2 == 0 { "K" } else { "V" },
+                t.shape,
+                t.dtype,
+                first.shape,
+                first.dtype
+            )));
+        }
+    }
+    let desc = KvCacheDesc::new(
+        n as u32,
+        shape[0] as u32,
+        shape[2] as u32,
+        shape[1] as u64,
+        first.dtype,
+        KvLayout::Hnd,
+    );
+    Ok((desc, tensors))
+}
+
+/// The byte slices of `tensors`.
+///
+/// # Safety
+/// The slices are valid while `tensors` lives (each PyBuffer keeps its array
+/// exported); nobody may resize the arrays meanwhile.
+pub(crate) unsafe fn slices(tensors: &[Tensor]) -> Vec<&[u8]> {
+    tensors
+        .iter()
+        // SAFETY: per this function's contract: each buffer is a C-contiguous
+        // byte view that its PyBuffer keeps exported.
+        .map(|t| unsafe {
+            std::slice::from_raw_parts(t.buf.buf_ptr() as *const u8, t.buf.len_bytes())
+        })
+        .collect()
 }
 
 #[pymethods]
@@ -296,71 +377,16 @@ impl Sender {
         target_agent_id: &str,
         extra: Option<Bound<'_, PyDict>>,
     ) -> PyResult<()> {
-        let layers = past_key_values
-            .cast::<PySequence>()
-            .map_err(|_| PyTypeError::new_err("past_key_values must be a sequence of (K, V)"))?;
-        let n = layers.len()?;
-        if n == 0 {
-            return Err(PyValueError::new_err("past_key_values is empty"));
-        }
-        let mut tensors = Vec::with_capacity(2 * n);
-        for l in 0..n {
-            let kv = layers.get_item(l)?;
-            let (k, v): (Bound<'_, PyAny>, Bound<'_, PyAny>) = kv.extract().map_err(|_| {
-                PyTypeError::new_err(format!("layer {l}: expected a (K, V) pair"))
-            })?;
-            tensors.push(tensor(py, &k, &format!("layer {l} K"))?);
-            tensors.push(tensor(py, &v, &format!("layer {l} V"))?);
-        }
-        let first = &tensors[0];
-        let shape = match first.shape.as_slice() {
-            [1, h, s, d] | [h, s, d] => [*h, *s, *d],
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "K and V must be [1, heads, seq, head_dim] or [heads, seq, head_dim], not {other:?}"
-                )));
-            }
-        };
-        for (i, t) in tensors.iter().enumerate() {
-            let same = match t.shape.as_slice() {
-                [1, h, s, d] | [h, s, d] => [*h, *s, *d] == shape,
-                _ => false,
-            };
-            if !same || t.dtype != first.dtype {
-                return Err(PyValueError::new_err(format!(
-                    "layer {} {}: shape {:?} {:?} differs from layer 0 K's {:?} {:?}",
-                    i / 2,
-                    if i % 2 == 0 { "K" } else { "V" },
-                    t.shape,
-                    t.dtype,
-                    first.shape,
-                    first.dtype
-                )));
-            }
-        }
-        let desc = KvCacheDesc::new(
-            n as u32,
-            shape[0] as u32,
-            shape[2] as u32,
-            shape[1] as u64,
-            first.dtype,
-            KvLayout::Hnd,
-        );
+        let (desc, tensors) = kv_cache(py, past_key_values)?;
         let envelope = self.envelope(target_agent_id, extra)?;
         let obj = &self.obj;
         py.detach(|| {
             let mut obj = lock(obj);
             obj.idle()?;
-            let layout = MessageLayout::new(&envelope, &Payload::KvCache(desc))
-                .map_err(errors::wire)?;
-            let parts: Vec<&[u8]> = tensors
-                .iter()
-                // SAFETY: each buffer is a C-contiguous byte view that the
-                // PyBuffer keeps exported (and so alive) until this returns.
-                .map(|t| unsafe {
-                    std::slice::from_raw_parts(t.buf.buf_ptr() as *const u8, t.buf.len_bytes())
-                })
-                .collect();
+            let layout =
+                MessageLayout::new(&envelope, &Payload::KvCache(desc)).map_err(errors::wire)?;
+            // SAFETY: `tensors` lives until this closure returns.
+            let parts = unsafe { slices(&tensors) };
             obj.tx
                 .send_sections(&layout, &parts)
                 .map_err(errors::transport)
@@ -392,7 +418,8 @@ impl Sender {
             KvLayout::Hnd,
         );
         let envelope = self.envelope(target_agent_id, extra)?;
-        let layout = MessageLayout::new(&envelope, &Payload::KvCache(desc)).map_err(errors::wire)?;
+        let layout =
+            MessageLayout::new(&envelope, &Payload::KvCache(desc)).map_err(errors::wire)?;
         let obj = &self.obj;
         let generation = py.detach(|| {
             let mut o = lock(obj);

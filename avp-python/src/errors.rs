@@ -8,16 +8,66 @@ use pyo3::prelude::*;
 use pyo3::{PyErr, create_exception};
 
 create_exception!(avp_rs, AvpError, PyException, "Every error avp_rs raises.");
-create_exception!(avp_rs, Timeout, AvpError, "Nothing came within the timeout.");
-create_exception!(avp_rs, PeerGone, AvpError, "The peer left (or the session ended).");
-create_exception!(avp_rs, AuthError, AvpError, "A token was refused or missing.");
-create_exception!(avp_rs, SessionError, AvpError, "A session expired, or a message named another one.");
-create_exception!(avp_rs, WireError_, AvpError, "Bytes that are not a valid avp message (or a checksum mismatch).");
-create_exception!(avp_rs, TooLarge, AvpError, "A message over the session's size limit.");
-create_exception!(avp_rs, Refused, AvpError, "The peer refused a message and said why; nothing was delivered.");
-create_exception!(avp_rs, TransportError_, AvpError, "An I/O, protocol or device failure of a transport.");
-create_exception!(avp_rs, MessageReleased, AvpError, "The message was released: its views cannot be read any more.");
-create_exception!(avp_rs, ViewsAlive, AvpError, "Arrays or tensors still view the message: it cannot be released yet.");
+create_exception!(
+    avp_rs,
+    Timeout,
+    AvpError,
+    "Nothing came within the timeout."
+);
+create_exception!(
+    avp_rs,
+    PeerGone,
+    AvpError,
+    "The peer left (or the session ended)."
+);
+create_exception!(
+    avp_rs,
+    AuthError,
+    AvpError,
+    "A token was refused or missing."
+);
+create_exception!(
+    avp_rs,
+    SessionError,
+    AvpError,
+    "A session expired, or a message named another one."
+);
+create_exception!(
+    avp_rs,
+    WireError_,
+    AvpError,
+    "Bytes that are not a valid avp message (or a checksum mismatch)."
+);
+create_exception!(
+    avp_rs,
+    TooLarge,
+    AvpError,
+    "A message over the session's size limit."
+);
+create_exception!(
+    avp_rs,
+    Refused,
+    AvpError,
+    "The peer refused a message and said why; nothing was delivered."
+);
+create_exception!(
+    avp_rs,
+    TransportError_,
+    AvpError,
+    "An I/O, protocol or device failure of a transport."
+);
+create_exception!(
+    avp_rs,
+    MessageReleased,
+    AvpError,
+    "The message was released: its views cannot be read any more."
+);
+create_exception!(
+    avp_rs,
+    ViewsAlive,
+    AvpError,
+    "Arrays or tensors still view the message: it cannot be released yet."
+);
 
 /// The Python exception for a transport error.
 pub(crate) fn transport(e: TransportError) -> PyErr {

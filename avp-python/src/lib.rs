@@ -7,6 +7,7 @@ mod endpoint;
 mod errors;
 mod loan;
 mod message;
+mod wire;
 
 use pyo3::prelude::*;
 
@@ -14,6 +15,9 @@ use pyo3::prelude::*;
 fn _avp_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(endpoint::listen, m)?)?;
     m.add_function(wrap_pyfunction!(endpoint::connect, m)?)?;
+    m.add_function(wrap_pyfunction!(wire::decode, m)?)?;
+    m.add_function(wrap_pyfunction!(wire::encode_kv, m)?)?;
+    m.add_function(wrap_pyfunction!(wire::inspect, m)?)?;
     m.add_class::<endpoint::Listener>()?;
     m.add_class::<endpoint::Receiver>()?;
     m.add_class::<endpoint::Sender>()?;

@@ -38,7 +38,10 @@ impl SenderObj {
     }
 
     /// Loan memory for `layout`.
-    pub(crate) fn start(&mut self, layout: MessageLayout) -> Result<u64, avp_transport::TransportError> {
+    pub(crate) fn start(
+        &mut self,
+        layout: MessageLayout,
+    ) -> Result<u64, avp_transport::TransportError> {
         let layout = Box::new(layout);
         let layout_ref: *const MessageLayout = &*layout;
         let tx: *mut avp_transport::Sender = &mut *self.tx;
@@ -80,7 +83,9 @@ impl Drop for Hold {
 }
 
 fn gone() -> PyErr {
-    MessageReleased::new_err("the loan was sent or abandoned: its sections cannot be written any more")
+    MessageReleased::new_err(
+        "the loan was sent or abandoned: its sections cannot be written any more",
+    )
 }
 
 impl LoanState {
@@ -107,7 +112,11 @@ pub(crate) struct Loan {
 }
 
 impl Loan {
-    pub(crate) fn new(obj: Arc<Mutex<SenderObj>>, generation: u64, desc: KvCacheDesc) -> PyResult<Loan> {
+    pub(crate) fn new(
+        obj: Arc<Mutex<SenderObj>>,
+        generation: u64,
+        desc: KvCacheDesc,
+    ) -> PyResult<Loan> {
         let sections = {
             let o = lock(&obj);
             let layout = o.layout.as_ref().ok_or_else(gone)?;

@@ -22,9 +22,25 @@ use pyo3::types::{PyDict, PyTuple};
 use crate::dlpack;
 use crate::errors::{self, MessageReleased, ViewsAlive};
 
+/// The bytes of a message: a transport's receive guard, or a decoded copy.
+pub(crate) enum Held {
+    Guard(RecvGuard),
+    Bytes(Vec<u8>),
+}
+
+impl Held {
+    /// Parse (or, for a guard, return) the message.
+    fn with<T>(&self, f: impl FnOnce(&avp_wire::Message<'_>) -> PyResult<T>) -> PyResult<T> {
+        match self {
+            Held::Guard(g) => f(g.message()),
+            Held::Bytes(b) => f(&avp_wire::Message::parse(b).map_err(errors::wire)?),
+        }
+    }
+}
+
 /// What a message and all its views share.
 pub(crate) struct Inner {
-    guard: Mutex<Option<RecvGuard>>,
+    guard: Mutex<Option<Held>>,
     exports: AtomicUsize,
 }
 
@@ -61,15 +77,17 @@ impl Inner {
     fn export(self: &Arc<Self>, part: Part) -> PyResult<(*const u8, usize, Export)> {
         let g = lock(&self.guard);
         let g = g.as_ref().ok_or_else(released)?;
-        let m = g.message();
-        let bytes = match part {
-            Part::K(l) => m.kv().and_then(|kv| kv.k(l)),
-            Part::V(l) => m.kv().and_then(|kv| kv.v(l)),
-            Part::Hidden => m.hidden().map(|h| h.data()),
-        }
-        .map_err(errors::wire)?;
+        let (ptr, len) = g.with(|m| {
+            let bytes = match part {
+                Part::K(l) => m.kv().and_then(|kv| kv.k(l)),
+                Part::V(l) => m.kv().and_then(|kv| kv.v(l)),
+                Part::Hidden => m.hidden().map(|h| h.data()),
+            }
+            .map_err(errors::wire)?;
+            Ok((bytes.as_ptr(), bytes.len()))
+        })?;
         self.exports.fetch_add(1, Ordering::AcqRel);
-        Ok((bytes.as_ptr(), bytes.len(), Export(self.clone())))
+        Ok((ptr, len, Export(self.clone())))
     }
 }
 
@@ -110,6 +128,7 @@ pub(crate) struct Message {
     payload: Payload,
     envelope: Py<PyDict>,
     total_len: usize,
+    version: u8,
 }
 
 impl Message {
@@ -119,8 +138,12 @@ impl Message {
                 "this message's sections are in device memory, which avp_rs does not read yet",
             ));
         }
-        let (payload, envelope, total_len) = {
-            let m = guard.message();
+        Self::from_held(py, Held::Guard(guard), 2)
+    }
+
+    /// A message over `held`, which was `version` on the wire.
+    pub(crate) fn from_held(py: Python<'_>, held: Held, version: u8) -> PyResult<Message> {
+        let (payload, envelope, total_len) = held.with(|m| {
             let e = m.envelope();
             let d = PyDict::new(py);
             d.set_item("model_id", e.model_id())?;
@@ -135,17 +158,28 @@ impl Message {
                 extra.set_item(k, v)?;
             }
             d.set_item("extra", extra)?;
-            (m.payload(), d.unbind(), m.total_len() as usize)
-        };
+            Ok((m.payload(), d.unbind(), m.total_len() as usize))
+        })?;
         Ok(Message {
             inner: Arc::new(Inner {
-                guard: Mutex::new(Some(guard)),
+                guard: Mutex::new(Some(held)),
                 exports: AtomicUsize::new(0),
             }),
             payload,
             envelope,
             total_len,
+            version,
         })
+    }
+}
+
+impl Message {
+    pub(crate) fn kind_name(&self) -> &'static str {
+        self.payload.kind_name()
+    }
+
+    pub(crate) fn envelope_dict(&self, py: Python<'_>) -> Py<PyDict> {
+        self.envelope.clone_ref(py)
     }
 }
 
@@ -163,10 +197,35 @@ impl Message {
         self.envelope.clone_ref(py)
     }
 
-    /// Bytes of the whole message.
+    /// Bytes of the whole message (in the v2 format).
     #[getter]
     fn nbytes(&self) -> usize {
         self.total_len
+    }
+
+    /// The wire format it came in: 2, or 1 (the Python reference's, converted).
+    #[getter]
+    fn version(&self) -> u8 {
+        self.version
+    }
+
+    /// The message's v2 bytes (a copy).
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let g = lock(&self.inner.guard);
+        let g = g.as_ref().ok_or_else(released)?;
+        g.with(|m| Ok(pyo3::types::PyBytes::new(py, m.as_bytes())))
+    }
+
+    /// The message in the reference's v1 format (`AVPContext.from_bytes` and
+    /// `avp.codec.decode` read it).
+    fn to_v1<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let g = lock(&self.inner.guard);
+        let g = g.as_ref().ok_or_else(released)?;
+        g.with(|m| {
+            let v1 =
+                avp_wire::v1::from_v2(m, avp_wire::v1::Compression::None).map_err(errors::wire)?;
+            Ok(pyo3::types::PyBytes::new(py, &v1))
+        })
     }
 
     /// Arrays and tensors now viewing this message.
@@ -218,18 +277,19 @@ impl Message {
     fn text(&self) -> PyResult<String> {
         let g = lock(&self.inner.guard);
         let g = g.as_ref().ok_or_else(released)?;
-        let m = g.message();
-        let t = m.text().map_err(errors::wire)?;
-        Ok(t.as_str().map_err(errors::wire)?.to_owned())
+        g.with(|m| {
+            let t = m.text().map_err(errors::wire)?;
+            Ok(t.as_str().map_err(errors::wire)?.to_owned())
+        })
     }
 
     /// Check every section's checksum (`WireError` on a mismatch).
-    fn verify(&self, py: Python<'_>) -> PyResult<()> {
+    pub(crate) fn verify(&self, py: Python<'_>) -> PyResult<()> {
         let inner = self.inner.clone();
         py.detach(move || {
             let g = lock(&inner.guard);
             let g = g.as_ref().ok_or_else(released)?;
-            g.message().verify().map_err(errors::wire)
+            g.with(|m| m.verify().map_err(errors::wire))
         })
     }
 
@@ -405,7 +465,11 @@ impl Section {
             itemsize: item as isize,
             format,
             shape: self.shape.iter().map(|&n| n as isize).collect(),
-            strides: self.strides().iter().map(|&s| (s * item) as isize).collect(),
+            strides: self
+                .strides()
+                .iter()
+                .map(|&s| (s * item) as isize)
+                .collect(),
         };
         exporter.into_array(py, self.dtype)
     }

@@ -14,6 +14,8 @@ from ._avp_rs import (  # noqa: F401
     AvpError,
     KvView,
     Listener,
+    Loan,
+    LoanSection,
     Message,
     MessageReleased,
     PeerGone,
@@ -29,5 +31,8 @@ from ._avp_rs import (  # noqa: F401
     WireError,
     __version__,
     connect,
+    decode,
+    encode_kv,
+    inspect,
     listen,
 )
