@@ -24,7 +24,7 @@ use crate::errors::{self, MessageReleased, ViewsAlive};
 
 /// The bytes of a message: a transport's receive guard, or a decoded copy.
 pub(crate) enum Held {
-    Guard(RecvGuard),
+    Guard(Box<RecvGuard>),
     Bytes(Vec<u8>),
 }
 
@@ -138,7 +138,7 @@ impl Message {
                 "this message's sections are in device memory, which avp_rs does not read yet",
             ));
         }
-        Self::from_held(py, Held::Guard(guard), 2)
+        Self::from_held(py, Held::Guard(Box::new(guard)), 2)
     }
 
     /// A message over `held`, which was `version` on the wire.
