@@ -232,6 +232,22 @@ pub(crate) struct Sender {
 }
 
 impl Sender {
+    /// Run `f` with the transport's sender and this sender's envelope, with
+    /// the GIL released (refused while a loan is out).
+    pub(crate) fn send_with(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut avp_transport::Sender, Envelope) -> PyResult<()> + Send,
+    ) -> PyResult<()> {
+        let envelope = self.envelope("", None)?;
+        let obj = &self.obj;
+        py.detach(|| {
+            let mut o = lock(obj);
+            o.idle()?;
+            f(&mut o.tx, envelope)
+        })
+    }
+
     /// An envelope from this sender for `target`, with `extra`.
     fn envelope(&self, target: &str, extra: Option<Bound<'_, PyDict>>) -> PyResult<Envelope> {
         let mut e = Envelope {

@@ -7,6 +7,7 @@ mod endpoint;
 mod errors;
 mod loan;
 mod message;
+mod model;
 mod wire;
 
 use pyo3::prelude::*;
@@ -18,6 +19,9 @@ fn _avp_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(wire::decode, m)?)?;
     m.add_function(wrap_pyfunction!(wire::encode_kv, m)?)?;
     m.add_function(wrap_pyfunction!(wire::inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(model::generate, m)?)?;
+    m.add_class::<model::Model>()?;
+    m.add_class::<model::Context>()?;
     m.add_class::<endpoint::Listener>()?;
     m.add_class::<endpoint::Receiver>()?;
     m.add_class::<endpoint::Sender>()?;

@@ -178,6 +178,13 @@ impl Message {
         self.payload.kind_name()
     }
 
+    /// A copy of the message's v2 bytes.
+    pub(crate) fn bytes(&self) -> PyResult<Vec<u8>> {
+        let g = lock(&self.inner.guard);
+        let g = g.as_ref().ok_or_else(released)?;
+        g.with(|m| Ok(m.as_bytes().to_vec()))
+    }
+
     pub(crate) fn envelope_dict(&self, py: Python<'_>) -> Py<PyDict> {
         self.envelope.clone_ref(py)
     }

@@ -12,12 +12,14 @@
 from ._avp_rs import (  # noqa: F401
     AuthError,
     AvpError,
+    Context,
     KvView,
     Listener,
     Loan,
     LoanSection,
     Message,
     MessageReleased,
+    Model,
     PeerGone,
     Receiver,
     Refused,
@@ -33,6 +35,7 @@ from ._avp_rs import (  # noqa: F401
     connect,
     decode,
     encode_kv,
+    generate,
     inspect,
     listen,
 )

@@ -63,6 +63,15 @@ def encode_kv(
 ) -> bytes:
     """Encode `[(K, V)] per layer` as a v2 (or v1) message."""
 
+def generate(
+    prompt: str,
+    model: str = "smollm2",
+    source_model: str | None = None,
+    steps: int = 20,
+    max_tokens: int = 256,
+) -> str:
+    """The reference's one-liner: think `steps` latent steps, then answer."""
+
 def inspect(data: bytes) -> dict[str, Any]:
     """Version, kind, envelope and whether the checksums hold (or `problem`)."""
 
@@ -211,3 +220,30 @@ class LoanSection:
         copy: bool | None = None,
     ) -> Any: ...
     def __dlpack_device__(self) -> tuple[int, int]: ...
+
+@final
+class Model:
+    def __new__(cls, name_or_path: str, device: str = "cpu") -> Model: ...
+    @property
+    def identity(self) -> dict[str, Any]: ...
+    def think(self, prompt: str, steps: int = 20, context: Context | None = None) -> Context: ...
+    def generate(
+        self,
+        prompt: str,
+        context: Context | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> str: ...
+    def context_from(self, message: Message) -> Context: ...
+
+@final
+class Context:
+    @property
+    def seq_len(self) -> int: ...
+    @property
+    def num_steps(self) -> int: ...
+    def to_bytes(self, kv_dtype: str = "float32") -> bytes: ...
+    def to_v1(self) -> bytes: ...
+    def send(self, sender: Sender, kv_dtype: str = "float32") -> None: ...
