@@ -55,3 +55,13 @@ def test_bad_model_names_are_errors():
         avp_rs.Model("no-such-model")
     with pytest.raises(ValueError):
         avp_rs.Model("smollm2", device="tpu:0")
+
+
+def test_the_example_pipeline_runs():
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "python", "pipeline.py"),
+         "--steps", "2", "--max-tokens", "8"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "transport shm" in out.stdout and "solver (" in out.stdout, out.stdout
