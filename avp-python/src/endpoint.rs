@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use avp_transport::{Endpoint, Options, Session, TcpOptions, TransportError};
+use avp_transport::{Endpoint, Options, Session, ShmOptions, TcpOptions, TransportError};
 use avp_wire::{DType, Envelope, KvCacheDesc, KvLayout, MessageLayout, ModelIdentity, Payload};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -129,8 +129,13 @@ pub(crate) fn listen(
 }
 
 /// Connect to a listener at `address` and handshake.
+///
+/// Over shared memory the sender owns a pool of `shm_slots` slots of
+/// `shm_slot_size` bytes (default 4 x 16 MiB), reused message after message;
+/// a larger message gets a segment of its own, whose fresh pages cost time on
+/// first touch: size the slots to the messages you send often.
 #[pyfunction]
-#[pyo3(signature = (address, *, token=None, agent_id="", identity=None, max_message=None, timeout=10.0, shm_upgrade=true))]
+#[pyo3(signature = (address, *, token=None, agent_id="", identity=None, max_message=None, timeout=10.0, shm_upgrade=true, shm_slots=None, shm_slot_size=None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn connect(
     py: Python<'_>,
@@ -141,9 +146,19 @@ pub(crate) fn connect(
     max_message: Option<u64>,
     timeout: f64,
     shm_upgrade: bool,
+    shm_slots: Option<usize>,
+    shm_slot_size: Option<usize>,
 ) -> PyResult<Sender> {
     let id = self::identity(identity.as_ref())?;
+    let mut shm = ShmOptions::default();
+    if let Some(n) = shm_slots {
+        shm = shm.slots(n);
+    }
+    if let Some(b) = shm_slot_size {
+        shm = shm.slot_size(b);
+    }
     let opts = options(agent_id, token, max_message, shm_upgrade)
+        .shm(shm)
         .connect_timeout(Duration::from_secs_f64(timeout.max(0.0)));
     let tx = py
         .detach(|| Endpoint::connect(address, &id, opts))

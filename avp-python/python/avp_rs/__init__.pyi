@@ -43,6 +43,8 @@ def connect(
     max_message: int | None = None,
     timeout: float = 10.0,
     shm_upgrade: bool = True,
+    shm_slots: int | None = None,
+    shm_slot_size: int | None = None,
 ) -> Sender:
     """Connect to a listener and handshake."""
 
